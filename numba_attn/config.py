@@ -1,0 +1,174 @@
+"""AttentionConfig: the one shared, frozen, validated description of an attention call.
+
+Every backend receives the same config; nothing in a kernel reads module globals.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["AttentionConfig", "AttentionError", "BackendUnavailable", "normalize_causal"]
+
+
+class AttentionError(ValueError):
+    """Base class of numba_attn's argument errors (a ``ValueError``)."""
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot serve this call; the message says why."""
+
+
+_CAUSAL_VALUES = {False: "none", None: "none", "none": "none", True: "bottom_right",
+                  "bottom_right": "bottom_right", "top_left": "top_left"}
+
+
+def normalize_causal(causal) -> str:
+    """Map the public ``causal`` argument to ``"none"``, ``"bottom_right"`` or ``"top_left"``."""
+    try:
+        return _CAUSAL_VALUES[causal]
+    except (KeyError, TypeError):
+        raise AttentionError(
+            f"causal: expected False, True, 'bottom_right' or 'top_left', got {causal!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Validated, immutable description of one attention problem.
+
+    Parameters
+    ----------
+    num_heads : int
+        Query heads.
+    num_kv_heads : int, default num_heads
+        Key/value heads; must divide ``num_heads`` (GQA), 1 is MQA.
+    head_dim : int
+        Query/key head dimension.
+    head_dim_v : int, default head_dim
+        Value head dimension (differs for MLA).
+    scale : float, default 1/sqrt(head_dim)
+        Multiplier of ``q . k``; finite and > 0.
+    causal : {False, True, "bottom_right", "top_left"}, default False
+        ``True`` means bottom-right aligned (FlashAttention); stored normalised.
+    window : (int, int), default (-1, -1)
+        Sliding window ``(left, right)``; -1 means unbounded on that side.
+    softcap : float, default 0.0
+        ``softcap * tanh(s / softcap)`` when > 0; 0 disables it.
+    has_alibi, has_bias, has_mask, has_kv_lens, has_sinks : bool
+        Which optional inputs the call carries.
+    """
+
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int = 64
+    head_dim_v: int | None = None
+    scale: float | None = None
+    causal: object = False
+    window: tuple = (-1, -1)  # -1 means unbounded on that side
+    softcap: float = 0.0  # 0 disables soft-capping
+    has_alibi: bool = False
+    has_bias: bool = False
+    has_mask: bool = False
+    has_kv_lens: bool = False
+    has_sinks: bool = False
+    _validated: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        for name in ("num_heads", "head_dim"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_kv_heads is None:
+            set_(self, "num_kv_heads", self.num_heads)
+        _check_positive_int("num_kv_heads", self.num_kv_heads)
+        if self.head_dim_v is None:
+            set_(self, "head_dim_v", self.head_dim)
+        _check_positive_int("head_dim_v", self.head_dim_v)
+        if self.num_kv_heads > self.num_heads:
+            raise AttentionError(
+                f"num_kv_heads: must be <= num_heads, got num_kv_heads={self.num_kv_heads} "
+                f"> num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise AttentionError(
+                f"num_heads % num_kv_heads must be 0, got num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}; choose num_kv_heads among "
+                f"{[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}"
+            )
+        if self.scale is None:
+            set_(self, "scale", 1.0 / math.sqrt(self.head_dim))
+        try:
+            scale = float(self.scale)
+        except (TypeError, ValueError):
+            raise AttentionError(f"scale: expected a float, got {self.scale!r}") from None
+        if not math.isfinite(scale) or scale <= 0.0:
+            raise AttentionError(f"scale: must be finite and > 0, got {self.scale!r}")
+        set_(self, "scale", scale)
+        set_(self, "causal", normalize_causal(self.causal))
+        set_(self, "window", _check_window(self.window))
+        try:
+            softcap = float(self.softcap)
+        except (TypeError, ValueError):
+            raise AttentionError(f"softcap: expected a float, got {self.softcap!r}") from None
+        if not math.isfinite(softcap) or softcap < 0.0:
+            raise AttentionError(f"softcap: must be finite and >= 0 (0 disables), got {self.softcap!r}")
+        set_(self, "softcap", softcap)
+
+    # -- constructors -------------------------------------------------------------------
+    @classmethod
+    def mha(cls, num_heads, head_dim, **kw) -> "AttentionConfig":
+        """Multi-head attention: one kv head per query head."""
+        return cls(num_heads=num_heads, num_kv_heads=num_heads, head_dim=head_dim, **kw)
+
+    @classmethod
+    def gqa(cls, num_heads, num_kv_heads, head_dim, **kw) -> "AttentionConfig":
+        """Grouped-query attention: ``num_heads // num_kv_heads`` query heads per kv head."""
+        return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, **kw)
+
+    @classmethod
+    def mqa(cls, num_heads, head_dim, **kw) -> "AttentionConfig":
+        """Multi-query attention: a single kv head shared by all query heads."""
+        return cls(num_heads=num_heads, num_kv_heads=1, head_dim=head_dim, **kw)
+
+    # -- derived ------------------------------------------------------------------------
+    @property
+    def is_mha(self) -> bool:
+        return self.num_kv_heads == self.num_heads
+
+    @property
+    def is_mqa(self) -> bool:
+        return self.num_kv_heads == 1 and self.num_heads > 1
+
+    @property
+    def is_gqa(self) -> bool:
+        return 1 < self.num_kv_heads < self.num_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_causal(self) -> bool:
+        return self.causal != "none"
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not hasattr(value, "__index__"):
+        raise AttentionError(f"{name}: expected a positive int, got {value!r}")
+    if int(value) <= 0:
+        raise AttentionError(f"{name}: must be > 0, got {value!r}")
+
+
+def _check_window(window):
+    try:
+        left, right = window
+        left, right = int(left), int(right)
+    except (TypeError, ValueError):
+        raise AttentionError(
+            f"window: expected a pair (left, right) of ints, -1 meaning unbounded, got {window!r}"
+        ) from None
+    if left < -1 or right < -1:
+        raise AttentionError(
+            f"window: each side must be >= 0 or -1 (unbounded), got {window!r}"
+        )
+    return (left, right)

@@ -1,0 +1,1 @@
+"""``@njit`` CPU kernels. Kernels and their launch helpers only: no argument checking."""

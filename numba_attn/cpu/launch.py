@@ -1,0 +1,114 @@
+"""Launch helpers for the CPU kernels: tiling, split-KV choice, BLAS thread limit."""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+
+from ..config import AttentionConfig
+from . import forward as fk
+
+CAUSAL_CODES = {"none": fk.CAUSAL_NONE, "bottom_right": fk.CAUSAL_BOTTOM_RIGHT,
+                "top_left": fk.CAUSAL_TOP_LEFT}
+
+_controller = None
+_controller_lock = threading.Lock()
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS held to one thread while prange threads call ``np.dot`` (no oversubscription)."""
+    global _controller
+    if _controller is None:
+        with _controller_lock:
+            if _controller is None:
+                from threadpoolctl import ThreadpoolController
+
+                _controller = ThreadpoolController()
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
+
+
+def plan(config: AttentionConfig, max_q: int, max_k: int, batch: int, threads: int):
+    """(block_q, block_k, use_blas) for a problem shape."""
+    group = config.group_size
+    if group * max_q <= 8:
+        return max(max_q, 1), 256, False
+    block_q = max(1, min(max_q, max(16, 128 // group)))
+    return block_q, 128, True
+
+
+def make_items(rows, block_q):
+    """(n, 3) int64 work items: (batch row, first query, end query) per query block."""
+    starts = rows[:, 0]
+    lens = rows[:, 1]
+    nblk = (lens + block_q - 1) // block_q
+    b = np.repeat(np.arange(len(rows), dtype=np.int64), nblk)
+    first = np.concatenate([np.arange(n, dtype=np.int64) for n in nblk]) if len(rows) else \
+        np.zeros(0, np.int64)
+    i0 = starts[b] + first * block_q
+    i1 = np.minimum(i0 + block_q, starts[b] + lens[b])
+    return np.ascontiguousarray(np.stack([b, i0, i1], axis=1).astype(np.int64))
+
+
+def choose_splits(n_work, max_k, block_k, threads):
+    """Split keys when there are fewer work items than ~4 per thread and keys are many."""
+    if n_work == 0 or n_work >= 4 * threads or max_k < 2 * 256:
+        return 1
+    want = -(-4 * threads // n_work)
+    return int(max(1, min(want, max_k // 256, 64)))
+
+
+_EMPTY = {}
+
+
+def _dummy(dtype, ndim=1):
+    key = (np.dtype(dtype).str, ndim)
+    if key not in _EMPTY:
+        _EMPTY[key] = np.zeros((1,) * ndim, dtype=dtype)
+    return _EMPTY[key]
+
+
+def forward(p):
+    """Run the CPU forward on a dispatch.Problem; returns out (Tq, H, Dv), lse (Tq, H)."""
+    cfg = p.config
+    dt = p.compute_dtype
+    tq = p.q.shape[0]
+    out = p.extra.get("out_buffer")
+    if out is None:
+        out = np.empty((tq, cfg.num_heads, cfg.head_dim_v), dt)
+    lse = np.empty((tq, cfg.num_heads), dt)
+    if tq == 0:
+        return out, lse
+    threads = numba.get_num_threads()
+    block_q, block_k, use_blas = plan(cfg, p.max_seqlen_q, p.max_seqlen_k, p.batch, threads)
+    items = make_items(p.rows, block_q)
+    nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, block_k, threads)
+    if nsplit > 1:
+        part_out = np.empty((nsplit, tq, cfg.num_heads, cfg.head_dim_v), dt)
+        part_lse = np.empty((nsplit, tq, cfg.num_heads), dt)
+    else:
+        part_out, part_lse = _dummy(dt, 4), _dummy(dt, 3)
+    args = (p.q, p.k, p.v, out, lse, part_out, part_lse, p.rows, items,
+            p.block_table, np.int64(p.block_size), dt.type(cfg.scale),
+            np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
+            np.int64(cfg.window[1]), dt.type(cfg.softcap),
+            p.slopes if p.slopes is not None else _dummy(dt, 2), p.slopes is not None,
+            p.bias if p.bias is not None else _dummy(dt), 
+            p.bias_strides if p.bias is not None else _dummy(np.int64),
+            p.bias is not None,
+            p.mask if p.mask is not None else _dummy(np.bool_),
+            p.mask_strides if p.mask is not None else _dummy(np.int64),
+            p.mask is not None,
+            p.sinks if p.sinks is not None else _dummy(dt), p.sinks is not None,
+            np.int64(nsplit), np.int64(block_k), use_blas)
+    if use_blas:
+        with single_threaded_blas():
+            fk.flash_forward(*args)
+    else:
+        fk.flash_forward(*args)
+    if nsplit > 1:
+        fk.merge_splits(part_out, part_lse, out, lse)
+    return out, lse

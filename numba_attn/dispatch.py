@@ -1,0 +1,308 @@
+"""Validation, canonicalisation and backend choice: the one Python layer over the kernels.
+
+Public functions build a :class:`Problem` (packed, canonical arrays + the config) with the
+helpers here, then :func:`run` hands it to a backend. Backends declare what they cannot
+do (``not_supported_reasons``), xformers-style; ``auto`` picks the first that can serve.
+Kernels may assume everything checked here.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import AttentionConfig, AttentionError, BackendUnavailable
+
+__all__ = ["Problem", "run", "available_backends", "get_backend", "BACKENDS"]
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _bfloat16():
+    try:
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    except ImportError:  # optional
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# array helpers (host and device arrays alike: only .shape / .dtype / .ndim are used)
+# ---------------------------------------------------------------------------------------
+def array_device(x) -> str:
+    """``"cuda"`` for device arrays (``__cuda_array_interface__``/DLPack on a GPU), else ``"cpu"``."""
+    if hasattr(x, "__cuda_array_interface__"):
+        return "cuda"
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None and not isinstance(x, np.ndarray):
+        try:
+            return "cuda" if int(dev()[0]) in (2, 3, 13) else "cpu"  # kDLCUDA, host, managed
+        except Exception:
+            return "cpu"
+    return "cpu"
+
+
+def check_float(name, x):
+    dt = np.dtype(x.dtype)
+    ok = _FLOATS + ((_bfloat16(),) if _bfloat16() is not None else ())
+    if dt not in ok:
+        raise TypeError(
+            f"{name}: unsupported dtype {dt}; expected float16, bfloat16, float32 or float64"
+        )
+    return dt
+
+
+def check_rank(name, x, ndim, layout):
+    if x is None:
+        raise AttentionError(f"{name}: required, expected an array of shape {layout}")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an array of shape {layout}, got {type(x).__name__}")
+    if len(x.shape) != ndim:
+        raise AttentionError(
+            f"{name}: expected {ndim}-D {layout}, got shape {tuple(x.shape)}"
+        )
+
+
+def same(names_values, what):
+    """All values equal, else an error naming each argument's value."""
+    vals = [v for _, v in names_values]
+    if any(v != vals[0] for v in vals):
+        detail = ", ".join(f"{n}={v}" for n, v in names_values)
+        raise AttentionError(f"{what} must match: {detail}")
+
+
+def compute_dtype(dt) -> np.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return np.dtype(np.float64) if np.dtype(dt) == np.float64 else np.dtype(np.float32)
+
+
+def lse_dtype(dt) -> np.dtype:
+    return compute_dtype(dt)
+
+
+def host(name, x, dtype=None):
+    """A C-contiguous numpy array of ``dtype`` (copies only when needed)."""
+    if array_device(x) != "cpu":
+        raise AttentionError(f"{name}: a device array where host arrays were given; "
+                             "pass all arrays on the same device")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def strided_operand(name, x, full_shape, dtype):
+    """Validate a bias/mask broadcastable to ``full_shape`` (b, h, sq, sk).
+
+    Returns (flat contiguous array, int64 element strides with 0 on broadcast axes).
+    Trailing axes align as numpy broadcasting does.
+    """
+    x = host(name, x)
+    if x.ndim > 4:
+        raise AttentionError(f"{name}: at most 4-D (batch, heads, seqlen_q, seqlen_k), "
+                             f"got shape {x.shape}")
+    shape = (1,) * (4 - x.ndim) + x.shape
+    axes = ("batch", "heads", "seqlen_q", "seqlen_k")
+    for ax, n, want in zip(axes, shape, full_shape):
+        if n != 1 and n != want:
+            raise AttentionError(
+                f"{name}: shape {x.shape} does not broadcast to (batch, heads, seqlen_q, "
+                f"seqlen_k) = {tuple(full_shape)} (axis {ax} is {n}, expected 1 or {want})"
+            )
+    x = np.ascontiguousarray(x.reshape(shape), dtype=dtype)
+    strides = np.array([0 if n == 1 else s // x.itemsize for n, s in zip(shape, x.strides)],
+                       dtype=np.int64)
+    return x.reshape(-1), strides
+
+
+def check_sinks(sinks, h, dtype):
+    if sinks is None:
+        return None
+    s = host("sinks", sinks)
+    if s.shape != (h,):
+        raise AttentionError(f"sinks: expected shape (num_heads,) = ({h},), got {s.shape}")
+    s = s.astype(dtype)
+    if not np.all(np.isfinite(s)):
+        raise AttentionError("sinks: must be finite")
+    return s
+
+
+def check_alibi(slopes, batch, h, dtype):
+    if slopes is None:
+        return None
+    s = host("alibi_slopes", slopes)
+    if s.shape == (h,):
+        s = s.reshape(1, h)
+    elif s.shape != (batch, h):
+        raise AttentionError(f"alibi_slopes: expected shape (num_heads,) = ({h},) or "
+                             f"(batch, num_heads) = ({batch}, {h}), got {s.shape}")
+    s = np.ascontiguousarray(s, dtype=dtype)
+    if not np.all(np.isfinite(s)):
+        raise AttentionError("alibi_slopes: must be finite")
+    return s
+
+
+def check_int_vector(name, x, length, lo, hi):
+    a = host(name, x)
+    if a.shape != (length,):
+        raise AttentionError(f"{name}: expected shape ({length},), got {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    bad = (a < lo) | (a > hi)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise AttentionError(f"{name}: entries must lie in [{lo}, {hi}], got {name}[{i}] = {a[i]}")
+    return a
+
+
+# ---------------------------------------------------------------------------------------
+# the canonical problem every backend receives
+# ---------------------------------------------------------------------------------------
+CONTIGUOUS_BLOCK = 1 << 40  # "block size" of a contiguous store: one block per row
+
+
+@dataclass
+class Problem:
+    """A validated, canonical attention problem.
+
+    q (Tq, H, D), k (N, Hkv, D), v (N, Hkv, Dv) in the compute dtype; ``rows`` int64
+    (batch, 5) = (q_start, q_len, k_start, visible k_len, offset); key ``j`` of row ``b`` is
+    storage row ``k_start + block_table[b, j // block_size] * block_size + j % block_size``.
+    bias/mask are flat arrays with int64 element strides over (b, h, i, j) in-row positions.
+    """
+
+    config: AttentionConfig
+    q: object
+    k: object
+    v: object
+    rows: np.ndarray
+    block_table: np.ndarray
+    block_size: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    out_dtype: np.dtype
+    slopes: object = None
+    bias: object = None
+    bias_strides: object = None
+    mask: object = None
+    mask_strides: object = None
+    sinks: object = None
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch(self):
+        return self.rows.shape[0]
+
+    @property
+    def compute_dtype(self):
+        return compute_dtype(self.out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# backends
+# ---------------------------------------------------------------------------------------
+class Backend:
+    """What a backend must say: ``unavailable_reason()`` and ``not_supported_reasons(p)``."""
+
+    name = "?"
+    device = "cpu"
+
+    def unavailable_reason(self):
+        return None
+
+    def not_supported_reasons(self, problem) -> list:
+        reasons = []
+        if problem.device != self.device:
+            reasons.append(f"data lives on {problem.device!r}, backend runs on {self.device!r}")
+        return reasons
+
+    def run(self, problem):  # -> (out (Tq, H, Dv), lse (Tq, H)) in the compute dtype
+        raise NotImplementedError
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+    device = "cpu"
+
+    def run(self, problem):
+        from .cpu import launch
+
+        return launch.forward(problem)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    device = "cpu"
+
+    def not_supported_reasons(self, problem):
+        return []  # copies device data to the host
+
+    def run(self, problem):
+        from .reference_problem import run_problem
+
+        return run_problem(problem)
+
+
+BACKENDS = {"cpu": CPUBackend(), "reference": ReferenceBackend()}
+_AUTO_ORDER = ("cuda", "cpu")
+
+
+def register_backend(backend, auto=True):
+    """Add a backend (the CUDA one registers itself on import of numba_attn.cuda)."""
+    BACKENDS[backend.name] = backend
+
+
+def get_backend(name):
+    if name not in BACKENDS:
+        raise AttentionError(f"backend: unknown {name!r}; expected 'auto' or one of "
+                             f"{sorted(BACKENDS)}")
+    return BACKENDS[name]
+
+
+def available_backends() -> dict:
+    """``{name: None}`` for each usable backend, ``{name: "reason"}`` for the others."""
+    _load_optional_backends()
+    return {name: b.unavailable_reason() for name, b in BACKENDS.items()}
+
+
+_optional_loaded = threading.Event()
+
+
+def _load_optional_backends():
+    if _optional_loaded.is_set():
+        return
+    try:
+        from . import cuda  # noqa: F401  (registers itself)
+    except ImportError:
+        pass
+    _optional_loaded.set()
+
+
+def select(problem, backend="auto"):
+    """The backend that will run ``problem``, or an error listing why none can."""
+    _load_optional_backends()
+    if backend != "auto":
+        be = get_backend(backend)
+        why = be.unavailable_reason()
+        reasons = [why] if why else be.not_supported_reasons(problem)
+        if reasons:
+            raise BackendUnavailable(f"backend {backend!r} cannot serve this call: "
+                                     + "; ".join(reasons))
+        return be
+    tried = []
+    for name in _AUTO_ORDER:
+        be = BACKENDS.get(name)
+        if be is None:
+            continue
+        why = be.unavailable_reason()
+        reasons = [why] if why else be.not_supported_reasons(problem)
+        if not reasons:
+            return be
+        tried.append(f"{name}: " + "; ".join(reasons))
+    raise BackendUnavailable("no backend can serve this call:\n  " + "\n  ".join(tried))
+
+
+def run(problem, backend="auto"):
+    """Run ``problem`` on the chosen backend; returns (out, lse) in the compute dtype."""
+    return select(problem, backend).run(problem)

@@ -1,0 +1,406 @@
+"""The public attention functions: validate once, build a dispatch.Problem, run, reshape.
+
+Named by input form, as FlashAttention's interface: :func:`attention` (batched BSHD),
+:func:`attention_varlen` (packed rows with ``cu_seqlens``) and :func:`merge_states`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import dispatch as dp
+from .config import AttentionConfig, AttentionError
+
+__all__ = ["attention", "attention_varlen", "merge_states"]
+
+_MASK_PICTURE = """
+    With seqlen_q = 2 and seqlen_k = 5, ``causal=True`` (bottom-right) gives::
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    and ``causal="top_left"`` gives::
+
+        1 0 0 0 0
+        1 1 0 0 0
+"""
+
+
+def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_seqlen_k,
+                  batch, causal, window, scale, softcap, alibi_slopes, bias, mask, sinks,
+                  has_kv_lens, out_dtype, device="cpu"):
+    """Config + optional inputs -> dispatch.Problem (q/k/v already packed and checked)."""
+    h, d = q.shape[1], q.shape[2]
+    hkv, dv = k.shape[1], v.shape[2]
+    cfg = AttentionConfig(
+        num_heads=h, num_kv_heads=hkv, head_dim=d, head_dim_v=dv, scale=scale,
+        causal=causal, window=window, softcap=softcap, has_alibi=alibi_slopes is not None,
+        has_bias=bias is not None, has_mask=mask is not None, has_kv_lens=has_kv_lens,
+        has_sinks=sinks is not None)
+    cdt = dp.compute_dtype(out_dtype)
+    full = (batch, h, max_seqlen_q, max_seqlen_k)
+    p = dp.Problem(
+        config=cfg, q=q, k=k, v=v, rows=rows, block_table=block_table,
+        block_size=int(block_size), max_seqlen_q=int(max_seqlen_q),
+        max_seqlen_k=int(max_seqlen_k), out_dtype=np.dtype(out_dtype), device=device,
+        slopes=dp.check_alibi(alibi_slopes, batch, h, cdt),
+        sinks=dp.check_sinks(sinks, h, cdt))
+    if bias is not None:
+        p.bias, p.bias_strides = dp.strided_operand("bias", bias, full, cdt)
+    if mask is not None:
+        if np.dtype(mask.dtype) != np.bool_:
+            raise TypeError(f"mask: expected a boolean array (True = may attend), got dtype "
+                            f"{mask.dtype}; use mask.astype(bool) or pass it as bias")
+        p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
+    return p
+
+
+def check_out(out, shape, dtype):
+    """Validate a user ``out=`` array; returns it (or None)."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise AttentionError(f"out: expected shape {tuple(shape)}, got {out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (the dtype of q), got {out.dtype}")
+    if not out.flags.writeable:
+        raise AttentionError("out: array is read-only")
+    return out
+
+
+def run_and_finish(p, backend, out, out_shape):
+    """Run; write into ``out`` (or a new array) of ``out_shape``; lse stays (Tq, H)."""
+    direct = (out is not None and out.flags.c_contiguous and out.dtype == p.compute_dtype
+              and backend != "reference")
+    if direct:
+        p.extra["out_buffer"] = out.reshape(p.q.shape[0], p.config.num_heads,
+                                            p.config.head_dim_v)
+    o, lse = dp.run(p, backend)
+    if direct:
+        return out, lse
+    o = o.reshape(out_shape)
+    if out is None:
+        return (o if o.dtype == p.out_dtype else o.astype(p.out_dtype)), lse
+    out[...] = o
+    return out, lse
+
+
+def canon_qkv(q, k, v, ndim, layout_q, layout_kv):
+    """Rank/dtype checks shared by the entry points; returns (dtype, compute dtype)."""
+    dp.check_rank("q", q, ndim, layout_q)
+    dp.check_rank("k", k, ndim, layout_kv)
+    dp.check_rank("v", v, ndim, layout_kv.replace("head_dim", "head_dim_v"))
+    dt = dp.check_float("q", q)
+    for name, x in (("k", k), ("v", v)):
+        if np.dtype(x.dtype) != dt:
+            raise TypeError(f"{name}: dtype {np.dtype(x.dtype)} differs from q's {dt}; "
+                            f"cast all of q, k, v to one dtype")
+    devs = {name: dp.array_device(x) for name, x in (("q", q), ("k", k), ("v", v))}
+    if len(set(devs.values())) > 1:
+        raise AttentionError("q, k, v: mixed devices " + ", ".join(f"{n} on {d}" for n, d in
+                                                                 devs.items()))
+    return dt, dp.compute_dtype(dt), devs["q"]
+
+
+def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
+              alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
+              return_lse=False, out=None, backend="auto"):
+    """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
+
+    Parameters
+    ----------
+    q : array (batch, seqlen_q, num_heads, head_dim)
+    k : array (batch, seqlen_k, num_kv_heads, head_dim)
+    v : array (batch, seqlen_k, num_kv_heads, head_dim_v)
+        float16, bfloat16, float32 or float64, one dtype for all three.
+        ``num_heads % num_kv_heads == 0`` (GQA/MQA); query head ``h`` reads kv head
+        ``h // (num_heads // num_kv_heads)``.
+    causal : bool or {"bottom_right", "top_left"}, default False
+        ``True`` = bottom-right aligned: query ``i`` sees keys ``j <= i + seqlen_k -
+        seqlen_q`` (FlashAttention). ``"top_left"``: ``j <= i`` (PyTorch's ``is_causal``).
+    window : (int, int), default (-1, -1)
+        Sliding window (left, right) around ``i + seqlen_k - seqlen_q``; -1 means unbounded.
+    scale : float, default 1 / sqrt(head_dim)
+    softcap : float, default 0.0
+        When > 0, scores become ``softcap * tanh(s / softcap)`` (after scaling). 0 = off.
+    alibi_slopes : array (num_heads,) or (batch, num_heads), optional
+        Adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scores.
+    bias : float array broadcastable to (batch, num_heads, seqlen_q, seqlen_k), optional
+        Added to the scores after softcap and ALiBi.
+    mask : bool array broadcastable to (batch, num_heads, seqlen_q, seqlen_k), optional
+        True = may attend.
+    kv_lens : int array (batch,), optional
+        Key padding: row ``b`` sees only keys ``j < kv_lens[b]`` (alignment unchanged).
+    sinks : array (num_heads,), optional
+        Attention-sink logits (natural log, unscaled): an extra ``exp(sink[h])`` in the
+        softmax denominator that contributes no value.
+    return_lse : bool, default False
+        Also return the log-sum-exp of the scores, shape (batch, num_heads, seqlen_q).
+    out : ndarray (batch, seqlen_q, num_heads, head_dim_v), optional
+        Written in place and returned.
+    backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
+        "auto" runs where the data lives.
+
+    Returns
+    -------
+    out : array (batch, seqlen_q, num_heads, head_dim_v), dtype of q
+    lse : array (batch, num_heads, seqlen_q), float32 (float64 for float64 inputs)
+        Only with ``return_lse``. Natural log; ``-inf`` for a query that sees no key
+        (its output row is 0), or ``sinks[h]`` when sinks are given.
+
+    Raises
+    ------
+    AttentionError (ValueError)
+        Shapes, options or optional inputs that do not fit; the message names the argument.
+    TypeError
+        Unsupported or mixed dtypes.
+    BackendUnavailable
+        ``backend`` cannot serve the call (the message says why).
+
+    Notes
+    -----
+    Order of operations (as FlashAttention-2): scale, softcap, ALiBi and bias, masking.
+""" + _MASK_PICTURE + """
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((1, 4, 8, 16), dtype=np.float32)
+    >>> k = rng.standard_normal((1, 6, 2, 16), dtype=np.float32)
+    >>> v = rng.standard_normal((1, 6, 2, 16), dtype=np.float32)
+    >>> out, lse = numba_attn.attention(q, k, v, causal=True, return_lse=True)
+    >>> out.shape, lse.shape
+    ((1, 4, 8, 16), (1, 8, 4))
+    """
+    dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
+                                "(batch, seqlen_k, num_kv_heads, head_dim)")
+    bsz, sq, h, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    dp.same([("q.shape[0]", bsz), ("k.shape[0]", k.shape[0]), ("v.shape[0]", v.shape[0])],
+            "batch sizes")
+    dp.same([("k.shape[1]", sk), ("v.shape[1]", v.shape[1])], "seqlen_k of k and v")
+    dp.same([("k.shape[2]", hkv), ("v.shape[2]", v.shape[2])], "num_kv_heads of k and v")
+    dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
+    dv = v.shape[3]
+    out = check_out(out, (bsz, sq, h, dv), dt)
+    kl = None
+    if kv_lens is not None:
+        kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
+    rows = np.zeros((bsz, 5), np.int64)
+    rows[:, 0] = np.arange(bsz) * sq
+    rows[:, 1] = sq
+    rows[:, 2] = np.arange(bsz) * sk
+    rows[:, 3] = sk if kl is None else kl
+    rows[:, 4] = sk - sq
+    if device != "cpu":
+        from .cuda import dispatch_cuda  # device arrays stay on the device
+
+        qp, kp, vp = dispatch_cuda.pack(q, k, v, cdt)
+    else:
+        qp = dp.host("q", q, cdt).reshape(bsz * sq, h, d)
+        kp = dp.host("k", k, cdt).reshape(bsz * sk, hkv, d)
+        vp = dp.host("v", v, cdt).reshape(bsz * sk, hkv, dv)
+    p = build_problem(
+        q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((bsz, 1), np.int32),
+        block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
+        causal=causal, window=window, scale=scale, softcap=softcap,
+        alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
+        has_kv_lens=kl is not None, out_dtype=dt, device=device)
+    o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
+    if not return_lse:
+        return o
+    return o, _lse_bhs(lse, bsz, sq, h)
+
+
+def _lse_bhs(lse, bsz, sq, h):
+    if hasattr(lse, "copy_to_host") or not isinstance(lse, np.ndarray):
+        from .cuda import dispatch_cuda
+
+        return dispatch_cuda.lse_bhs(lse, bsz, sq, h)
+    return np.ascontiguousarray(lse.reshape(bsz, sq, h).transpose(0, 2, 1))
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
+                     max_seqlen_k=None, causal=False, window=(-1, -1), scale=None,
+                     softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
+                     sinks=None, return_lse=False, out=None, backend="auto"):
+    """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
+
+    Parameters
+    ----------
+    q : array (total_q, num_heads, head_dim)
+    k : array (total_k, num_kv_heads, head_dim)
+    v : array (total_k, num_kv_heads, head_dim_v)
+    cu_seqlens_q, cu_seqlens_k : int arrays (batch + 1,)
+        Row offsets: row ``b`` owns ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]`` and likewise
+        keys. Start at 0, non-decreasing, end at total_q / total_k. Empty rows are allowed.
+    max_seqlen_q, max_seqlen_k : int, optional
+        Longest row (computed when omitted); must not be smaller than the real maximum.
+    bias, mask : broadcastable to (batch, num_heads, max_seqlen_q, max_seqlen_k), optional
+        Indexed by in-row positions.
+    kv_lens : int array (batch,), optional
+        Further limits row ``b`` to its first ``kv_lens[b]`` keys.
+    causal, window, scale, softcap, alibi_slopes, sinks, backend
+        As in :func:`attention`; alignment is per row (``len_k[b] - len_q[b]``).
+    return_lse : bool, default False
+        Also return lse of shape (num_heads, total_q).
+    out : ndarray (total_q, num_heads, head_dim_v), optional
+
+    Returns
+    -------
+    out : array (total_q, num_heads, head_dim_v); lse : array (num_heads, total_q)
+
+    Raises
+    ------
+    AttentionError, TypeError, BackendUnavailable
+        As :func:`attention`; also for cu_seqlens that are not monotone, do not start at 0
+        or do not end at the totals.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((5, 4, 8), dtype=np.float32)   # rows of 2 and 3 queries
+    >>> kv = rng.standard_normal((7, 4, 8), dtype=np.float32)  # rows of 3 and 4 keys
+    >>> cu_q = np.array([0, 2, 5], np.int32); cu_k = np.array([0, 3, 7], np.int32)
+    >>> numba_attn.attention_varlen(q, kv, kv, cu_q, cu_k, causal=True).shape
+    (5, 4, 8)
+    """
+    dt, cdt, device = canon_qkv(q, k, v, 3, "(total_q, num_heads, head_dim)",
+                                "(total_k, num_kv_heads, head_dim)")
+    tq, h, d = q.shape
+    tk, hkv = k.shape[0], k.shape[1]
+    dp.same([("k.shape[0]", tk), ("v.shape[0]", v.shape[0])], "total_k of k and v")
+    dp.same([("k.shape[1]", hkv), ("v.shape[1]", v.shape[1])], "num_kv_heads of k and v")
+    dp.same([("q.shape[2]", d), ("k.shape[2]", k.shape[2])], "head_dim of q and k")
+    dv = v.shape[2]
+    cq = _check_cu("cu_seqlens_q", cu_seqlens_q, tq)
+    ck = _check_cu("cu_seqlens_k", cu_seqlens_k, tk)
+    if len(cq) != len(ck):
+        raise AttentionError(f"cu_seqlens_q and cu_seqlens_k: lengths differ ({len(cq)} vs "
+                             f"{len(ck)}); both must be batch + 1")
+    bsz = len(cq) - 1
+    lq, lk = np.diff(cq), np.diff(ck)
+    mq = _check_max("max_seqlen_q", max_seqlen_q, lq)
+    mk = _check_max("max_seqlen_k", max_seqlen_k, lk)
+    out = check_out(out, (tq, h, dv), dt)
+    rows = np.zeros((bsz, 5), np.int64)
+    rows[:, 0] = cq[:-1]
+    rows[:, 1] = lq
+    rows[:, 2] = ck[:-1]
+    rows[:, 3] = lk
+    rows[:, 4] = lk - lq
+    kl = None
+    if kv_lens is not None:
+        kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, int(lk.max(initial=0)))
+        rows[:, 3] = np.minimum(lk, kl)
+    if device != "cpu":
+        from .cuda import dispatch_cuda
+
+        qp, kp, vp = dispatch_cuda.pack(q, k, v, cdt)
+    else:
+        qp, kp, vp = (dp.host(n, x, cdt) for n, x in (("q", q), ("k", k), ("v", v)))
+    p = build_problem(
+        q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((bsz, 1), np.int32),
+        block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
+        causal=causal, window=window, scale=scale, softcap=softcap,
+        alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
+        has_kv_lens=kl is not None, out_dtype=dt, device=device)
+    o, lse = run_and_finish(p, backend, out, (tq, h, dv))
+    if not return_lse:
+        return o
+    if isinstance(lse, np.ndarray):
+        return o, np.ascontiguousarray(lse.T)
+    from .cuda import dispatch_cuda
+
+    return o, dispatch_cuda.lse_transpose(lse)
+
+
+def _check_cu(name, cu, total):
+    a = dp.host(name, cu)
+    if a.ndim != 1 or a.shape[0] < 1:
+        raise AttentionError(f"{name}: expected a 1-D int array of length batch + 1, got "
+                             f"shape {a.shape}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected int32 offsets, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if a[0] != 0 or a[-1] != total:
+        raise AttentionError(f"{name}: must start at 0 and end at the total ({total}), got "
+                             f"{name}[0] = {a[0]}, {name}[-1] = {a[-1]}")
+    if np.any(np.diff(a) < 0):
+        i = int(np.argmax(np.diff(a) < 0))
+        raise AttentionError(f"{name}: must be non-decreasing, got {name}[{i}] = {a[i]} > "
+                             f"{name}[{i + 1}] = {a[i + 1]}")
+    return a
+
+
+def _check_max(name, given, lens):
+    real = int(lens.max(initial=0))
+    if given is None:
+        return real
+    if int(given) < real:
+        raise AttentionError(f"{name}: {given} is smaller than the longest row ({real})")
+    return int(given)
+
+
+def merge_states(out_a, lse_a, out_b, lse_b):
+    """Merge two partial attention results computed over disjoint key sets.
+
+    ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse)
+    out_b``; a part with ``lse = -inf`` (no visible key) is the identity, two such parts
+    give ``out = 0, lse = -inf``.
+
+    Parameters
+    ----------
+    out_a, out_b : array (..., seqlen, num_heads, head_dim_v)
+        As :func:`attention` (batch, seqlen_q, H, Dv) or :func:`attention_varlen` (T, H, Dv).
+    lse_a, lse_b : array (..., num_heads, seqlen)
+        The matching log-sum-exp arrays, natural log.
+
+    Returns
+    -------
+    out : array like out_a (dtype of out_a); lse : array like lse_a
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q = rng.standard_normal((1, 3, 2, 8)); k = rng.standard_normal((1, 10, 2, 8))
+    >>> oa, la = numba_attn.attention(q, k[:, :4], k[:, :4], return_lse=True)
+    >>> ob, lb = numba_attn.attention(q, k[:, 4:], k[:, 4:], return_lse=True)
+    >>> o, l = numba_attn.merge_states(oa, la, ob, lb)
+    >>> bool(np.allclose(o, numba_attn.attention(q, k, k)))
+    True
+    """
+    for name, x in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    if out_a.ndim < 3:
+        raise AttentionError(f"out_a: expected (..., seqlen, num_heads, head_dim_v), got "
+                             f"shape {out_a.shape}")
+    dt = dp.check_float("out_a", out_a)
+    if out_b.shape != out_a.shape:
+        raise AttentionError(f"out_b: shape {out_b.shape} differs from out_a's {out_a.shape}")
+    want = out_a.shape[:-3] + (out_a.shape[-2], out_a.shape[-3])
+    for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if tuple(x.shape) != want:
+            raise AttentionError(f"{name}: expected shape (..., num_heads, seqlen) = {want}, "
+                                 f"got {tuple(x.shape)}")
+    if dp.array_device(out_a) != "cpu":
+        from .cuda import dispatch_cuda
+
+        return dispatch_cuda.merge_states(out_a, lse_a, out_b, lse_b)
+    from .cpu.forward import merge_states as kernel
+
+    cdt = dp.compute_dtype(dt)
+    s, h, dv = out_a.shape[-3:]
+    lead = int(np.prod(out_a.shape[:-3], dtype=np.int64))
+    oa = dp.host("out_a", out_a, cdt).reshape(lead, s, h, dv)
+    ob = dp.host("out_b", out_b, cdt).reshape(lead, s, h, dv)
+    la = dp.host("lse_a", lse_a, cdt).reshape(lead, h, s)
+    lb = dp.host("lse_b", lse_b, cdt).reshape(lead, h, s)
+    o = np.empty_like(oa)
+    lse = np.empty_like(la)
+    kernel(oa, la, ob, lb, o, lse)
+    return o.reshape(out_a.shape).astype(dt, copy=False), lse.reshape(want)

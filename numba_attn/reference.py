@@ -1,0 +1,177 @@
+"""Plain numpy float64 oracle of every documented semantic rule (DESIGN.md, "Semantics").
+
+Readable over fast: this is what every backend is tested against. It materialises the
+full score matrix and loops over batch rows; never use it for speed.
+
+Every function here returns float64 arrays; the public ``backend="reference"`` path casts
+them to the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["attention", "attention_varlen", "merge_states", "attention_rows"]
+
+
+def _f64(x):
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def attention_rows(q, k, v, *, off, klen, scale, causal="bottom_right", window=(-1, -1),
+                   softcap=0.0, slopes=None, bias=None, mask=None, sink=None):
+    """Attention for one batch row.
+
+    q (Sq, H, D), k (Sk, Hkv, D), v (Sk, Hkv, Dv); ``off`` is the alignment offset
+    (query ``i`` sits at key position ``i + off``); keys ``j >= klen`` are invisible.
+    slopes (H,), bias (H, Sq, Sk) float, mask (H, Sq, Sk) bool, sink (H,).
+    Returns out (Sq, H, Dv) and lse (H, Sq), float64.
+    """
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    sq, h, _ = q.shape
+    sk, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    group = h // hkv
+    kh = np.repeat(k, group, axis=1) if sk else np.zeros((0, h, k.shape[2]))
+    vh = np.repeat(v, group, axis=1) if sk else np.zeros((0, h, dv))
+    s = np.einsum("ihd,jhd->hij", q, kh) * scale  # (H, Sq, Sk)
+    if softcap > 0.0:
+        s = softcap * np.tanh(s / softcap)
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    if slopes is not None:
+        s = s - _f64(slopes)[:, None, None] * np.abs(i + off - j)[None]
+    if bias is not None:
+        s = s + _f64(bias)
+    visible = np.broadcast_to(j < klen, (sq, sk))
+    if causal == "bottom_right":
+        visible = visible & (j <= i + off)
+    elif causal == "top_left":
+        visible = visible & (j <= i)
+    left, right = window
+    if left >= 0:
+        visible = visible & (j >= i + off - left)
+    if right >= 0:
+        visible = visible & (j <= i + off + right)
+    visible = np.broadcast_to(visible, (h, sq, sk))
+    if mask is not None:
+        visible = visible & np.asarray(mask, dtype=bool)
+    s = np.where(visible, s, -np.inf)
+    m = s.max(axis=2, initial=-np.inf)  # (H, Sq)
+    if sink is not None:
+        m = np.maximum(m, _f64(sink)[:, None])
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    p = np.where(visible, np.exp(s - m_safe[:, :, None]), 0.0)
+    denom = p.sum(axis=2)
+    if sink is not None:
+        denom = denom + np.exp(_f64(sink)[:, None] - m_safe)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(denom > 0, m_safe + np.log(denom), -np.inf)
+        out = np.einsum("hij,jhd->ihd", p, vh) / np.where(denom > 0, denom, 1.0).T[:, :, None]
+    return out, lse
+
+
+def _batch_slice(x, b, nb):
+    """Row ``b`` of a per-batch-broadcastable 4-D array (or None)."""
+    if x is None:
+        return None
+    x = np.asarray(x)
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    return x[b if x.shape[0] > 1 else 0]
+
+
+def _slopes_row(slopes, b, h):
+    if slopes is None:
+        return None
+    slopes = _f64(slopes)
+    return np.broadcast_to(slopes[b] if slopes.ndim == 2 else slopes, (h,))
+
+
+def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
+              alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
+              return_lse=False):
+    """Reference of :func:`numba_attn.attention`; q (B, Sq, H, D), k/v (B, Sk, Hkv, D[v]).
+
+    Returns out (B, Sq, H, Dv) float64 and, with ``return_lse``, lse (B, H, Sq).
+    """
+    from .config import normalize_causal
+
+    causal = normalize_causal(causal)
+    bsz, sq, h, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = np.zeros((bsz, sq, h, v.shape[3]))
+    lse = np.full((bsz, h, sq), -np.inf)
+    for b in range(bsz):
+        bias_b = _batch_slice(bias, b, bsz)
+        mask_b = _batch_slice(mask, b, bsz)
+        out[b], lse[b] = attention_rows(
+            q[b], k[b], v[b], off=sk - sq, klen=sk if kv_lens is None else int(kv_lens[b]),
+            scale=scale, causal=causal, window=tuple(window), softcap=float(softcap),
+            slopes=_slopes_row(alibi_slopes, b, h),
+            bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk)),
+            mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk)),
+            sink=sinks)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
+                     max_seqlen_k=None, causal=False, window=(-1, -1), scale=None,
+                     softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
+                     sinks=None, return_lse=False):
+    """Reference of :func:`numba_attn.attention_varlen`; q (Tq, H, D), k/v (Tk, Hkv, D[v]).
+
+    Row ``b`` owns queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys likewise; its
+    alignment offset is ``len_k - len_q``. bias/mask broadcast to
+    (batch, H, max_seqlen_q, max_seqlen_k) and are indexed by in-row positions.
+    Returns out (Tq, H, Dv) and, with ``return_lse``, lse (H, Tq).
+    """
+    from .config import normalize_causal
+
+    causal = normalize_causal(causal)
+    h, d = q.shape[1], q.shape[2]
+    cq = np.asarray(cu_seqlens_q)
+    ck = np.asarray(cu_seqlens_k)
+    bsz = len(cq) - 1
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    out = np.zeros((q.shape[0], h, v.shape[2]))
+    lse = np.full((h, q.shape[0]), -np.inf)
+    for b in range(bsz):
+        q0, q1, k0, k1 = int(cq[b]), int(cq[b + 1]), int(ck[b]), int(ck[b + 1])
+        lq, lk = q1 - q0, k1 - k0
+        bias_b = _batch_slice(bias, b, bsz)
+        mask_b = _batch_slice(mask, b, bsz)
+        klen = lk if kv_lens is None else min(lk, int(kv_lens[b]))
+        out[q0:q1], lse[:, q0:q1] = attention_rows(
+            q[q0:q1], k[k0:k1], v[k0:k1], off=lk - lq, klen=klen, scale=scale,
+            causal=causal, window=tuple(window), softcap=float(softcap),
+            slopes=_slopes_row(alibi_slopes, b, h),
+            bias=None if bias_b is None else _crop(bias_b, h, lq, lk),
+            mask=None if mask_b is None else _crop(mask_b, h, lq, lk),
+            sink=sinks)
+    return (out, lse) if return_lse else out
+
+
+def _crop(x, h, lq, lk):
+    """Broadcast a (h|1, Sq|1, Sk|1) array and keep the first lq x lk positions."""
+    x = np.asarray(x)
+    full = np.broadcast_to(x, (h, max(x.shape[1], lq), max(x.shape[2], lk)))
+    return full[:, :lq, :lk]
+
+
+def merge_states(out_a, lse_a, out_b, lse_b):
+    """Reference of :func:`numba_attn.merge_states`.
+
+    out (..., S, H, Dv) with lse (..., H, S); merging with an empty part (lse = -inf) is
+    the identity; two empty parts give out = 0, lse = -inf.
+    """
+    out_a, lse_a, out_b, lse_b = map(_f64, (out_a, lse_a, out_b, lse_b))
+    lse = np.logaddexp(lse_a, lse_b)
+    fin = np.isfinite(lse)
+    lse_safe = np.where(fin, lse, 0.0)
+    wa = np.where(fin, np.exp(lse_a - lse_safe), 0.0)
+    wb = np.where(fin, np.exp(lse_b - lse_safe), 0.0)
+    # lse (..., H, S) -> weights (..., S, H, 1)
+    wa = np.swapaxes(wa, -1, -2)[..., None]
+    wb = np.swapaxes(wb, -1, -2)[..., None]
+    return wa * out_a + wb * out_b, lse
