@@ -33,8 +33,8 @@ def _bfloat16():
 # ---------------------------------------------------------------------------------------
 def array_device(x) -> str:
     """``"cuda"`` for device arrays (``__cuda_array_interface__``/DLPack on a GPU), else ``"cpu"``."""
-    if hasattr(x, "__cuda_array_interface__"):
-        return "cuda"
+    if hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host"):
+        return "cuda"  # copy_to_host: numba device arrays, the CUDA simulator's included
     dev = getattr(x, "__dlpack_device__", None)
     if dev is not None and not isinstance(x, np.ndarray):
         try:
@@ -294,6 +294,10 @@ def select(problem, backend="auto"):
     for name in _AUTO_ORDER:
         be = BACKENDS.get(name)
         if be is None:
+            continue
+        if be.device != problem.device:  # auto runs where the data lives
+            tried.append(f"{name}: data lives on {problem.device!r}, backend runs on "
+                         f"{be.device!r}")
             continue
         why = be.unavailable_reason()
         reasons = [why] if why else be.not_supported_reasons(problem)

@@ -382,7 +382,8 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     dt = dp.check_float("out_a", out_a)
     if out_b.shape != out_a.shape:
         raise AttentionError(f"out_b: shape {out_b.shape} differs from out_a's {out_a.shape}")
-    want = out_a.shape[:-3] + (out_a.shape[-2], out_a.shape[-3])
+    oshape = tuple(out_a.shape)  # (the CUDA simulator's shape refuses negative indices)
+    want = oshape[:-3] + (oshape[-2], oshape[-3])
     for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
         if tuple(x.shape) != want:
             raise AttentionError(f"{name}: expected shape (..., num_heads, seqlen) = {want}, "

@@ -1,47 +1,72 @@
 """Vectorisable ``exp`` for the softmax (no SVML here: ``math.exp`` in a loop is scalar).
 
 ``exp(x) = 2**n * exp(r)`` with ``n = round(x / ln 2)``, ``|r| <= ln2 / 2``, a Taylor
-polynomial for ``exp(r)`` (degree 7 in float32, 13 in float64: error below half an ulp
-of the working precision before rounding) and ``2**n`` built from exponent bits through an
-integer view of a scratch buffer. Arguments are <= 0 (scores minus the running max);
-below the clamp the result is exactly 0, so masked ``-inf`` scores contribute nothing.
+polynomial for ``exp(r)`` (degree 7 in float32, 13 in float64: truncation error below the
+working precision) and ``2**n`` built from exponent bits with an
+LLVM bitcast. Arguments are <= 0 in use (scores minus the running max); below the clamp
+the result is exactly 0, so masked ``-inf`` scores contribute nothing.
+
+The loops are element-wise over a row (no horizontal reduction), which LLVM vectorises.
 """
 from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
-from numba.extending import overload
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic, overload
 
+_FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 _LOG2E = 1.4426950408889634
-_LN2_HI = 0.693145751953125  # ln2 split so that n * _LN2_HI is exact
-_LN2_LO = 1.4286068203094173e-06
 
 
-def exp_sub_sum(row, m, n, ibuf):
-    """In place ``row[:n] = exp(row[:n] - m)``; returns ``sum(row[:n])``.
+@intrinsic
+def _i32_as_f32(typingctx, x):
+    """Reinterpret the low 32 bits of an integer as float32 (an LLVM bitcast; vectorises)."""
+    if not isinstance(x, types.Integer):
+        return None
 
-    ``ibuf`` is an int64 scratch buffer at least ``n`` long (reinterpreted as int32
-    for float32 rows).
+    def codegen(context, builder, signature, args):
+        bits = args[0]
+        if x.bitwidth != 32:
+            bits = builder.trunc(bits, ir.IntType(32))
+        return builder.bitcast(bits, ir.FloatType())
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _i64_as_f64(typingctx, x):
+    """Reinterpret int64 bits as float64 (an LLVM bitcast; vectorises)."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+def exp_diff_acc(x, m, n, acc):
+    """In place ``x[:n] = exp(x[:n] - m[:n])`` and ``acc[:n] += x[:n]``.
+
+    Requires ``x - m <= 0`` and not NaN (``m`` finite, or ``x = -inf`` with finite ``m``).
     """
-    raise NotImplementedError  # replaced by the overload below inside jitted code
+    raise NotImplementedError  # only callable from jitted code (overload below)
 
 
-@overload(exp_sub_sum, jit_options=dict(fastmath={"contract", "reassoc", "nsz", "arcp", "afn"}))
-def _exp_sub_sum_impl(row, m, n, ibuf):
-    if row.dtype == numba.types.float32:
-        def impl32(row, m, n, ibuf):
-            ib = ibuf.view(np.int32)
-            fbits = ib[:n].view(np.float32)
+@overload(exp_diff_acc, jit_options=dict(fastmath=_FASTMATH))
+def _exp_diff_acc_impl(x, m, n, acc):
+    if x.dtype == types.float32:
+        def impl32(x, m, n, acc):
             for j in range(n):
-                x = np.float32(row[j] - m)
-                if x < np.float32(-88.0):
-                    x = np.float32(-88.0)
-                t = math.floor(x * np.float32(_LOG2E) + np.float32(0.5))
-                k = np.int32(t)
+                y = np.float32(x[j] - m[j])
+                if y < np.float32(-88.0):
+                    y = np.float32(-88.0)  # k = -127 below: exactly 0
+                # y <= 0: truncation of y/ln2 - 1/2 rounds y/ln2 to nearest (vectorises,
+                # unlike math.floor, which calls libm)
+                t = np.int32(y * np.float32(_LOG2E) - np.float32(0.5))
                 tf = np.float32(t)
-                r = x - tf * np.float32(_LN2_HI) - tf * np.float32(_LN2_LO)
+                r = y - tf * np.float32(0.693145751953125) - tf * np.float32(1.4286068203094173e-06)
                 p = np.float32(1.0 / 5040.0)
                 p = p * r + np.float32(1.0 / 720.0)
                 p = p * r + np.float32(1.0 / 120.0)
@@ -50,26 +75,19 @@ def _exp_sub_sum_impl(row, m, n, ibuf):
                 p = p * r + np.float32(0.5)
                 p = p * r + np.float32(1.0)
                 p = p * r + np.float32(1.0)
-                row[j] = p
-                ib[j] = (k + np.int32(127)) << np.int32(23)
-            s = np.float32(0.0)
-            for j in range(n):
-                e = row[j] * fbits[j]
-                row[j] = e
-                s += e
-            return s
+                e = p * _i32_as_f32((t + np.int32(127)) << np.int32(23))
+                x[j] = e
+                acc[j] += e
         return impl32
 
-    def impl64(row, m, n, ibuf):
-        fbits = ibuf[:n].view(np.float64)
+    def impl64(x, m, n, acc):
         for j in range(n):
-            x = row[j] - m
-            if x < -709.0:
-                x = -709.0
-            t = math.floor(x * _LOG2E + 0.5)
-            k = np.int64(t)
+            y = x[j] - m[j]
+            if y < -709.0:
+                y = -709.0  # k = -1023 below: exactly 0
+            t = np.int64(y * _LOG2E - 0.5)
             tf = np.float64(t)
-            r = x - tf * 0.6931471803691238 - tf * 1.9082149292705877e-10
+            r = y - tf * 0.6931471803691238 - tf * 1.9082149292705877e-10
             p = 1.0 / 6227020800.0
             p = p * r + 1.0 / 479001600.0
             p = p * r + 1.0 / 39916800.0
@@ -84,13 +102,7 @@ def _exp_sub_sum_impl(row, m, n, ibuf):
             p = p * r + 0.5
             p = p * r + 1.0
             p = p * r + 1.0
-            row[j] = p
-            ibuf[j] = (k + np.int64(1023)) << np.int64(52)
-        s = 0.0
-        for j in range(n):
-            e = row[j] * fbits[j]
-            row[j] = e
-            s += e
-        return s
+            e = p * _i64_as_f64((t + np.int64(1023)) << np.int64(52))
+            x[j] = e
+            acc[j] += e
     return impl64
-

@@ -24,7 +24,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import inline, jit
-from .expmath import exp_sub_sum
+from .expmath import exp_diff_acc
 
 # causal modes (compile-time-cheap ints shared with the CUDA kernels)
 CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = 0, 1, 2
@@ -66,61 +66,37 @@ def storage_row(b, j, k_start, block_table, block_size):
 
 
 @inline
-def score_fixup(srow, nk, i, j0, qi, b, h, off, causal, wl, wr, positional,
-                softcap, slope, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask):
-    """Soft-cap, ALiBi, bias and masking of one score row, in DESIGN.md's order."""
+def fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
+               has_alibi, bias, bstr, has_bias, mask, mstr, has_mask):
+    """Soft-cap, ALiBi, bias and masking of a (keys, rows) score tile, in DESIGN.md's order."""
     ninf = -np.inf
     if softcap > 0.0:
         inv = 1.0 / softcap
         for jj in range(nk):
-            srow[jj] = softcap * math.tanh(srow[jj] * inv)
+            for r in range(nr):
+                st[jj, r] = softcap * math.tanh(st[jj, r] * inv)
     if has_alibi:
         for jj in range(nk):
-            srow[jj] -= slope * abs(i + off - (j0 + jj))
+            j = j0 + jj
+            for r in range(nr):
+                st[jj, r] -= slope_r[r] * abs(qi[r] + off - j)
     if has_bias:
-        base = b * bstr[0] + h * bstr[1] + qi * bstr[2]
         for jj in range(nk):
-            srow[jj] += bias[base + (j0 + jj) * bstr[3]]
+            jb = b * bstr[0] + (j0 + jj) * bstr[3]
+            for r in range(nr):
+                st[jj, r] += bias[jb + hh[r] * bstr[1] + qi[r] * bstr[2]]
     if has_mask:
-        base = b * mstr[0] + h * mstr[1] + qi * mstr[2]
         for jj in range(nk):
-            if not mask[base + (j0 + jj) * mstr[3]]:
-                srow[jj] = ninf
+            jb = b * mstr[0] + (j0 + jj) * mstr[3]
+            for r in range(nr):
+                if not mask[jb + hh[r] * mstr[1] + qi[r] * mstr[2]]:
+                    st[jj, r] = ninf
     if positional:
-        hi = j0 + nk
-        if causal == 1:
-            hi = min(hi, i + off + 1)
-        elif causal == 2:
-            hi = min(hi, i + 1)
-        if wr >= 0:
-            hi = min(hi, i + off + wr + 1)
-        lo = j0
-        if wl >= 0:
-            lo = max(lo, i + off - wl)
         for jj in range(nk):
             j = j0 + jj
-            if j < lo or j >= hi:
-                srow[jj] = ninf
-
-
-@inline
-def online_update(srow, nk, r, m, l, alpha, ibuf):
-    """Online softmax of one row: exponentiate in place, update max/sum, return rescale."""
-    mrow = -np.inf
-    for jj in range(nk):
-        if srow[jj] > mrow:
-            mrow = srow[jj]
-    m_new = max(m[r], mrow)
-    if m_new == -np.inf:  # nothing visible yet: keep the state, contribute zeros
-        for jj in range(nk):
-            srow[jj] = 0.0
-        alpha[r] = 1.0
-        return
-    a = math.exp(m[r] - m_new) if m[r] > -np.inf else 0.0
-    s = exp_sub_sum(srow, m_new, nk, ibuf)
-    l[r] = l[r] * a + s
-    m[r] = m_new
-    alpha[r] = a
+            for r in range(nr):
+                if j < rlo[r] or j >= rhi[r]:
+                    st[jj, r] = ninf
 
 
 @jit(parallel=True)
@@ -132,6 +108,9 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     q (Tq, H, D), k (N, Hkv, D), v (N, Hkv, Dv), out (Tq, H, Dv), lse (Tq, H).
     With ``nsplit > 1`` each item's key range is cut into ``nsplit`` parts written to
     part_out (nsplit, Tq, H, Dv) / part_lse (nsplit, Tq, H) for :func:`merge_splits`.
+
+    Score tiles are kept transposed, (keys, rows), so that the online-softmax steps (tile
+    max, exp, row sums, rescale) are element-wise across rows and vectorise.
     """
     dt = q.dtype
     n_heads, d = q.shape[1], q.shape[2]
@@ -157,22 +136,34 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
 
         zero = np.zeros(1, dt)[0]
         qs = np.empty((nr, d), dt)
-        for g in range(group):
-            h = kvh * group + g
-            for ii in range(nq):
-                for c in range(d):
-                    qs[g * nq + ii, c] = q[i_first + ii, h, c] * scale
-        m = np.full(nr, -np.inf, dt)
+        qi = np.empty(nr, np.int64)
+        hh = np.empty(nr, np.int64)
+        rlo = np.empty(nr, np.int64)
+        rhi = np.empty(nr, np.int64)
+        slope_r = np.zeros(nr, dt)
+        for r in range(nr):
+            i = i0 + r % nq
+            h = kvh * group + r // nq
+            qi[r] = i
+            hh[r] = h
+            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+            if has_alibi:
+                slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
+            for c in range(d):
+                qs[r, c] = q[q_start + i, h, c] * scale
+        m = np.full(nr, -np.inf, dt)  # running max
+        mu = np.zeros(nr, dt)  # exp shift: m where finite, else 0 (so exp(-inf - mu) = 0)
         l = np.zeros(nr, dt)
-        alpha = np.ones(nr, dt)
+        alpha = np.empty(nr, dt)
+        tmax = np.empty(nr, dt)
+        junk = np.zeros(nr, dt)
         acc = np.zeros((nr, dv), dt)
         if has_sinks and split == 0:
-            for g in range(group):
-                for ii in range(nq):
-                    m[g * nq + ii] = sinks[kvh * group + g]
-                    l[g * nq + ii] = 1.0
-        sbuf = np.empty(nr * block_k, dt)
-        ibuf = np.empty(block_k, np.int64)
+            for r in range(nr):
+                m[r] = sinks[hh[r]]
+                mu[r] = m[r]
+                l[r] = 1.0
+        sbuf = np.empty(block_k * nr, dt)
         if use_blas:
             ks = np.empty((block_k, d), dt)
             vs = np.empty((block_k, dv), dt)
@@ -180,34 +171,48 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
         for j0 in range(js, je, block_k):
             j1 = min(j0 + block_k, je)
             nk = j1 - j0
-            s = sbuf[: nr * nk].reshape((nr, nk))
+            st = sbuf[: nk * nr].reshape((nk, nr))
             if use_blas:
                 for jj in range(nk):
                     row = storage_row(b, j0 + jj, k_start, block_table, block_size)
-                    ks[jj, :] = k[row, kvh]
-                    vs[jj, :] = v[row, kvh]
-                np.dot(qs, ks[:nk].T, s)
+                    krow = k[row, kvh]
+                    vrow = v[row, kvh]
+                    for c in range(d):
+                        ks[jj, c] = krow[c]
+                    for c in range(dv):
+                        vs[jj, c] = vrow[c]
+                np.dot(ks[:nk], qs.T, st)
             else:
                 for jj in range(nk):
                     krow = k[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
                     for r in range(nr):
-                        acc_s = zero
+                        a = zero
                         for c in range(d):
-                            acc_s += qs[r, c] * krow[c]
-                        s[r, jj] = acc_s
+                            a += qs[r, c] * krow[c]
+                        st[jj, r] = a
             positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
+            fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
+                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
+            # online softmax, element-wise across rows
             for r in range(nr):
-                g = r // nq
-                i = i0 + r % nq
-                h = kvh * group + g
-                slope = slopes[b if slopes.shape[0] > 1 else 0, h] if has_alibi else 0.0
-                srow = s[r]
-                score_fixup(srow, nk, i, j0, i, b, h, off, causal, wl, wr, positional,
-                            softcap, slope, has_alibi, bias, bstr, has_bias, mask, mstr,
-                            has_mask)
-                online_update(srow, nk, r, m, l, alpha, ibuf)
+                tmax[r] = st[0, r]
+            for jj in range(1, nk):
+                srow = st[jj]
+                for r in range(nr):
+                    x = srow[r]
+                    tmax[r] = x if x > tmax[r] else tmax[r]
+            for r in range(nr):
+                alpha[r] = m[r]
+                mn = tmax[r] if tmax[r] > m[r] else m[r]
+                m[r] = mn
+                mu[r] = mn if mn > -np.inf else zero
+            exp_diff_acc(alpha, mu, nr, junk)  # alpha = exp(m_old - m_new)
+            for r in range(nr):
+                l[r] *= alpha[r]
+            for jj in range(nk):
+                exp_diff_acc(st[jj], mu, nr, l)  # p = exp(s - m); l += p
             if use_blas:
-                np.dot(s, vs[:nk], pv)
+                np.dot(st.T, vs[:nk], pv)
                 for r in range(nr):
                     a = alpha[r]
                     for c in range(dv):
@@ -215,25 +220,22 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
             else:
                 for r in range(nr):
                     a = alpha[r]
-                    if a != 1.0:
-                        for c in range(dv):
-                            acc[r, c] *= a
+                    for c in range(dv):
+                        acc[r, c] *= a
                 for jj in range(nk):
                     vrow = v[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
                     for r in range(nr):
-                        p = s[r, jj]
-                        if p != 0.0:
-                            for c in range(dv):
-                                acc[r, c] += p * vrow[c]
+                        p = st[jj, r]
+                        for c in range(dv):
+                            acc[r, c] += p * vrow[c]
         for r in range(nr):
-            g = r // nq
-            t = i_first + r % nq
-            h = kvh * group + g
+            t = q_start + qi[r]
+            h = hh[r]
             if l[r] > 0.0:
                 inv = 1.0 / l[r]
                 lv = m[r] + math.log(l[r])
             else:
-                inv = 0.0
+                inv = zero
                 lv = -np.inf
             if nsplit == 1:
                 for c in range(dv):

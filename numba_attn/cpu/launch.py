@@ -24,6 +24,9 @@ def single_threaded_blas():
     if _controller is None:
         with _controller_lock:
             if _controller is None:
+                # np.dot inside @njit calls SciPy's BLAS, loaded lazily on the first call
+                # (inside the parallel region): load it now so the controller sees it.
+                import scipy.linalg.cython_blas  # noqa: F401
                 from threadpoolctl import ThreadpoolController
 
                 _controller = ThreadpoolController()

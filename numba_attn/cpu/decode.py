@@ -1,0 +1,300 @@
+"""Split-KV decode on the CPU (flash-decoding): few queries per row, a long cache.
+
+Same arguments as :func:`numba_attn.cpu.forward.flash_forward` (launch.py routes its
+non-BLAS calls here), same storage addressing (see forward.py's module docstring), same
+masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory traffic:
+
+* a work item is (query block, key split) and covers **all** kv heads, so keys and values
+  are streamed as whole storage rows ``k[row, :, :]`` (contiguous ``Hkv * D`` values).
+  Reading one head's slice ``k[row, h]`` per item instead jumps ``Hkv * D`` values from
+  row to row and defeats the hardware prefetchers (about 4x slower on this machine);
+* runs of keys that are contiguous in storage (a page, or the whole contiguous row) are
+  walked without per-key block-table division;
+* scores and value updates handle four query rows per pass over a key row (one load of
+  the key/value vector feeds four FMAs), the rest in twos and ones;
+* the kernel picks its own number of key splits from the thread count (each split writes
+  a partial output and lse to scratch, merged with the LSE rule inside the kernel), so a
+  single sequence keeps every thread busy. When the launcher asks for ``nsplit > 1`` the
+  merged result goes to ``part_out[0]``/``part_lse[0]`` and the other parts get
+  ``lse = -inf`` (the merge identity), so the launcher's own merge leaves it unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from .._jit import inline, jit
+from .expmath import exp_diff_acc
+from .forward import fixup_tile, key_range, tile_needs_mask
+
+TILE = 32  # keys per tile: scores of all rows for one tile stay in L1
+MIN_SPLIT_KEYS = 256  # fewer keys per split do not pay for the merge
+
+
+@inline
+def _qk(qs, r, k, row, kvh, s, jj, nrows, d, zero):
+    """s[jj, r + i] = qs[r + i] . k[row, kvh] for i < nrows (nrows in 1..4)."""
+    if nrows == 4:
+        a0 = zero
+        a1 = zero
+        a2 = zero
+        a3 = zero
+        for c in range(d):
+            kc = k[row, kvh, c]
+            a0 += qs[r, c] * kc
+            a1 += qs[r + 1, c] * kc
+            a2 += qs[r + 2, c] * kc
+            a3 += qs[r + 3, c] * kc
+        s[jj, r] = a0
+        s[jj, r + 1] = a1
+        s[jj, r + 2] = a2
+        s[jj, r + 3] = a3
+    elif nrows >= 2:
+        a0 = zero
+        a1 = zero
+        for c in range(d):
+            kc = k[row, kvh, c]
+            a0 += qs[r, c] * kc
+            a1 += qs[r + 1, c] * kc
+        s[jj, r] = a0
+        s[jj, r + 1] = a1
+        if nrows == 3:
+            a2 = zero
+            for c in range(d):
+                a2 += qs[r + 2, c] * k[row, kvh, c]
+            s[jj, r + 2] = a2
+    else:
+        a0 = zero
+        for c in range(d):
+            a0 += qs[r, c] * k[row, kvh, c]
+        s[jj, r] = a0
+
+
+@inline
+def _pv(acc, r, v, row, kvh, s, jj, nrows, dv):
+    """acc[r + i] += s[jj, r + i] * v[row, kvh] for i < nrows (nrows in 1..4)."""
+    if nrows == 4:
+        p0 = s[jj, r]
+        p1 = s[jj, r + 1]
+        p2 = s[jj, r + 2]
+        p3 = s[jj, r + 3]
+        if p0 == 0.0 and p1 == 0.0 and p2 == 0.0 and p3 == 0.0:
+            return
+        for c in range(dv):
+            vc = v[row, kvh, c]
+            acc[r, c] += p0 * vc
+            acc[r + 1, c] += p1 * vc
+            acc[r + 2, c] += p2 * vc
+            acc[r + 3, c] += p3 * vc
+    else:
+        for i in range(nrows):
+            p = s[jj, r + i]
+            if p != 0.0:
+                for c in range(dv):
+                    acc[r + i, c] += p * v[row, kvh, c]
+
+
+@inline
+def _splits(n_items, span_max, threads):
+    """Key splits per query block: about two work items per thread, >= MIN_SPLIT_KEYS each."""
+    if n_items >= 2 * threads or span_max < 2 * MIN_SPLIT_KEYS:
+        return 1
+    want = (2 * threads + n_items - 1) // n_items
+    return max(1, min(want, span_max // MIN_SPLIT_KEYS, 64))
+
+
+@jit(parallel=True)
+def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
+                 scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
+                 mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas):
+    """Decode forward; arguments as :func:`numba_attn.cpu.forward.flash_forward`.
+
+    ``block_k`` and ``use_blas`` are ignored (tiles are :data:`TILE` keys, no BLAS).
+    """
+    dt = q.dtype
+    tq, n_heads, d = q.shape
+    n_kv, dv = k.shape[1], v.shape[2]
+    group = n_heads // n_kv
+    n_items = items.shape[0]
+    span_max = 0
+    for it in range(n_items):
+        b = items[it, 0]
+        lo, hi = key_range(items[it, 1] - rows[b, 0], items[it, 2] - rows[b, 0], rows[b, 4],
+                           rows[b, 3], causal, wl, wr)
+        span_max = max(span_max, hi - lo)
+    ns = _splits(n_items, span_max, numba.get_num_threads())
+    if ns > 1:
+        pout = np.empty((ns, tq, n_heads, dv), dt)
+        plse = np.empty((ns, tq, n_heads), dt)
+    else:
+        pout = np.empty((1, 1, 1, 1), dt)
+        plse = np.empty((1, 1, 1), dt)
+    for w in prange(n_items * ns):
+        split = w % ns
+        it = w // ns
+        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+        i0 = i_first - q_start
+        i1 = i_end - q_start
+        nq = i1 - i0
+        nrg = group * nq  # rows per kv head: r = kvh * nrg + g * nq + (i - i0)
+        nr = n_kv * nrg
+        lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
+        span = max(hi - lo, 0)
+        chunk = (span + ns - 1) // ns
+        chunk = (chunk + TILE - 1) // TILE * TILE
+        js = lo + split * chunk
+        je = min(hi, js + chunk)
+
+        zero = np.zeros(1, dt)[0]
+        qs = np.empty((nr, d), dt)
+        qi = np.empty(nr, np.int64)  # in-row query position of each row
+        hh = np.empty(nr, np.int64)  # query head of each row
+        rlo = np.empty(nr, np.int64)
+        rhi = np.empty(nr, np.int64)
+        slope_r = np.zeros(nr, dt)
+        for r in range(nr):
+            i = i0 + r % nq
+            h = (r // nrg) * group + (r % nrg) // nq
+            qi[r] = i
+            hh[r] = h
+            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+            if has_alibi:
+                slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
+            for c in range(d):
+                qs[r, c] = q[q_start + i, h, c] * scale
+        m = np.full(nr, -np.inf, dt)  # running max
+        mu = np.zeros(nr, dt)  # exp shift: m where finite, else 0
+        l = np.zeros(nr, dt)
+        alpha = np.empty(nr, dt)
+        tmax = np.empty(nr, dt)
+        junk = np.zeros(nr, dt)
+        acc = np.zeros((nr, dv), dt)
+        if has_sinks and split == 0:
+            for r in range(nr):
+                m[r] = sinks[hh[r]]
+                mu[r] = m[r]
+                l[r] = 1.0
+        sbuf = np.empty(TILE * nr, dt)
+        for j0 in range(js, je, TILE):
+            j1 = min(j0 + TILE, je)
+            nk = j1 - j0
+            s = sbuf[: nk * nr].reshape((nk, nr))  # scores, (keys, rows)
+            # scores: walk the tile in runs of storage-contiguous keys
+            j = j0
+            while j < j1:
+                blk = j // block_size
+                within = j - blk * block_size
+                run = min(block_size - within, j1 - j)
+                base = k_start + block_table[b, blk] * block_size + within
+                for u in range(run):
+                    row = base + u
+                    jj = j - j0 + u
+                    for kvh in range(n_kv):
+                        r = kvh * nrg
+                        r_end = r + nrg
+                        while r < r_end:
+                            nrows = min(4, r_end - r)
+                            _qk(qs, r, k, row, kvh, s, jj, nrows, d, zero)
+                            r += nrows
+                j += run
+            positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
+            fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
+                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
+            # online softmax, element-wise across rows (as forward.flash_forward)
+            for r in range(nr):
+                tmax[r] = s[0, r]
+            for jj in range(1, nk):
+                for r in range(nr):
+                    x = s[jj, r]
+                    tmax[r] = x if x > tmax[r] else tmax[r]
+            for r in range(nr):
+                alpha[r] = m[r]
+                mn = tmax[r] if tmax[r] > m[r] else m[r]
+                m[r] = mn
+                mu[r] = mn if mn > -np.inf else zero
+            exp_diff_acc(alpha, mu, nr, junk)  # alpha = exp(m_old - m_new)
+            for r in range(nr):
+                l[r] *= alpha[r]
+            for jj in range(nk):
+                exp_diff_acc(s[jj], mu, nr, l)  # p = exp(s - m); l += p
+            for r in range(nr):
+                a = alpha[r]
+                if a != 1.0:
+                    for c in range(dv):
+                        acc[r, c] *= a
+            j = j0
+            while j < j1:
+                blk = j // block_size
+                within = j - blk * block_size
+                run = min(block_size - within, j1 - j)
+                base = k_start + block_table[b, blk] * block_size + within
+                for u in range(run):
+                    row = base + u
+                    jj = j - j0 + u
+                    for kvh in range(n_kv):
+                        r = kvh * nrg
+                        r_end = r + nrg
+                        while r < r_end:
+                            nrows = min(4, r_end - r)
+                            _pv(acc, r, v, row, kvh, s, jj, nrows, dv)
+                            r += nrows
+                j += run
+        for r in range(nr):
+            t = q_start + qi[r]
+            h = hh[r]
+            if l[r] > 0.0:
+                inv = 1.0 / l[r]
+                lv = m[r] + math.log(l[r])
+            else:
+                inv = zero
+                lv = -np.inf
+            if ns == 1:
+                for c in range(dv):
+                    out[t, h, c] = acc[r, c] * inv
+                lse[t, h] = lv
+            else:
+                for c in range(dv):
+                    pout[split, t, h, c] = acc[r, c] * inv
+                plse[split, t, h] = lv
+    if ns > 1:
+        _merge(pout, plse, out, lse)
+    if nsplit > 1:  # the launcher merges part_out afterwards: hand it the final result
+        for t in prange(tq):
+            for h in range(n_heads):
+                for c in range(dv):
+                    part_out[0, t, h, c] = out[t, h, c]
+                part_lse[0, t, h] = lse[t, h]
+                for sp in range(1, nsplit):
+                    part_lse[sp, t, h] = -np.inf
+
+
+@inline
+def _merge(part_out, part_lse, out, lse):
+    """The LSE rule over splits, as forward.merge_splits (empty parts are the identity)."""
+    nsp, tq, n_heads, dv = part_out.shape
+    for w in range(tq * n_heads):
+        t = w // n_heads
+        h = w % n_heads
+        mx = -np.inf
+        for sp in range(nsp):
+            mx = max(mx, part_lse[sp, t, h])
+        if mx == -np.inf:
+            for c in range(dv):
+                out[t, h, c] = 0.0
+            lse[t, h] = -np.inf
+            continue
+        tot = 0.0
+        for sp in range(nsp):
+            tot += math.exp(part_lse[sp, t, h] - mx)
+        for c in range(dv):
+            out[t, h, c] = 0.0
+        for sp in range(nsp):
+            wgt = math.exp(part_lse[sp, t, h] - mx) / tot
+            if wgt > 0.0:
+                for c in range(dv):
+                    out[t, h, c] += wgt * part_out[sp, t, h, c]
+        lse[t, h] = mx + math.log(tot)

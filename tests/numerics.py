@@ -1,0 +1,27 @@
+"""Comparison helpers shared by the tests: tolerances by dtype, -inf-aware closeness."""
+from __future__ import annotations
+
+import numpy as np
+
+# Tolerances by dtype (DESIGN.md, "Testing"): (atol, rtol) on outputs and lse.
+TOLERANCES = {
+    np.dtype(np.float64): (1e-10, 1e-10),
+    np.dtype(np.float32): (2e-5, 2e-5),
+    np.dtype(np.float16): (2e-3, 2e-3),
+}
+
+
+def tolerance(dtype):
+    return TOLERANCES[np.dtype(dtype)]
+
+
+def assert_close(got, expected, dtype, what="out"):
+    """|got - expected| <= atol + rtol |expected|, with -inf lse entries matched exactly."""
+    got = np.asarray(got, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert got.shape == expected.shape, f"{what}: shape {got.shape} != {expected.shape}"
+    inf_e = np.isneginf(expected)
+    np.testing.assert_array_equal(np.isneginf(got), inf_e, err_msg=f"{what}: -inf pattern")
+    atol, rtol = tolerance(dtype)
+    fin = ~inf_e
+    np.testing.assert_allclose(got[fin], expected[fin], atol=atol, rtol=rtol, err_msg=what)
