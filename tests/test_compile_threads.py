@@ -1,0 +1,123 @@
+"""One compiled kernel per dtype; thread-safety; results independent of the thread count."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+import numba_attn as na
+from numba_attn.cpu import forward as fk
+from numerics import assert_close
+
+
+def _qkv(rng, b=2, sq=33, sk=70, h=4, hkv=2, d=16, dtype=np.float32):
+    return (rng.standard_normal((b, sq, h, d)).astype(dtype),
+            rng.standard_normal((b, sk, hkv, d)).astype(dtype),
+            rng.standard_normal((b, sk, hkv, d)).astype(dtype))
+
+
+def _strided_copy(x):
+    """Same values as ``x`` in a non-contiguous view (every other element of a buffer)."""
+    buf = np.zeros(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)
+    buf[..., ::2] = x
+    return buf[..., ::2]
+
+
+def test_one_signature_per_dtype(rng):
+    q, k, v = _qkv(rng)
+    na.attention(q, k, v)  # make sure float32 is compiled
+    before = len(fk.flash_forward.signatures)
+    # fresh arrays, other shapes, every optional input, non-contiguous and Fortran order,
+    # Python-float and numpy-float scale, decode and prefill paths: no new signature
+    q2, k2, v2 = _qkv(rng, b=1, sq=1, sk=300, h=8, hkv=1, d=40)
+    na.attention(q2, k2, v2)
+    na.attention(q, k, v, scale=0.25, causal=True, window=(3, 2), softcap=1.0,
+                 alibi_slopes=np.ones(4), bias=np.zeros((33, 70)),
+                 mask=np.ones((2, 1, 1, 70), bool), kv_lens=np.array([5, 70]),
+                 sinks=np.zeros(4))
+    na.attention(q, k, v, scale=np.float64(0.3))
+    qw = np.asfortranarray(q)
+    kn = _strided_copy(k)
+    assert not kn.flags.c_contiguous
+    na.attention(qw, kn, v)
+    na.attention(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16))
+    assert len(fk.flash_forward.signatures) == before
+    na.attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))
+    assert len(fk.flash_forward.signatures) <= before + 1
+
+
+def test_noncontiguous_inputs_give_the_same_result(rng):
+    q, k, v = _qkv(rng)
+    kn = _strided_copy(k)
+    np.testing.assert_array_equal(na.attention(np.asfortranarray(q), kn, v, causal=True),
+                                  na.attention(q, k, v, causal=True))
+
+
+def test_concurrent_python_threads_match_serial(rng):
+    cases = [_qkv(rng, sq=sq, sk=sk) for sq, sk in [(1, 500), (40, 90), (130, 130), (7, 7)]]
+    serial = [na.attention(q, k, v, causal=True) for q, k, v in cases]
+    results = [None] * 8
+    errors = []
+
+    def work(i):
+        try:
+            q, k, v = cases[i % 4]
+            for _ in range(5):
+                results[i] = na.attention(q, k, v, causal=True)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(8):
+        np.testing.assert_array_equal(results[i], serial[i % 4])
+
+
+def test_call_during_another_parallel_region_does_not_abort():
+    """A user's own prange kernel running in another thread while we attend (subprocess,
+    so that an abort would fail this test instead of killing pytest)."""
+    code = textwrap.dedent("""
+        import threading, numpy as np, numba
+        import numba_attn as na
+        @numba.njit(parallel=True)
+        def busy(a):
+            s = 0.0
+            for r in range(50):
+                for i in numba.prange(a.size):
+                    s += np.sin(a[i])
+            return s
+        a = np.ones(2_000_000)
+        rng = np.random.default_rng(0)
+        q = rng.standard_normal((1, 64, 4, 32)).astype(np.float32)
+        t = threading.Thread(target=busy, args=(a,)); t.start()
+        for _ in range(20):
+            out = na.attention(q, q, q, causal=True)
+        t.join()
+        print("ok", numba.threading_layer())
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ok" in res.stdout
+
+
+@pytest.mark.parametrize("sq, sk", [(1, 2000), (200, 300)], ids=["decode-split", "prefill"])
+def test_thread_count_does_not_change_results(rng, sq, sk):
+    q, k, v = _qkv(rng, sq=sq, sk=sk)
+    n = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = na.attention(q, k, v, causal=True)
+    finally:
+        numba.set_num_threads(n)
+    many = na.attention(q, k, v, causal=True)
+    assert_close(one, many, np.float32)
