@@ -102,8 +102,12 @@ def fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, so
 @jit(parallel=True)
 def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                   scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
-                  mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas):
+                  mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas,
+                  kpack, vpack, packed):
     """Forward pass; see the module docstring for ``rows``/``items``/storage addressing.
+
+    With ``packed`` (contiguous storage only), kpack (Hkv, N, D) / vpack (Hkv, N, Dv) are
+    head-major copies of k / v, so BLAS reads key tiles in place instead of gathering them.
 
     q (Tq, H, D), k (N, Hkv, D), v (N, Hkv, Dv), out (Tq, H, Dv), lse (Tq, H).
     With ``nsplit > 1`` each item's key range is cut into ``nsplit`` parts written to
@@ -172,7 +176,11 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
             j1 = min(j0 + block_k, je)
             nk = j1 - j0
             st = sbuf[: nk * nr].reshape((nk, nr))
-            if use_blas:
+            if use_blas and packed:
+                kt = kpack[kvh][k_start + j0:k_start + j1]
+                vt = vpack[kvh][k_start + j0:k_start + j1]
+                np.dot(kt, qs.T, st)
+            elif use_blas:
                 for jj in range(nk):
                     row = storage_row(b, j0 + jj, k_start, block_table, block_size)
                     krow = k[row, kvh]
@@ -182,6 +190,8 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                     for c in range(dv):
                         vs[jj, c] = vrow[c]
                 np.dot(ks[:nk], qs.T, st)
+                kt = ks[:nk]
+                vt = vs[:nk]
             else:
                 for jj in range(nk):
                     krow = k[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
@@ -212,7 +222,7 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
             for jj in range(nk):
                 exp_diff_acc(st[jj], mu, nr, l)  # p = exp(s - m); l += p
             if use_blas:
-                np.dot(st.T, vs[:nk], pv)
+                np.dot(st.T, vt, pv)
                 for r in range(nr):
                     a = alpha[r]
                     for c in range(dv):

@@ -2,36 +2,56 @@
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 
 import numba
 import numpy as np
 
 from ..config import AttentionConfig
+from ..dispatch import CONTIGUOUS_BLOCK
 from . import forward as fk
 
 CAUSAL_CODES = {"none": fk.CAUSAL_NONE, "bottom_right": fk.CAUSAL_BOTTOM_RIGHT,
                 "top_left": fk.CAUSAL_TOP_LEFT}
 
-_controller = None
-_controller_lock = threading.Lock()
+class _SingleThreadedBlas:
+    """BLAS held to one thread while prange threads call ``np.dot`` (no oversubscription,
+    no OpenBLAS-inside-OpenMP hang). Re-entrant across Python threads: the first caller in
+    saves and lowers the thread counts, the last one out restores them. Direct get/set
+    calls per BLAS library (threadpoolctl's ``limit`` costs ~60 us a call)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._libs = None
+        self._saved = ()
+
+    def _find(self):
+        # np.dot inside @njit calls SciPy's BLAS, loaded lazily on the first call (inside
+        # the parallel region): load it now so threadpoolctl sees it.
+        import scipy.linalg.cython_blas  # noqa: F401
+        from threadpoolctl import ThreadpoolController
+
+        return [lc for lc in ThreadpoolController().select(user_api="blas").lib_controllers]
+
+    def __enter__(self):
+        with self._lock:
+            if self._libs is None:
+                self._libs = self._find()
+            if self._depth == 0:
+                self._saved = tuple(lib.get_num_threads() for lib in self._libs)
+                for lib in self._libs:
+                    lib.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                for lib, n in zip(self._libs, self._saved):
+                    lib.set_num_threads(n)
 
 
-@contextmanager
-def single_threaded_blas():
-    """BLAS held to one thread while prange threads call ``np.dot`` (no oversubscription)."""
-    global _controller
-    if _controller is None:
-        with _controller_lock:
-            if _controller is None:
-                # np.dot inside @njit calls SciPy's BLAS, loaded lazily on the first call
-                # (inside the parallel region): load it now so the controller sees it.
-                import scipy.linalg.cython_blas  # noqa: F401
-                from threadpoolctl import ThreadpoolController
-
-                _controller = ThreadpoolController()
-    with _controller.limit(limits=1, user_api="blas"):
-        yield
+single_threaded_blas = _SingleThreadedBlas()
 
 
 def plan(config: AttentionConfig, max_q: int, max_k: int, batch: int, threads: int):
@@ -107,8 +127,15 @@ def forward(p):
             p.mask is not None,
             p.sinks if p.sinks is not None else _dummy(dt), p.sinks is not None,
             np.int64(nsplit), np.int64(block_k), use_blas)
+    packed = use_blas and p.block_size == CONTIGUOUS_BLOCK
+    if packed:  # head-major copies: O(N D) once instead of a gather per query block
+        kpack = np.ascontiguousarray(p.k.transpose(1, 0, 2))
+        vpack = np.ascontiguousarray(p.v.transpose(1, 0, 2))
+    else:
+        kpack = vpack = _dummy(dt, 3)
+    args = args + (kpack, vpack, packed)
     if use_blas:
-        with single_threaded_blas():
+        with single_threaded_blas:
             fk.flash_forward(*args)
     else:
         fk.flash_forward(*args)
