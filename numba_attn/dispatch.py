@@ -33,6 +33,8 @@ def _bfloat16():
 # ---------------------------------------------------------------------------------------
 def array_device(x) -> str:
     """``"cuda"`` for device arrays (``__cuda_array_interface__``/DLPack on a GPU), else ``"cpu"``."""
+    if type(x) is np.ndarray:
+        return "cpu"
     if hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host"):
         return "cuda"  # copy_to_host: numba device arrays, the CUDA simulator's included
     dev = getattr(x, "__dlpack_device__", None)

@@ -31,11 +31,8 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
     """Config + optional inputs -> dispatch.Problem (q/k/v already packed and checked)."""
     h, d = q.shape[1], q.shape[2]
     hkv, dv = k.shape[1], v.shape[2]
-    cfg = AttentionConfig(
-        num_heads=h, num_kv_heads=hkv, head_dim=d, head_dim_v=dv, scale=scale,
-        causal=causal, window=window, softcap=softcap, has_alibi=alibi_slopes is not None,
-        has_bias=bias is not None, has_mask=mask is not None, has_kv_lens=has_kv_lens,
-        has_sinks=sinks is not None)
+    cfg = _config(h, hkv, d, dv, scale, causal, window, softcap, alibi_slopes is not None,
+                  bias is not None, mask is not None, has_kv_lens, sinks is not None)
     cdt = dp.compute_dtype(out_dtype)
     full = (batch, h, max_seqlen_q, max_seqlen_k)
     p = dp.Problem(
@@ -54,10 +51,35 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
     return p
 
 
+def _config(h, hkv, d, dv, scale, causal, window, softcap, *flags):
+    """AttentionConfig for these values, memoised (configs are frozen; decode calls repeat)."""
+    try:
+        key = (h, hkv, d, dv, scale, causal, tuple(window), softcap) + flags
+        hash(key)
+    except TypeError:  # unhashable option: let the config report it
+        key = None
+    if key is not None and key in _CONFIGS:
+        return _CONFIGS[key]
+    cfg = AttentionConfig(
+        num_heads=h, num_kv_heads=hkv, head_dim=d, head_dim_v=dv, scale=scale, causal=causal,
+        window=window, softcap=softcap, has_alibi=flags[0], has_bias=flags[1],
+        has_mask=flags[2], has_kv_lens=flags[3], has_sinks=flags[4])
+    if key is not None and len(_CONFIGS) < 1024:
+        _CONFIGS[key] = cfg
+    return cfg
+
+
+_CONFIGS = {}
+
+
 def check_out(out, shape, dtype):
     """Validate a user ``out=`` array; returns it (or None)."""
     if out is None:
         return None
+    if dp.array_device(out) != "cpu":
+        from .cuda import dispatch_cuda
+
+        return dispatch_cuda.check_out(out, shape, dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -71,6 +93,10 @@ def check_out(out, shape, dtype):
 
 def run_and_finish(p, backend, out, out_shape):
     """Run; write into ``out`` (or a new array) of ``out_shape``; lse stays (Tq, H)."""
+    if out is not None and dp.array_device(out) != "cpu":
+        from .cuda import dispatch_cuda
+
+        return dispatch_cuda.run_into(p, backend, out, out_shape)
     direct = (out is not None and out.flags.c_contiguous and out.dtype == p.compute_dtype
               and backend != "reference")
     if direct:
@@ -209,8 +235,17 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
         has_kv_lens=kl is not None, out_dtype=dt, device=device)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if not return_lse:
-        return o
-    return o, _lse_bhs(lse, bsz, sq, h)
+        return _like(q, o)
+    return _like(q, o), _like(q, _lse_bhs(lse, bsz, sq, h))
+
+
+def _like(ref, x):
+    """A device result as the kind of array ``ref`` is (CuPy, torch), zero-copy."""
+    if isinstance(x, np.ndarray) or type(ref).__module__.split(".")[0] not in ("cupy", "torch"):
+        return x
+    from .cuda import dispatch_cuda
+
+    return dispatch_cuda.like(ref, x)
 
 
 def _lse_bhs(lse, bsz, sq, h):
@@ -309,12 +344,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         has_kv_lens=kl is not None, out_dtype=dt, device=device)
     o, lse = run_and_finish(p, backend, out, (tq, h, dv))
     if not return_lse:
-        return o
+        return _like(q, o)
     if isinstance(lse, np.ndarray):
         return o, np.ascontiguousarray(lse.T)
     from .cuda import dispatch_cuda
 
-    return o, dispatch_cuda.lse_transpose(lse)
+    return _like(q, o), _like(q, dispatch_cuda.lse_transpose(lse))
 
 
 def _check_cu(name, cu, total):

@@ -10,9 +10,9 @@ masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory tr
   row to row and defeats the hardware prefetchers (about 4x slower on this machine);
 * runs of keys that are contiguous in storage (a page, or the whole contiguous row) are
   walked without per-key block-table division;
-* scores and value updates handle four query rows per pass over a key row (one load of
-  the key/value vector feeds four FMAs), the rest in twos and ones;
-* the kernel picks its own number of key splits from the thread count (each split writes
+* scores take four keys per pass over a query row, value updates four keys per pass
+  over an accumulator row (a quarter of the accumulator load/store traffic);
+* the kernel picks its own number of key splits from the shape (each split writes
   a partial output and lse to scratch, merged with the LSE rule inside the kernel), so a
   single sequence keeps every thread busy. When the launcher asks for ``nsplit > 1`` the
   merged result goes to ``part_out[0]``/``part_lse[0]`` and the other parts get
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import prange
 
@@ -31,88 +30,109 @@ from .expmath import exp_diff_acc
 from .forward import fixup_tile, key_range, tile_needs_mask
 
 TILE = 32  # keys per tile: scores of all rows for one tile stay in L1
-MIN_SPLIT_KEYS = 256  # fewer keys per split do not pay for the merge
+MIN_SPLIT_KEYS = 512  # fewer keys per split do not pay for the merge
+TARGET_WORK = 16  # work items wanted per call: enough to balance up to ~8 threads
 
 
 @inline
-def _qk(qs, r, k, row, kvh, s, jj, nrows, d, zero):
-    """s[jj, r + i] = qs[r + i] . k[row, kvh] for i < nrows (nrows in 1..4)."""
-    if nrows == 4:
-        a0 = zero
-        a1 = zero
-        a2 = zero
-        a3 = zero
-        for c in range(d):
-            kc = k[row, kvh, c]
-            a0 += qs[r, c] * kc
-            a1 += qs[r + 1, c] * kc
-            a2 += qs[r + 2, c] * kc
-            a3 += qs[r + 3, c] * kc
-        s[jj, r] = a0
-        s[jj, r + 1] = a1
-        s[jj, r + 2] = a2
-        s[jj, r + 3] = a3
-    elif nrows >= 2:
-        a0 = zero
-        a1 = zero
-        for c in range(d):
-            kc = k[row, kvh, c]
-            a0 += qs[r, c] * kc
-            a1 += qs[r + 1, c] * kc
-        s[jj, r] = a0
-        s[jj, r + 1] = a1
-        if nrows == 3:
-            a2 = zero
-            for c in range(d):
-                a2 += qs[r + 2, c] * k[row, kvh, c]
-            s[jj, r + 2] = a2
-    else:
-        a0 = zero
-        for c in range(d):
-            a0 += qs[r, c] * k[row, kvh, c]
-        s[jj, r] = a0
+def _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero):
+    """s[jj, r] = qs[r] . k[rowidx[jj], r // nrg] for the tile's keys jj < nk, all rows.
+
+    Keys outer, kv heads inner: storage rows are read front to back (prefetch-friendly).
+    Four keys per pass over a query row: one load of q feeds four FMAs.
+    """
+    n4 = nk - nk % 4
+    for jj in range(0, n4, 4):
+        for kvh in range(n_kv):
+            k0 = k[rowidx[jj], kvh]
+            k1 = k[rowidx[jj + 1], kvh]
+            k2 = k[rowidx[jj + 2], kvh]
+            k3 = k[rowidx[jj + 3], kvh]
+            for r in range(kvh * nrg, (kvh + 1) * nrg):
+                qr = qs[r]
+                a0 = zero
+                a1 = zero
+                a2 = zero
+                a3 = zero
+                for c in range(d):
+                    qc = qr[c]
+                    a0 += qc * k0[c]
+                    a1 += qc * k1[c]
+                    a2 += qc * k2[c]
+                    a3 += qc * k3[c]
+                s[jj, r] = a0
+                s[jj + 1, r] = a1
+                s[jj + 2, r] = a2
+                s[jj + 3, r] = a3
+    for jj in range(n4, nk):
+        for kvh in range(n_kv):
+            k0 = k[rowidx[jj], kvh]
+            for r in range(kvh * nrg, (kvh + 1) * nrg):
+                qr = qs[r]
+                a0 = zero
+                for c in range(d):
+                    a0 += qr[c] * k0[c]
+                s[jj, r] = a0
 
 
 @inline
-def _pv(acc, r, v, row, kvh, s, jj, nrows, dv):
-    """acc[r + i] += s[jj, r + i] * v[row, kvh] for i < nrows (nrows in 1..4)."""
-    if nrows == 4:
-        p0 = s[jj, r]
-        p1 = s[jj, r + 1]
-        p2 = s[jj, r + 2]
-        p3 = s[jj, r + 3]
-        if p0 == 0.0 and p1 == 0.0 and p2 == 0.0 and p3 == 0.0:
-            return
-        for c in range(dv):
-            vc = v[row, kvh, c]
-            acc[r, c] += p0 * vc
-            acc[r + 1, c] += p1 * vc
-            acc[r + 2, c] += p2 * vc
-            acc[r + 3, c] += p3 * vc
-    else:
-        for i in range(nrows):
-            p = s[jj, r + i]
-            if p != 0.0:
+def _values(acc, v, rowidx, nk, n_kv, nrg, s, dv):
+    """acc[r] += sum_jj s[jj, r] * v[rowidx[jj], r // nrg] over the tile's keys jj < nk.
+
+    Same order as :func:`_scores`; four keys per pass over an accumulator row: a quarter
+    of the load/store traffic of one axpy per key (that traffic, not the FMAs, is the
+    bottleneck).
+    """
+    n4 = nk - nk % 4
+    for jj in range(0, n4, 4):
+        for kvh in range(n_kv):
+            v0 = v[rowidx[jj], kvh]
+            v1 = v[rowidx[jj + 1], kvh]
+            v2 = v[rowidx[jj + 2], kvh]
+            v3 = v[rowidx[jj + 3], kvh]
+            for r in range(kvh * nrg, (kvh + 1) * nrg):
+                p0 = s[jj, r]
+                p1 = s[jj + 1, r]
+                p2 = s[jj + 2, r]
+                p3 = s[jj + 3, r]
+                if p0 == 0.0 and p1 == 0.0 and p2 == 0.0 and p3 == 0.0:
+                    continue
+                ar = acc[r]
                 for c in range(dv):
-                    acc[r + i, c] += p * v[row, kvh, c]
+                    ar[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
+    for jj in range(n4, nk):
+        for kvh in range(n_kv):
+            v0 = v[rowidx[jj], kvh]
+            for r in range(kvh * nrg, (kvh + 1) * nrg):
+                p0 = s[jj, r]
+                if p0 != 0.0:
+                    ar = acc[r]
+                    for c in range(dv):
+                        ar[c] += p0 * v0[c]
 
 
 @inline
-def _splits(n_items, span_max, threads):
-    """Key splits per query block: about two work items per thread, >= MIN_SPLIT_KEYS each."""
-    if n_items >= 2 * threads or span_max < 2 * MIN_SPLIT_KEYS:
+def _splits(n_items, span_max):
+    """Key splits per query block: about TARGET_WORK items in all, >= MIN_SPLIT_KEYS keys each.
+
+    (The thread count is not read here: numba.get_num_threads() inside a kernel would
+    stop it from being cached on disk.)
+    """
+    if n_items >= TARGET_WORK or span_max < 2 * MIN_SPLIT_KEYS:
         return 1
-    want = (2 * threads + n_items - 1) // n_items
+    want = (TARGET_WORK + n_items - 1) // n_items
     return max(1, min(want, span_max // MIN_SPLIT_KEYS, 64))
 
 
 @jit(parallel=True)
 def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                  scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
-                 mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas):
+                 mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas,
+                 kpack, vpack, packed):
     """Decode forward; arguments as :func:`numba_attn.cpu.forward.flash_forward`.
 
-    ``block_k`` and ``use_blas`` are ignored (tiles are :data:`TILE` keys, no BLAS).
+    ``block_k``, ``use_blas`` and the head-major copies ``kpack``/``vpack``/``packed`` are
+    ignored (tiles are :data:`TILE` keys read in place, no BLAS).
     """
     dt = q.dtype
     tq, n_heads, d = q.shape
@@ -125,7 +145,7 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
         lo, hi = key_range(items[it, 1] - rows[b, 0], items[it, 2] - rows[b, 0], rows[b, 4],
                            rows[b, 3], causal, wl, wr)
         span_max = max(span_max, hi - lo)
-    ns = _splits(n_items, span_max, numba.get_num_threads())
+    ns = _splits(n_items, span_max)
     if ns > 1:
         pout = np.empty((ns, tq, n_heads, dv), dt)
         plse = np.empty((ns, tq, n_heads), dt)
@@ -179,11 +199,12 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                 mu[r] = m[r]
                 l[r] = 1.0
         sbuf = np.empty(TILE * nr, dt)
+        rowidx = np.empty(TILE, np.int64)
         for j0 in range(js, je, TILE):
             j1 = min(j0 + TILE, je)
             nk = j1 - j0
             s = sbuf[: nk * nr].reshape((nk, nr))  # scores, (keys, rows)
-            # scores: walk the tile in runs of storage-contiguous keys
+            # storage rows of the tile's keys (runs of contiguous keys: no per-key division)
             j = j0
             while j < j1:
                 blk = j // block_size
@@ -191,16 +212,9 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                 run = min(block_size - within, j1 - j)
                 base = k_start + block_table[b, blk] * block_size + within
                 for u in range(run):
-                    row = base + u
-                    jj = j - j0 + u
-                    for kvh in range(n_kv):
-                        r = kvh * nrg
-                        r_end = r + nrg
-                        while r < r_end:
-                            nrows = min(4, r_end - r)
-                            _qk(qs, r, k, row, kvh, s, jj, nrows, d, zero)
-                            r += nrows
+                    rowidx[j - j0 + u] = base + u
                 j += run
+            _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero)
             positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
             fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
                        has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
@@ -226,23 +240,7 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                 if a != 1.0:
                     for c in range(dv):
                         acc[r, c] *= a
-            j = j0
-            while j < j1:
-                blk = j // block_size
-                within = j - blk * block_size
-                run = min(block_size - within, j1 - j)
-                base = k_start + block_table[b, blk] * block_size + within
-                for u in range(run):
-                    row = base + u
-                    jj = j - j0 + u
-                    for kvh in range(n_kv):
-                        r = kvh * nrg
-                        r_end = r + nrg
-                        while r < r_end:
-                            nrows = min(4, r_end - r)
-                            _pv(acc, r, v, row, kvh, s, jj, nrows, dv)
-                            r += nrows
-                j += run
+            _values(acc, v, rowidx, nk, n_kv, nrg, s, dv)
         for r in range(nr):
             t = q_start + qi[r]
             h = hh[r]

@@ -7,7 +7,9 @@ import numba
 import numpy as np
 
 from ..config import AttentionConfig
+from .._jit import jit
 from ..dispatch import CONTIGUOUS_BLOCK
+from . import decode
 from . import forward as fk
 
 CAUSAL_CODES = {"none": fk.CAUSAL_NONE, "bottom_right": fk.CAUSAL_BOTTOM_RIGHT,
@@ -63,17 +65,21 @@ def plan(config: AttentionConfig, max_q: int, max_k: int, batch: int, threads: i
     return block_q, 128, True
 
 
+@jit
 def make_items(rows, block_q):
     """(n, 3) int64 work items: (batch row, first query, end query) per query block."""
-    starts = rows[:, 0]
-    lens = rows[:, 1]
-    nblk = (lens + block_q - 1) // block_q
-    b = np.repeat(np.arange(len(rows), dtype=np.int64), nblk)
-    first = np.concatenate([np.arange(n, dtype=np.int64) for n in nblk]) if len(rows) else \
-        np.zeros(0, np.int64)
-    i0 = starts[b] + first * block_q
-    i1 = np.minimum(i0 + block_q, starts[b] + lens[b])
-    return np.ascontiguousarray(np.stack([b, i0, i1], axis=1).astype(np.int64))
+    n = 0
+    for b in range(rows.shape[0]):
+        n += (rows[b, 1] + block_q - 1) // block_q
+    items = np.empty((n, 3), np.int64)
+    t = 0
+    for b in range(rows.shape[0]):
+        for i0 in range(rows[b, 0], rows[b, 0] + rows[b, 1], block_q):
+            items[t, 0] = b
+            items[t, 1] = i0
+            items[t, 2] = min(i0 + block_q, rows[b, 0] + rows[b, 1])
+            t += 1
+    return items
 
 
 def choose_splits(n_work, max_k, block_k, threads):
@@ -107,7 +113,7 @@ def forward(p):
         return out, lse
     threads = numba.get_num_threads()
     block_q, block_k, use_blas = plan(cfg, p.max_seqlen_q, p.max_seqlen_k, p.batch, threads)
-    items = make_items(p.rows, block_q)
+    items = make_items(p.rows, np.int64(block_q))
     nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, block_k, threads)
     if nsplit > 1:
         part_out = np.empty((nsplit, tq, cfg.num_heads, cfg.head_dim_v), dt)
@@ -137,8 +143,8 @@ def forward(p):
     if use_blas:
         with single_threaded_blas:
             fk.flash_forward(*args)
-    else:
-        fk.flash_forward(*args)
+    else:  # decode-sized items: whole storage rows streamed, own key splits
+        decode.flash_decode(*args)
     if nsplit > 1:
         fk.merge_splits(part_out, part_lse, out, lse)
     return out, lse

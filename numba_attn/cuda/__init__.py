@@ -1,0 +1,94 @@
+"""The CUDA backend: ``@cuda.jit`` kernels behind the same dispatch as the CPU ones.
+
+Importing this package never fails on a machine without CUDA: it registers a
+:class:`CUDABackend` whose ``unavailable_reason()`` says why it cannot serve (numba-cuda
+missing, no driver or GPU). The kernel modules (``forward``, ``launch``, ``dispatch_cuda``)
+import numba-cuda and are loaded only when the backend runs.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from .. import dispatch as _dp
+
+__all__ = ["CUDABackend"]
+
+_probe_lock = threading.Lock()
+_probe_result = []
+
+
+def _probe():
+    """None when a GPU (or the CUDA simulator) can run kernels, else the reason (cached)."""
+    with _probe_lock:
+        if not _probe_result:
+            _probe_result.append(_find_reason())
+        return _probe_result[0]
+
+
+def _find_reason():
+    try:
+        from numba import config
+        from numba import cuda
+    except Exception as e:  # ImportError, or a broken install
+        return f"numba-cuda not installed ({type(e).__name__}: {e}); pip install numba-cuda"
+    if getattr(config, "ENABLE_CUDASIM", 0):
+        return None
+    try:
+        if cuda.is_available():
+            return None
+    except Exception as e:  # pragma: no cover - driver-specific failures
+        return f"no CUDA driver/GPU found: {e}"
+    detail = ""
+    try:
+        from numba.cuda.cudadrv.driver import driver
+
+        err = getattr(driver, "initialization_error", None)
+        detail = " ".join(str(err).split()) if err else "no CUDA device visible"
+    except Exception as e:  # pragma: no cover
+        detail = str(e)
+    return f"no CUDA driver/GPU found: {detail}"
+
+
+class CUDABackend(_dp.Backend):
+    """Flash-attention forward with ``@cuda.jit`` kernels (numba-cuda).
+
+    Serves device problems (``auto`` picks it for device arrays only) and, when asked for
+    by name, host problems: the arrays are copied to the GPU and the results back.
+    """
+
+    name = "cuda"
+    device = "cuda"
+
+    def unavailable_reason(self):
+        return _probe()
+
+    def not_supported_reasons(self, problem) -> list:
+        reasons = []
+        if problem.device not in ("cpu", "cuda"):
+            reasons.append(f"data lives on {problem.device!r}; the cuda backend reads host "
+                           "or CUDA device arrays")
+        for name in ("q", "k", "v"):
+            dt = np.dtype(getattr(problem, name).dtype)
+            if dt not in (np.float16, np.float32, np.float64):
+                reasons.append(f"{name}: dtype {dt} is not supported by the cuda kernels "
+                               "(float16, float32, float64)")
+                break
+        cfg = problem.config
+        from .launch import plan  # numba-cuda is importable once unavailable_reason is None
+
+        if plan(problem.compute_dtype, cfg.head_dim, cfg.head_dim_v, cfg.group_size,
+                problem.max_seqlen_q) is None:
+            reasons.append(f"head_dim={cfg.head_dim}, head_dim_v={cfg.head_dim_v} with "
+                           f"{cfg.group_size} query heads per kv head do not fit in shared "
+                           "memory")
+        return reasons
+
+    def run(self, problem):
+        from .launch import forward
+
+        return forward(problem)
+
+
+_dp.register_backend(CUDABackend())

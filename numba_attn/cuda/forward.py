@@ -1,0 +1,415 @@
+"""Flash-attention forward on the GPU (``@cuda.jit``), the twin of ``cpu/forward.py``.
+
+One thread block per (work item, kv head, key split); a work item is a tile of queries of
+one batch row (``items`` as on the CPU). The block holds every query head of the GQA
+group for its queries: ``rows = group * block_q`` score rows, ``r = g * nq + (i - i0)``,
+spread over the warps (``rows_per_warp`` consecutive rows per warp). For each key tile:
+
+* the K/V tile is staged once in shared memory (float32, or float64 for float64 data)
+  through the block table, and serves every query head of the group;
+* lane ``l`` of a warp scores keys ``l, l + 32, ...`` of the tile against all rows of its
+  warp (q rows are in shared memory, already scaled);
+* soft-cap, ALiBi, bias, mask and positional masking as DESIGN.md orders them;
+* the row max and sum are warp reductions (``shfl_xor_sync``), the running max / sum / output
+  accumulator live in registers (lane ``l`` owns output columns ``l, l + 32, ...``); the
+  warp's probabilities go through a per-warp shared-memory strip (one ``syncwarp`` per
+  tile) to the ``P @ V`` update, which reads each V element once for all rows of the warp.
+
+Storage addressing is the CPU one: key ``j`` of row ``b`` is storage row
+``k_start + block_table[b, j // block_size] * block_size + j % block_size``. Key splits
+(``gridDim.z > 1``, decode-sized problems) write partial results to ``part_out`` /
+``part_lse`` that :func:`merge_splits` combines with the LSE rule; split 0 carries the sink.
+
+Kernels are built per specialisation (dtype, head dims, group, tile sizes, warps) by
+:func:`make_forward`; everything else is a runtime argument. They run unchanged under the
+CUDA simulator (tests add warp shuffles to the simulator there).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = 0, 1, 2
+WARP = 32
+FULL_MASK = 0xFFFFFFFF
+
+
+@cuda.jit(device=True, inline=True)
+def warp_max(x):
+    """Maximum over the 32 lanes of a warp (every lane gets it)."""
+    sh = 16
+    while sh > 0:
+        x = max(x, cuda.shfl_xor_sync(FULL_MASK, x, sh))
+        sh //= 2
+    return x
+
+
+@cuda.jit(device=True, inline=True)
+def warp_sum(x):
+    """Sum over the 32 lanes of a warp (every lane gets it)."""
+    sh = 16
+    while sh > 0:
+        x += cuda.shfl_xor_sync(FULL_MASK, x, sh)
+        sh //= 2
+    return x
+
+
+@cuda.jit(device=True, inline=True)
+def key_range(i0, i1, off, klen, causal, wl, wr):
+    """Union over queries i0..i1-1 of their visible key positions, as [lo, hi)."""
+    hi = klen
+    if causal == 1:
+        hi = min(hi, i1 + off)
+    elif causal == 2:
+        hi = min(hi, i1)
+    if wr >= 0:
+        hi = min(hi, i1 + off + wr)
+    lo = 0
+    if wl >= 0:
+        lo = max(lo, i0 + off - wl)
+    return lo, hi
+
+
+@cuda.jit(device=True, inline=True)
+def tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr):
+    """False when every query in [i0, i1) sees every key in [j0, j1) positionally."""
+    if causal == 1 and j1 - 1 > i0 + off:
+        return True
+    if causal == 2 and j1 - 1 > i0:
+        return True
+    if wr >= 0 and j1 - 1 > i0 + off + wr:
+        return True
+    if wl >= 0 and j0 < i1 - 1 + off - wl:
+        return True
+    return False
+
+
+@cuda.jit(device=True, inline=True)
+def visible(i, j, off, causal, wl, wr):
+    if causal == 1 and j > i + off:
+        return False
+    if causal == 2 and j > i:
+        return False
+    if wr >= 0 and j > i + off + wr:
+        return False
+    if wl >= 0 and j < i + off - wl:
+        return False
+    return True
+
+
+_KERNELS = {}
+
+
+def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps):
+    """The forward kernel specialised on its compile-time constants (cached).
+
+    Launch as ``kernel[(n_items, num_kv_heads, nsplit), 32 * num_warps](...)``. ``meta`` is
+    one int64 vector (a single host-to-device copy): ``rows`` (batch, 5) flattened, then
+    ``items`` (n_items, 3) flattened from offset ``items_off``.
+    """
+    key = (np.dtype(acc_dtype).str, d, dv, group, block_q, block_k, num_warps)
+    kern = _KERNELS.get(key)
+    if kern is None:
+        kern = _KERNELS[key] = _build_forward(np.dtype(acc_dtype), d, dv, group, block_q,
+                                              block_k, num_warps)
+    return kern
+
+
+def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW):
+    ACC = numba.from_dtype(acc_dtype)
+    CAST = numba.float64 if acc_dtype == np.float64 else numba.float32
+    ZERO = acc_dtype.type(0.0)
+    ONE = acc_dtype.type(1.0)
+    NEG_INF = acc_dtype.type(-np.inf)
+    ROWS = GROUP * BLOCK_Q
+    RPW = -(-ROWS // NW)  # rows per warp
+    QROWS = RPW * NW
+    KPL = -(-BK // WARP)  # keys per lane
+    VPL = -(-DV // WARP)  # output columns per lane
+    NT = WARP * NW
+    DP = D + 1  # padded K row: lanes reading different keys hit different banks
+    PCOLS = KPL * WARP
+    NACC = RPW * VPL
+    NSC = RPW * KPL
+
+    @cuda.jit
+    def flash_forward(q, k, v, out, lse, part_out, part_lse, meta, items_off, block_table,
+                      block_size, scale, causal, wl, wr, softcap, slopes, has_alibi, bias,
+                      bstr, has_bias, mask, mstr, has_mask, sinks, has_sinks):
+        q_s = cuda.shared.array((QROWS, D), ACC)
+        k_s = cuda.shared.array((BK, DP), ACC)
+        v_s = cuda.shared.array((BK, DV), ACC)
+        krow = cuda.shared.array(BK, numba.int64)
+        p_s = cuda.shared.array((QROWS, PCOLS), ACC)
+        acc = cuda.local.array(NACC, ACC)
+        sc = cuda.local.array(NSC, ACC)
+        m = cuda.local.array(RPW, ACC)
+        l = cuda.local.array(RPW, ACC)
+
+        it = cuda.blockIdx.x
+        kvh = cuda.blockIdx.y
+        split = cuda.blockIdx.z
+        nsplit = cuda.gridDim.z
+        tid = cuda.threadIdx.x
+        lane = tid % WARP
+        w = tid // WARP
+        b = meta[items_off + 3 * it]
+        i_first = meta[items_off + 3 * it + 1]
+        q_start = meta[5 * b]
+        k_start = meta[5 * b + 2]
+        off = meta[5 * b + 4]
+        i0 = i_first - q_start
+        i1 = meta[items_off + 3 * it + 2] - q_start
+        nq = i1 - i0
+        nr = GROUP * nq
+        lo, hi = key_range(i0, i1, off, meta[5 * b + 3], causal, wl, wr)
+        span = max(hi - lo, 0)
+        chunk = (span + nsplit - 1) // nsplit
+        chunk = (chunk + BK - 1) // BK * BK
+        js = lo + split * chunk
+        je = min(hi, js + chunk)
+        bsl = b if slopes.shape[0] > 1 else 0
+
+        for idx in range(tid, QROWS * D, NT):
+            r = idx // D
+            c = idx % D
+            val = ZERO
+            if r < nr:
+                val = CAST(q[i_first + r % nq, kvh * GROUP + r // nq, c]) * scale
+            q_s[r, c] = val
+        for rr in range(RPW):
+            r = w * RPW + rr
+            m[rr] = NEG_INF
+            l[rr] = ZERO
+            if has_sinks and split == 0 and r < nr:
+                m[rr] = sinks[kvh * GROUP + r // nq]
+                l[rr] = ONE
+            for u in range(VPL):
+                acc[rr * VPL + u] = ZERO
+
+        for j0 in range(js, je, BK):
+            nk = min(BK, je - j0)
+            cuda.syncthreads()  # previous tile fully consumed (and q_s written)
+            for jj in range(tid, nk, NT):
+                j = j0 + jj
+                krow[jj] = k_start + block_table[b, j // block_size] * block_size \
+                    + j % block_size
+            cuda.syncthreads()
+            for idx in range(tid, nk * D, NT):
+                jj = idx // D
+                c = idx % D
+                k_s[jj, c] = k[krow[jj], kvh, c]
+            for idx in range(tid, nk * DV, NT):
+                jj = idx // DV
+                c = idx % DV
+                v_s[jj, c] = v[krow[jj], kvh, c]
+            cuda.syncthreads()
+            positional = tile_needs_mask(i0, i1, j0, j0 + nk, off, causal, wl, wr)
+
+            # scores of the lane's keys against every row of the warp
+            for t in range(KPL):
+                jj = lane + WARP * t
+                for rr in range(RPW):
+                    sc[rr * KPL + t] = ZERO
+                if jj < nk:
+                    for c in range(D):
+                        kc = k_s[jj, c]
+                        for rr in range(RPW):
+                            sc[rr * KPL + t] += q_s[w * RPW + rr, c] * kc
+
+            for rr in range(RPW):
+                r = w * RPW + rr
+                m_new = NEG_INF
+                if r < nr:  # warp-uniform
+                    g = r // nq
+                    i = i0 + r % nq
+                    h = kvh * GROUP + g
+                    mx = NEG_INF
+                    for t in range(KPL):
+                        jj = lane + WARP * t
+                        j = j0 + jj
+                        s = sc[rr * KPL + t]
+                        if jj >= nk:
+                            s = NEG_INF
+                        else:
+                            if softcap > 0:
+                                s = softcap * math.tanh(s / softcap)
+                            if has_alibi:
+                                s -= slopes[bsl, h] * CAST(abs(i + off - j))
+                            if has_bias:
+                                s += bias[b * bstr[0] + h * bstr[1] + i * bstr[2]
+                                          + j * bstr[3]]
+                            if has_mask:
+                                if not mask[b * mstr[0] + h * mstr[1] + i * mstr[2]
+                                            + j * mstr[3]]:
+                                    s = NEG_INF
+                            if positional and not visible(i, j, off, causal, wl, wr):
+                                s = NEG_INF
+                        sc[rr * KPL + t] = s
+                        mx = max(mx, s)
+                    mx = warp_max(mx)
+                    m_new = max(m[rr], mx)
+                if m_new == NEG_INF:  # no row, or nothing visible yet (warp-uniform)
+                    for t in range(KPL):
+                        p_s[w * RPW + rr, lane + WARP * t] = ZERO
+                    continue
+                alpha = ZERO
+                if m[rr] > NEG_INF:
+                    alpha = math.exp(m[rr] - m_new)
+                ps = ZERO
+                for t in range(KPL):
+                    s = sc[rr * KPL + t]
+                    p = ZERO
+                    if s > NEG_INF:
+                        p = math.exp(s - m_new)
+                    p_s[w * RPW + rr, lane + WARP * t] = p
+                    ps += p
+                ps = warp_sum(ps)
+                l[rr] = l[rr] * alpha + ps
+                m[rr] = m_new
+                for u in range(VPL):
+                    acc[rr * VPL + u] *= alpha
+            cuda.syncwarp(FULL_MASK)  # the warp's probabilities are in p_s
+            for jj in range(nk):
+                for u in range(VPL):
+                    c = lane + WARP * u
+                    if c < DV:
+                        vc = v_s[jj, c]
+                        for rr in range(RPW):
+                            acc[rr * VPL + u] += p_s[w * RPW + rr, jj] * vc
+
+        for rr in range(RPW):
+            r = w * RPW + rr
+            if r >= nr:
+                continue
+            tq = i_first + r % nq
+            h = kvh * GROUP + r // nq
+            inv = ZERO
+            lv = NEG_INF
+            if l[rr] > 0:
+                inv = ONE / l[rr]
+                lv = m[rr] + math.log(l[rr])
+            for u in range(VPL):
+                c = lane + WARP * u
+                if c < DV:
+                    if nsplit == 1:
+                        out[tq, h, c] = acc[rr * VPL + u] * inv
+                    else:
+                        part_out[split, tq, h, c] = acc[rr * VPL + u] * inv
+            if lane == 0:
+                if nsplit == 1:
+                    lse[tq, h] = lv
+                else:
+                    part_lse[split, tq, h] = lv
+
+    return flash_forward
+
+
+@cuda.jit
+def merge_splits(part_out, part_lse, out, lse):
+    """out (Tq, H, Dv), lse (Tq, H) from nsplit partial results; one thread per element."""
+    nsplit, tq, n_heads, dv = part_out.shape
+    e = cuda.grid(1)
+    if e >= tq * n_heads * dv:
+        return
+    c = e % dv
+    h = (e // dv) % n_heads
+    t = e // (dv * n_heads)
+    mx = part_lse[0, t, h]
+    for s in range(1, nsplit):
+        mx = max(mx, part_lse[s, t, h])
+    if mx == -math.inf:
+        out[t, h, c] = 0
+        if c == 0:
+            lse[t, h] = mx
+        return
+    tot = mx - mx  # a zero of lse's type (mx is finite here)
+    val = tot
+    for s in range(nsplit):
+        wgt = math.exp(part_lse[s, t, h] - mx)
+        tot += wgt
+        if wgt > 0:
+            val += wgt * part_out[s, t, h, c]
+    out[t, h, c] = val / tot
+    if c == 0:
+        lse[t, h] = mx + math.log(tot)
+
+
+@cuda.jit
+def merge_states(out_a, lse_a, out_b, lse_b, out, lse):
+    """out (N, S, H, Dv), lse (N, H, S): merge two partial states; one thread per element."""
+    n, sq, n_heads, dv = out_a.shape
+    e = cuda.grid(1)
+    if e >= n * sq * n_heads * dv:
+        return
+    c = e % dv
+    h = (e // dv) % n_heads
+    i = (e // (dv * n_heads)) % sq
+    bi = e // (dv * n_heads * sq)
+    la = lse_a[bi, h, i]
+    lb = lse_b[bi, h, i]
+    mx = max(la, lb)
+    if mx == -math.inf:
+        out[bi, i, h, c] = 0
+        if c == 0:
+            lse[bi, h, i] = mx
+        return
+    wa = math.exp(la - mx)
+    wb = math.exp(lb - mx)
+    tot = wa + wb
+    out[bi, i, h, c] = (wa * out_a[bi, i, h, c] + wb * out_b[bi, i, h, c]) / tot
+    if c == 0:
+        lse[bi, h, i] = mx + math.log(tot)
+
+
+@cuda.jit
+def copy_cast(src, dst):
+    """dst[...] = src[...] for 4-D arrays of one shape (any strides, any float dtypes)."""
+    n0, n1, n2, n3 = dst.shape
+    e = cuda.grid(1)
+    if e >= n0 * n1 * n2 * n3:
+        return
+    a3 = e % n3
+    a2 = (e // n3) % n2
+    a1 = (e // (n3 * n2)) % n1
+    a0 = e // (n3 * n2 * n1)
+    dst[a0, a1, a2, a3] = src[a0, a1, a2, a3]
+
+
+@cuda.jit
+def copy_cast3(src, dst):
+    """dst[...] = src[...] for 3-D arrays of one shape."""
+    n0, n1, n2 = dst.shape
+    e = cuda.grid(1)
+    if e >= n0 * n1 * n2:
+        return
+    dst[e // (n2 * n1), (e // n2) % n1, e % n2] = src[e // (n2 * n1), (e // n2) % n1, e % n2]
+
+
+@cuda.jit
+def copy_cast2(src, dst):
+    """dst[...] = src[...] for 2-D arrays of one shape."""
+    n0, n1 = dst.shape
+    e = cuda.grid(1)
+    if e >= n0 * n1:
+        return
+    dst[e // n1, e % n1] = src[e // n1, e % n1]
+
+
+COPY_KERNELS = {2: copy_cast2, 3: copy_cast3, 4: copy_cast}
+
+
+@cuda.jit
+def swap_last(src, dst):
+    """dst (B, H, S) = src (B, S, H) transposed (lse layouts)."""
+    nb, ns, nh = src.shape
+    e = cuda.grid(1)
+    if e >= nb * ns * nh:
+        return
+    hh = e % nh
+    s = (e // nh) % ns
+    bb = e // (nh * ns)
+    dst[bb, hh, s] = src[bb, s, hh]

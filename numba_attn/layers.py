@@ -1,0 +1,585 @@
+"""Attention layers in numpy + numba_attn: :class:`MultiHeadAttention` (MHA, GQA, MQA).
+
+Weights use Hugging Face's Linear layout ``(out_features, in_features)`` and names
+(``q_proj.weight`` ...), so a layer loads straight from a model's safetensors file.
+Projections run through numpy's BLAS; attention runs through :func:`numba_attn.attention`
+or, with a cache, :func:`numba_attn.attention_with_kvcache`, on the CPU or CUDA backend.
+The multi-head latent attention of DeepSeek-V2/V3 lives in :mod:`numba_attn.mla`.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import dispatch as dp
+from .config import AttentionConfig, AttentionError
+
+__all__ = ["MultiHeadAttention"]
+
+_LORA_TARGETS = ("q", "k", "v", "o")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared with mla.py
+# ---------------------------------------------------------------------------------------
+def linear(x, w, b=None, lora=None, lora_scale=1.0):
+    """``x @ w.T (+ b) (+ lora_scale * x @ A.T @ B.T)`` for x (..., in), w (out, in)."""
+    y = x @ w.T
+    if b is not None:
+        y += b
+    if lora is not None:
+        a, bb = lora
+        y += (lora_scale * (x @ a.T)) @ bb.T
+    return y
+
+
+def check_lora(lora, shapes, dtype):
+    """Validate ``{"q": (A, B), ...}`` against ``shapes[name] = (out, in)``; returns a dict of
+    (A, B) cast to ``dtype``."""
+    if lora is None:
+        return {}
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora: expected a dict like {{'q': (A, B)}}, got {type(lora).__name__}")
+    unknown = sorted(set(lora) - set(shapes))
+    if unknown:
+        raise AttentionError(f"lora: unknown target(s) {unknown}; expected a subset of "
+                             f"{sorted(shapes)}")
+    got = {}
+    for name, pair in lora.items():
+        try:
+            a, b = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"lora[{name!r}]: expected a pair (A, B), got "
+                            f"{type(pair).__name__}") from None
+        a, b = np.asarray(a), np.asarray(b)
+        n_out, n_in = shapes[name]
+        if a.ndim != 2 or a.shape[1] != n_in:
+            raise AttentionError(f"lora[{name!r}]: A must be (rank, in_features) = "
+                                 f"(rank, {n_in}), got {a.shape}")
+        if b.shape != (n_out, a.shape[0]):
+            raise AttentionError(f"lora[{name!r}]: B must be (out_features, rank) = "
+                                 f"({n_out}, {a.shape[0]}), got {b.shape}")
+        got[name] = (a.astype(dtype, copy=False), b.astype(dtype, copy=False))
+    return got
+
+
+class ParameterMixin:
+    """Hugging Face named parameters: subclasses define ``_param_specs()`` as a list of
+    ``(hf_name, attribute, shape)`` and ``_aliases`` mapping extra names onto them."""
+
+    _aliases: dict = {}
+
+    def _param_specs(self):
+        raise NotImplementedError
+
+    def named_parameters(self, prefix=""):
+        """``(name, array)`` pairs under Hugging Face names, e.g. ``q_proj.weight``.
+
+        The arrays are the layer's own (edits change the layer)."""
+        for name, attr, _ in self._param_specs():
+            yield prefix + name, getattr(self, attr)
+
+    def state_dict(self, prefix=""):
+        """A dict ``{prefix + hf_name: array copy}``; :meth:`load_state_dict` reads it back."""
+        return {name: np.array(a) for name, a in self.named_parameters(prefix)}
+
+    def _expand(self, name, value):
+        """One incoming entry -> list of (hf_name, array); merged entries are split here."""
+        return [(self._aliases.get(name, name), value)]
+
+    def load_state_dict(self, params, prefix=""):
+        """Load Hugging Face-named arrays, strictly.
+
+        Parameters
+        ----------
+        params : mapping of str to array
+            Keys outside ``prefix`` are ignored (so a whole model's state dict can be
+            given with ``prefix="model.layers.0.self_attn."``).
+        prefix : str, default ""
+
+        Raises
+        ------
+        AttentionError (ValueError)
+            Listing every missing, unexpected, duplicated and mis-shaped entry at once; the
+            layer is left unchanged when any entry is wrong.
+        """
+        specs = {name: (attr, shape) for name, attr, shape in self._param_specs()}
+        staged, unexpected, misshaped, duplicate, seen = {}, [], [], [], set()
+        for key, value in params.items():
+            if not key.startswith(prefix):
+                continue
+            local = key[len(prefix):]
+            try:
+                parts = self._expand(local, value)
+            except AttentionError as e:
+                misshaped.append(f"{key}: {e}")
+                continue
+            for name, arr in parts:
+                if name not in specs:
+                    unexpected.append(key)
+                    continue
+                arr = np.asarray(arr)
+                want = specs[name][1]
+                seen.add(name)
+                if arr.shape != want:
+                    misshaped.append(f"{prefix}{name}: expected {want}, got {arr.shape}")
+                elif name in staged:
+                    duplicate.append(f"{prefix}{name} (given twice, e.g. by an alias)")
+                else:
+                    staged[name] = arr
+        missing = [prefix + n for n in specs if n not in seen]
+        problems = []
+        for title, items in (("missing", missing), ("unexpected", unexpected),
+                             ("mis-shaped", misshaped), ("duplicated", duplicate)):
+            if items:
+                problems.append(f"{title}: " + ", ".join(items))
+        if problems:
+            raise AttentionError(f"load_state_dict({type(self).__name__}): nothing loaded; "
+                                 + "; ".join(problems))
+        for name, arr in staged.items():
+            setattr(self, specs[name][0], np.array(arr, dtype=self.dtype))
+
+
+def check_hidden(name, x, hidden, dtype):
+    """x (batch, seq, hidden) as a C-contiguous host array of ``dtype``."""
+    dp.check_rank(name, x, 3, f"(batch, seqlen, hidden_size={hidden})")
+    if dp.array_device(x) != "cpu":
+        raise TypeError(f"{name}: layers take host (numpy) arrays; pass backend='cuda' to "
+                        f"run attention on the GPU")
+    dp.check_float(name, x)
+    if x.shape[2] != hidden:
+        raise AttentionError(f"{name}: last axis must be hidden_size={hidden}, got shape "
+                             f"{tuple(x.shape)}")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def check_positions(positions, batch, seq):
+    """(batch, seq) int64 positions from None-free (seq,) or (batch, seq) input."""
+    p = np.asarray(positions)
+    if p.dtype.kind not in "iu":
+        raise TypeError(f"positions: expected an integer array, got dtype {p.dtype}")
+    if p.shape == (seq,):
+        p = np.broadcast_to(p, (batch, seq))
+    if p.shape != (batch, seq):
+        raise AttentionError(f"positions: expected shape (seqlen,) = ({seq},) or (batch, "
+                             f"seqlen) = ({batch}, {seq}), got {p.shape}")
+    if p.size and p.min() < 0:
+        raise AttentionError(f"positions: must be >= 0, got min {p.min()}")
+    return np.ascontiguousarray(p, dtype=np.int64)
+
+
+class RotaryTable:
+    """cos/sin tables grown geometrically on demand (no per-call work once large enough)."""
+
+    def __init__(self, rotary_dim, base, scaling, dtype):
+        self.rotary_dim, self.base, self.scaling, self.dtype = rotary_dim, base, scaling, dtype
+        self.cos = self.sin = None
+
+    def get(self, n):
+        """(cos, sin), each (>= n, rotary_dim // 2)."""
+        if self.cos is None or self.cos.shape[0] < n:
+            from .rope import rotary_cos_sin
+
+            size = max(int(n), 256, 2 * (0 if self.cos is None else self.cos.shape[0]))
+            cos, sin = rotary_cos_sin(size, self.rotary_dim, base=self.base,
+                                      scaling=self.scaling, dtype=np.float64)
+            self.cos = np.ascontiguousarray(cos, dtype=self.dtype)
+            self.sin = np.ascontiguousarray(sin, dtype=self.dtype)
+        return self.cos, self.sin
+
+    def get_device(self):
+        """The current tables as CUDA device arrays (copied once per growth)."""
+        if getattr(self, "_dev_src", None) is not self.cos:
+            from numba import cuda
+
+            self._dev = (cuda.to_device(self.cos), cuda.to_device(self.sin))
+            self._dev_src = self.cos
+        return self._dev
+
+    def rotate(self, x, positions, interleaved):
+        """x (batch, seq, heads, dim) rotated at positions (batch, seq) int64."""
+        from .rope import apply_rotary
+
+        cos, sin = self.get(int(positions.max(initial=0)) + 1)
+        return apply_rotary(x, cos, sin, interleaved=interleaved, positions=positions)
+
+
+def to_device_if(backend, *arrays):
+    """Host arrays -> CUDA device arrays when ``backend == "cuda"`` (else unchanged)."""
+    if backend != "cuda":
+        return arrays
+    from numba import cuda
+
+    return tuple(None if a is None else cuda.to_device(np.ascontiguousarray(a))
+                 for a in arrays)
+
+
+def to_host(a):
+    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
+
+
+def hf_rope(config):
+    """(rope_theta, rope_scaling) from a Hugging Face config (old or new key layout)."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type") not in
+                                             (None, "default") else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) in ("default", None):
+        scaling = None
+    return float(theta), scaling
+
+
+# ---------------------------------------------------------------------------------------
+# MultiHeadAttention
+# ---------------------------------------------------------------------------------------
+class MultiHeadAttention(ParameterMixin):
+    """Multi-head attention with grouped/multi-query kv heads, as in Llama, Mistral, Qwen.
+
+    ``y = o_proj(attention(rope(norm(q_proj(x))), rope(norm(k_proj(src))), v_proj(src)))``
+    with ``src = context`` for cross-attention and ``src = x`` otherwise.
+
+    Parameters
+    ----------
+    hidden_size : int
+    num_heads : int
+    num_kv_heads : int, default num_heads
+        Must divide ``num_heads``; 1 is multi-query attention.
+    head_dim : int, default hidden_size // num_heads
+    qkv_bias, out_bias : bool, default False
+        Biases on the q/k/v projections (Qwen2) and on the output projection.
+    qk_norm : bool, default False
+        RMSNorm over head_dim of q and k, before rotary (Qwen3).
+    norm_eps : float, default 1e-6
+    rope_theta : float, optional
+        Rotary base; ``None`` disables rotary embeddings.
+    rope_scaling : dict, optional
+        Hugging Face ``rope_scaling`` (``linear``, ``llama3``).
+    partial_rotary_factor : float, default 1.0
+        Rotary acts on the first ``int(head_dim * partial_rotary_factor)`` channels.
+    rotary_interleaved : bool, default False
+        GPT-J pairs ``(2i, 2i+1)`` instead of GPT-NeoX halves.
+    causal : bool, default True
+    sliding_window : int, optional
+        Hugging Face meaning: a token sees itself and the previous ``sliding_window - 1``
+        tokens (kernel window ``(sliding_window - 1, 0)``; symmetric when not causal).
+    softcap : float, default 0.0
+        Attention-logit soft-capping (Gemma 2); 0 disables it.
+    scale : float, default head_dim ** -0.5
+    dtype : numpy dtype, default float32
+        Weights and compute dtype.
+    seed : int, optional
+        Seed of the random initial weights (normal, std ``in_features ** -0.5``).
+    backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
+        Where attention runs; with ``"cuda"`` host activations are copied to the GPU for
+        the attention step only.
+
+    Attributes
+    ----------
+    w_q : ndarray (num_heads * head_dim, hidden_size)
+    w_k, w_v : ndarray (num_kv_heads * head_dim, hidden_size)
+    w_o : ndarray (hidden_size, num_heads * head_dim)
+    b_q, b_k, b_v, b_o : ndarray or None
+    q_norm, k_norm : ndarray (head_dim,) or None
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_attn import MultiHeadAttention
+    >>> layer = MultiHeadAttention.gqa(64, num_heads=8, num_kv_heads=2, rope_theta=1e4,
+    ...                                seed=0)
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 64), dtype=np.float32)
+    >>> layer(x).shape, layer.is_gqa
+    ((2, 5, 64), True)
+    """
+
+    _aliases = {"out_proj.weight": "o_proj.weight", "out_proj.bias": "o_proj.bias"}
+
+    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *,
+                 qkv_bias=False, out_bias=False, qk_norm=False, norm_eps=1e-6,
+                 rope_theta=None, rope_scaling=None, partial_rotary_factor=1.0,
+                 rotary_interleaved=False, causal=True, sliding_window=None, softcap=0.0,
+                 scale=None, dtype=np.float32, seed=None, backend="auto"):
+        for name, v in (("hidden_size", hidden_size), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise AttentionError(f"{name}: expected a positive int, got {v!r}")
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise AttentionError(f"head_dim: hidden_size={hidden_size} is not divisible "
+                                     f"by num_heads={num_heads}; give head_dim explicitly")
+            head_dim = hidden_size // num_heads
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float16, np.float32, np.float64):
+            raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
+        if sliding_window is not None and (int(sliding_window) < 1):
+            raise AttentionError(f"sliding_window: must be >= 1 or None, got {sliding_window!r}")
+        self.hidden_size = int(hidden_size)
+        self.causal = bool(causal)
+        self.sliding_window = None if sliding_window is None else int(sliding_window)
+        if self.sliding_window is None:
+            window = (-1, -1)
+        else:
+            w = self.sliding_window - 1
+            window = (w, 0) if self.causal else (w, w)
+        # validates heads, head_dim, scale, softcap, window in one place
+        self.config = AttentionConfig(num_heads=int(num_heads), num_kv_heads=num_kv_heads,
+                                      head_dim=int(head_dim), scale=scale,
+                                      causal=self.causal, window=window, softcap=softcap)
+        self.num_heads = self.config.num_heads
+        self.num_kv_heads = self.config.num_kv_heads
+        self.head_dim = self.config.head_dim
+        self.scale = self.config.scale
+        self.softcap = self.config.softcap
+        self.qkv_bias, self.out_bias, self.qk_norm = bool(qkv_bias), bool(out_bias), bool(qk_norm)
+        self.norm_eps = float(norm_eps)
+        self.dtype = dtype
+        self.backend = backend
+        self.rotary_interleaved = bool(rotary_interleaved)
+        self.rope_theta = None if rope_theta is None else float(rope_theta)
+        self.rope_scaling = rope_scaling
+        self.partial_rotary_factor = float(partial_rotary_factor)
+        self.rotary_dim = 0
+        self._rope = None
+        if self.rope_theta is not None:
+            self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
+            if self.rotary_dim <= 0 or self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+                raise AttentionError(
+                    f"partial_rotary_factor: head_dim * factor = {self.rotary_dim} must be an "
+                    f"even number in [2, head_dim={self.head_dim}]")
+            self._rope = RotaryTable(self.rotary_dim, self.rope_theta, rope_scaling, dtype)
+        self._init_weights(seed)
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def mha(cls, hidden_size, num_heads, **kw):
+        """Multi-head attention: one kv head per query head."""
+        return cls(hidden_size, num_heads, num_heads, **kw)
+
+    @classmethod
+    def gqa(cls, hidden_size, num_heads, num_kv_heads, **kw):
+        """Grouped-query attention: ``num_heads // num_kv_heads`` query heads per kv head."""
+        return cls(hidden_size, num_heads, num_kv_heads, **kw)
+
+    @classmethod
+    def mqa(cls, hidden_size, num_heads, **kw):
+        """Multi-query attention: one kv head shared by every query head."""
+        return cls(hidden_size, num_heads, 1, **kw)
+
+    @classmethod
+    def from_hf_config(cls, config, *, layer_idx=0, **kw):
+        """Build from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2/3, Gemma).
+
+        Reads hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+        attention_bias (Qwen2: q/k/v bias, no output bias), rope_theta / rope_parameters,
+        rope_scaling, partial_rotary_factor, sliding_window (honouring use_sliding_window,
+        layer_types and Gemma 2's every-other-layer rule for ``layer_idx``),
+        attn_logit_softcapping, query_pre_attn_scalar (scale = its ** -0.5), rms_norm_eps;
+        Qwen3 (model_type ``qwen3*``) turns on qk_norm. ``kw`` overrides (dtype, seed, ...).
+
+        Examples
+        --------
+        >>> from numba_attn import MultiHeadAttention
+        >>> cfg = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
+        ...        "num_key_value_heads": 8, "rope_theta": 500000.0}
+        >>> layer = MultiHeadAttention.from_hf_config(cfg, seed=0)
+        >>> layer.num_kv_heads, layer.head_dim
+        (8, 128)
+        """
+        c = dict(config)
+        mt = str(c.get("model_type", ""))
+        h = int(c["num_attention_heads"])
+        theta, scaling = hf_rope(c)
+        bias = bool(c.get("attention_bias", False))
+        qkv_bias = bias or mt == "qwen2" or mt.startswith("qwen2_")
+        window = c.get("sliding_window")
+        if c.get("use_sliding_window") is False:
+            window = None
+        layer_types = c.get("layer_types")
+        if layer_types is not None and layer_idx < len(layer_types):
+            if layer_types[layer_idx] != "sliding_attention":
+                window = None
+        elif mt == "gemma2" and layer_idx % 2:
+            window = None
+        scale = None
+        if c.get("query_pre_attn_scalar") is not None:
+            scale = float(c["query_pre_attn_scalar"]) ** -0.5
+        args = dict(
+            num_kv_heads=int(c.get("num_key_value_heads") or h),
+            head_dim=c.get("head_dim"), qkv_bias=qkv_bias, out_bias=bias,
+            qk_norm=mt.startswith("qwen3"), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rope_scaling=scaling,
+            partial_rotary_factor=float(c.get("partial_rotary_factor", 1.0)),
+            sliding_window=window, softcap=float(c.get("attn_logit_softcapping") or 0.0),
+            scale=scale)
+        args.update(kw)
+        return cls(int(c["hidden_size"]), h, **args)
+
+    def _init_weights(self, seed):
+        rng = np.random.default_rng(seed)
+        dt = self.dtype
+        for name, attr, shape in self._param_specs():
+            if attr in ("q_norm", "k_norm"):
+                val = np.ones(shape, dt)
+            elif attr.startswith("b_"):
+                val = np.zeros(shape, dt)
+            else:
+                val = (rng.standard_normal(shape) / math.sqrt(shape[1])).astype(dt)
+            setattr(self, attr, val)
+        for attr in ("b_q", "b_k", "b_v", "b_o", "q_norm", "k_norm"):
+            if not hasattr(self, attr):
+                setattr(self, attr, None)
+
+    def _param_specs(self):
+        e, hd = self.hidden_size, self.head_dim
+        nq, nkv = self.num_heads * hd, self.num_kv_heads * hd
+        specs = [("q_proj.weight", "w_q", (nq, e)), ("k_proj.weight", "w_k", (nkv, e)),
+                 ("v_proj.weight", "w_v", (nkv, e)), ("o_proj.weight", "w_o", (e, nq))]
+        if self.qkv_bias:
+            specs += [("q_proj.bias", "b_q", (nq,)), ("k_proj.bias", "b_k", (nkv,)),
+                      ("v_proj.bias", "b_v", (nkv,))]
+        if self.out_bias:
+            specs.append(("o_proj.bias", "b_o", (e,)))
+        if self.qk_norm:
+            specs += [("q_norm.weight", "q_norm", (hd,)), ("k_norm.weight", "k_norm", (hd,))]
+        return specs
+
+    def _expand(self, name, value):
+        if name in ("qkv_proj.weight", "qkv_proj.bias"):
+            nq = self.num_heads * self.head_dim
+            nkv = self.num_kv_heads * self.head_dim
+            arr = np.asarray(value)
+            if arr.ndim < 1 or arr.shape[0] != nq + 2 * nkv:
+                raise AttentionError(f"merged projection must have {nq} + 2 * {nkv} = "
+                                     f"{nq + 2 * nkv} rows, got shape {arr.shape}")
+            kind = name.split(".")[1]
+            return [(f"q_proj.{kind}", arr[:nq]), (f"k_proj.{kind}", arr[nq:nq + nkv]),
+                    (f"v_proj.{kind}", arr[nq + nkv:])]
+        return super()._expand(name, value)
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def is_mha(self):
+        return self.config.is_mha
+
+    @property
+    def is_gqa(self):
+        return self.config.is_gqa
+
+    @property
+    def is_mqa(self):
+        return self.config.is_mqa
+
+    def __repr__(self):
+        return (f"MultiHeadAttention(hidden_size={self.hidden_size}, num_heads="
+                f"{self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+                f", rope_theta={self.rope_theta}, dtype={self.dtype.name})")
+
+    # -- forward -------------------------------------------------------------------------
+    def __call__(self, x, **kw):
+        return self.forward(x, **kw)
+
+    def forward(self, x, *, context=None, positions=None, cache=None, kv_lens=None,
+                mask=None, lora=None, lora_scale=1.0, backend=None):
+        """Run the layer.
+
+        Parameters
+        ----------
+        x : ndarray (batch, seqlen, hidden_size)
+        context : ndarray (batch, seqlen_kv, hidden_size), optional
+            Cross-attention: keys and values come from ``context``; no causal mask and no
+            rotary.
+        positions : int array (seqlen,) or (batch, seqlen), optional
+            Rotary positions of the new tokens. Default: ``0 .. seqlen - 1``, or with a
+            cache each row's current length onward.
+        cache : KVCache or PagedKVCache, optional
+            The new keys/values are appended, then the queries attend to the whole cache.
+        kv_lens : int array (batch,), optional
+            Key padding: row ``b`` sees only its first ``kv_lens[b]`` keys (no cache).
+        mask : bool array broadcastable to (batch, num_heads, seqlen, seqlen_kv), optional
+            True = may attend (combined with causal/window).
+        lora : dict, optional
+            ``{"q": (A, B), "k": ..., "v": ..., "o": ...}``, A ``(rank, in_features)``,
+            B ``(out_features, rank)``; adds ``lora_scale * x @ A.T @ B.T`` to that
+            projection.
+        lora_scale : float, default 1.0
+        backend : str, optional
+            Overrides the layer's ``backend`` for this call.
+
+        Returns
+        -------
+        y : ndarray (batch, seqlen, hidden_size), the layer dtype
+        """
+        dt = self.dtype
+        backend = self.backend if backend is None else backend
+        x = check_hidden("x", x, self.hidden_size, dt)
+        bsz, sq, _ = x.shape
+        src = x if context is None else check_hidden("context", context, self.hidden_size, dt)
+        if src.shape[0] != bsz:
+            raise AttentionError(f"context: batch {src.shape[0]} differs from x's {bsz}")
+        if context is not None and cache is not None:
+            raise AttentionError("context and cache: cross-attention with a cache is not "
+                                 "supported; project the context once and pass it each call")
+        if cache is not None and kv_lens is not None:
+            raise AttentionError("kv_lens: not used with a cache (the cache knows each "
+                                 "row's length)")
+        e, hd, h, hkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
+        lo = check_lora(lora, {"q": (h * hd, e), "k": (hkv * hd, e), "v": (hkv * hd, e),
+                               "o": (e, h * hd)}, dt)
+        lora_scale = float(lora_scale)
+        if positions is not None:
+            positions = check_positions(positions, bsz, sq)
+        q = linear(x, self.w_q, self.b_q, lo.get("q"), lora_scale).reshape(bsz, sq, h, hd)
+        k = linear(src, self.w_k, self.b_k, lo.get("k"), lora_scale)
+        v = linear(src, self.w_v, self.b_v, lo.get("v"), lora_scale)
+        sk = src.shape[1]
+        k = k.reshape(bsz, sk, hkv, hd)
+        v = v.reshape(bsz, sk, hkv, hd)
+        if self.qk_norm:
+            from .norm import rms_norm
+
+            q = rms_norm(q, self.q_norm, self.norm_eps)
+            k = rms_norm(k, self.k_norm, self.norm_eps)
+        rot = self._rope is not None and context is None
+        if cache is not None:
+            o = self._attend_cache(q, k, v, cache, positions, rot, mask, backend)
+        else:
+            if rot:
+                if positions is None:
+                    positions = np.broadcast_to(np.arange(sq, dtype=np.int64), (bsz, sq))
+                q = self._rope.rotate(q, positions, self.rotary_interleaved)
+                k = self._rope.rotate(k, positions, self.rotary_interleaved)
+            from .functional import attention
+
+            cfg = self.config
+            qd, kd, vd = to_device_if(backend, q, k, v)
+            o = attention(qd, kd, vd, causal=cfg.causal if context is None else False,
+                          window=cfg.window if context is None else (-1, -1),
+                          scale=cfg.scale, softcap=cfg.softcap, mask=mask,
+                          kv_lens=kv_lens, backend=backend)
+            o = to_host(o)
+        o = o.reshape(bsz, sq, h * hd)
+        return linear(o, self.w_o, self.b_o, lo.get("o"), lora_scale)
+
+    def _attend_cache(self, q, k, v, cache, positions, rot, mask, backend):
+        """Append k/v to ``cache`` and attend; rotary inside the kernel call when the
+        positions are the cache's own (the decode fast path: nothing grows with the cache)."""
+        from .kvcache import attention_with_kvcache
+
+        cfg = self.config
+        kw = dict(causal=cfg.causal, window=cfg.window, scale=cfg.scale,
+                  softcap=cfg.softcap, backend=backend)
+        if mask is not None:
+            kw["mask"] = mask
+        if rot and positions is not None:
+            q = self._rope.rotate(q, positions, self.rotary_interleaved)
+            k = self._rope.rotate(k, positions, self.rotary_interleaved)
+        elif rot:
+            cos, sin = self._rope.get(int(np.max(cache.seqlens, initial=0)) + q.shape[1])
+            kw.update(rotary_cos=cos, rotary_sin=sin,
+                      rotary_interleaved=self.rotary_interleaved)
+        if getattr(cache, "device", "cpu") == "cuda":  # a device cache: activations follow
+            q, k, v = to_device_if("cuda", q, k, v)
+            if "rotary_cos" in kw:
+                kw["rotary_cos"], kw["rotary_sin"] = self._rope.get_device()
+        o = attention_with_kvcache(q, cache, k, v, **kw)
+        return to_host(o)

@@ -1,0 +1,119 @@
+"""RMSNorm (as in Llama, Qwen3's QK-norm and DeepSeek's latent norms): a thin wrapper
+over one CPU kernel (:mod:`numba_attn.cpu.norm`) and its CUDA twin."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import dispatch as dp
+from .config import AttentionError
+
+__all__ = ["rms_norm"]
+
+
+def rms_norm(x, weight, eps=1e-6, *, out=None):
+    """Root-mean-square normalisation over the last axis.
+
+    ``y = x / sqrt(mean(x ** 2, axis=-1) + eps) * weight`` (Zhang & Sennrich 2019; Hugging
+    Face's ``LlamaRMSNorm``). float16/bfloat16 inputs are accumulated in float32, float64
+    in float64.
+
+    Parameters
+    ----------
+    x : array (..., dim)
+        float16, bfloat16, float32 or float64; a numpy array or a CUDA device array.
+    weight : array (dim,)
+        The learned gain, on the same device as ``x``.
+    eps : float, default 1e-6
+        Added to the mean square; finite and >= 0.
+    out : array like x, optional
+        Written in place and returned (numpy inputs only).
+
+    Returns
+    -------
+    y : array like x, dtype of x
+
+    Raises
+    ------
+    AttentionError (ValueError)
+        ``weight`` is not ``(dim,)``, ``eps`` is negative or not finite.
+    TypeError
+        Unsupported dtype, or ``out`` of another shape/dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_attn import rms_norm
+    >>> x = np.array([[3.0, 4.0]], np.float32)
+    >>> y = rms_norm(x, np.ones(2, np.float32), eps=0.0)  # rms of (3, 4) is sqrt(12.5)
+    >>> print(np.round(y, 4))
+    [[0.8485 1.1314]]
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x: expected an array (..., dim), got {type(x).__name__}")
+    shape = tuple(x.shape)
+    if len(shape) < 1 or shape[-1] == 0:
+        raise AttentionError(f"x: expected shape (..., dim) with dim > 0, got {shape}")
+    dt = dp.check_float("x", x)
+    dim = shape[-1]
+    if not hasattr(weight, "shape") or tuple(weight.shape) != (dim,):
+        got = tuple(weight.shape) if hasattr(weight, "shape") else type(weight).__name__
+        raise AttentionError(f"weight: expected shape (dim,) = ({dim},), got {got}")
+    dp.check_float("weight", weight)
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise AttentionError(f"eps: expected a float, got {eps!r}") from None
+    if not math.isfinite(eps) or eps < 0.0:
+        raise AttentionError(f"eps: must be finite and >= 0, got {eps!r}")
+    cdt = dp.compute_dtype(dt)
+    if dp.array_device(x) != "cpu" or getattr(x, "__cuda_ndarray__", False):  # simulator
+        return _rms_norm_cuda(x, weight, eps, cdt)
+    if out is not None:
+        if not isinstance(out, np.ndarray) or out.shape != tuple(x.shape) or out.dtype != dt:
+            raise TypeError(f"out: expected a numpy array of shape {tuple(x.shape)} and dtype "
+                            f"{dt}")
+    from .cpu.norm import launch
+
+    x2 = dp.host("x", x, cdt).reshape(-1, dim)
+    w = dp.host("weight", weight, cdt)
+    direct = out is not None and out.dtype == cdt and out.flags.c_contiguous
+    y = out.reshape(-1, dim) if direct else np.empty_like(x2)
+    launch(x2, w, cdt.type(eps), y)
+    if direct:
+        return out
+    y = y.reshape(x.shape)
+    if out is not None:
+        out[...] = y
+        return out
+    return y if y.dtype == dt else y.astype(dt)
+
+
+def _rms_norm_cuda(x, weight, eps, cdt):
+    from numba import cuda
+
+    from .cuda.norm import launch
+
+    xd = _device_view(x)
+    if not xd.is_c_contiguous():
+        raise AttentionError("x: a device array must be C-contiguous")
+    wd = _device_view(weight)
+    if str(wd.dtype) != str(cdt):
+        wd = cuda.to_device(wd.copy_to_host().astype(cdt))
+    shape = tuple(xd.shape)
+    dim = shape[-1]
+    n = int(np.prod(shape[:-1], dtype=np.int64))
+    x2 = xd.reshape(n, dim)
+    out = cuda.device_array(shape, dtype=xd.dtype)
+    launch(x2, wd, eps, out.reshape(n, dim))
+    return out
+
+
+def _device_view(a):
+    """A numba device array over ``a`` (numba/CuPy/CAI arrays; simulator arrays as is)."""
+    from numba import cuda
+
+    if getattr(a, "__cuda_ndarray__", False) or cuda.is_cuda_array(a) is False:
+        return a if hasattr(a, "copy_to_host") else cuda.to_device(np.asarray(a))
+    return cuda.as_cuda_array(a)

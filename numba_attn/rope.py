@@ -1,0 +1,247 @@
+"""Rotary position embeddings (RoPE): cos/sin tables and their application, CPU and CUDA.
+
+Tables follow FlashAttention's convention: ``cos``, ``sin`` of shape
+``(max_position, rotary_dim // 2)``, row ``p`` holding the angles ``p * inv_freq``.
+Two channel layouts are supported: GPT-NeoX / Llama "half-split" (pairs ``(c, c + R/2)``,
+the default) and GPT-J "interleaved" (pairs ``(2c, 2c + 1)``). When ``rotary_dim`` is
+smaller than ``head_dim`` the remaining channels pass through unchanged (partial rotary).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import dispatch as dp
+from .config import AttentionError
+
+__all__ = ["apply_rotary", "rotary_cos_sin"]
+
+
+def rotary_cos_sin(max_position, rotary_dim, *, base=10000.0, scaling=None,
+                   dtype=np.float32):
+    """Cos/sin tables of rotary embeddings, Hugging Face ``rope_scaling`` semantics.
+
+    Parameters
+    ----------
+    max_position : int
+        Number of positions (table rows), > 0.
+    rotary_dim : int
+        Rotated channels per head; even, > 0 and at most the head dim it is applied to.
+    base : float, default 10000.0
+        ``inv_freq[i] = base ** (-2 i / rotary_dim)``; Llama 3 uses 500000.
+    scaling : dict or None, default None
+        ``None`` (or ``{"rope_type": "default"}``): plain RoPE.
+        ``{"rope_type": "linear", "factor": f}`` (position interpolation): frequencies / f.
+        ``{"rope_type": "llama3", "factor": f, "low_freq_factor": lo, "high_freq_factor":
+        hi, "original_max_position_embeddings": n}``: wavelengths above ``n / lo`` are
+        divided by ``f``, those below ``n / hi`` kept, a smooth blend in between.
+        The key ``"type"`` is accepted for ``"rope_type"``.
+    dtype : numpy dtype, default float32
+        Dtype of the tables (computed in float64, then cast).
+
+    Returns
+    -------
+    cos, sin : ndarray (max_position, rotary_dim // 2)
+
+    Raises
+    ------
+    AttentionError (ValueError)
+        Non-positive sizes, odd ``rotary_dim``, ``base <= 1``, an unknown scaling type or
+        missing scaling keys.
+
+    Examples
+    --------
+    >>> import numba_attn
+    >>> cos, sin = numba_attn.rotary_cos_sin(2048, 64, base=500000.0, scaling={
+    ...     "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    ...     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    >>> cos.shape, cos.dtype
+    ((2048, 32), dtype('float32'))
+    """
+    from .reference_rope import rotary_cos_sin as table
+
+    max_position = _positive_int("max_position", max_position)
+    rotary_dim = _positive_int("rotary_dim", rotary_dim)
+    if rotary_dim % 2:
+        raise AttentionError(f"rotary_dim: must be even (channels rotate in pairs), got "
+                             f"{rotary_dim}")
+    base = float(base)
+    if not math.isfinite(base) or base <= 1.0:
+        raise AttentionError(f"base: must be finite and > 1, got {base!r}")
+    _check_scaling(scaling)
+    cos, sin = table(max_position, rotary_dim, base, scaling)
+    return cos.astype(dtype), sin.astype(dtype)
+
+
+def _positive_int(name, x):
+    if isinstance(x, bool) or not hasattr(x, "__index__") or int(x) <= 0:
+        raise AttentionError(f"{name}: expected a positive int, got {x!r}")
+    return int(x)
+
+
+_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings")}
+
+
+def _check_scaling(scaling):
+    if not scaling:
+        return
+    if not isinstance(scaling, dict):
+        raise AttentionError(f"scaling: expected None or a dict like {{'rope_type': "
+                             f"'linear', 'factor': 2.0}}, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in _SCALING_KEYS:
+        raise AttentionError(f"scaling: rope_type must be one of {sorted(_SCALING_KEYS)}, "
+                             f"got {kind!r}")
+    missing = [key for key in _SCALING_KEYS[kind] if key not in scaling]
+    if missing:
+        raise AttentionError(f"scaling: {kind!r} scaling needs keys {missing}")
+    for key in _SCALING_KEYS[kind]:
+        val = float(scaling[key])
+        if not math.isfinite(val) or val <= 0:
+            raise AttentionError(f"scaling: {key} must be finite and > 0, got {val!r}")
+    if kind == "llama3" and float(scaling["high_freq_factor"]) <= float(
+            scaling["low_freq_factor"]):
+        raise AttentionError("scaling: high_freq_factor must exceed low_freq_factor")
+
+
+def check_tables(cos, sin, head_dim):
+    """Validate FlashAttention-style cos/sin tables for heads of ``head_dim``; host or device."""
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        dp.check_rank(name, t, 2, "(max_position, rotary_dim // 2)")
+        dp.check_float(name, t)
+    if tuple(cos.shape) != tuple(sin.shape):
+        raise AttentionError(f"rotary_cos and rotary_sin: shapes differ ({tuple(cos.shape)} "
+                             f"vs {tuple(sin.shape)})")
+    if cos.shape[0] < 1 or cos.shape[1] < 1:
+        raise AttentionError(f"rotary_cos: empty table of shape {tuple(cos.shape)}")
+    if 2 * cos.shape[1] > head_dim:
+        raise AttentionError(f"rotary_cos: rotary_dim = 2 * cos.shape[1] = {2 * cos.shape[1]}"
+                             f" exceeds head_dim = {head_dim}")
+
+
+def rotate(x, cos, sin, pos, interleaved, out=None):
+    """Rotate canonical x (T, H, D) (compute dtype, C-contiguous) at int64 ``pos`` (T,).
+
+    Positions must already be checked against the table. Host arrays run the numba CPU
+    kernel, device arrays the CUDA one. Returns ``out`` (a new array by default; ``x``
+    itself may be passed to rotate in place).
+    """
+    if dp.array_device(x) == "cuda":
+        from .cuda import rope as cuda_rope
+
+        return cuda_rope.rotate(x, cos, sin, pos, interleaved, out)
+    from .cpu import cache_ops
+
+    cdt = x.dtype
+    cos_h, sin_h = (dp.host(n, t) for n, t in (("rotary_cos", cos), ("rotary_sin", sin)))
+    if cos_h.dtype != cdt:  # gather the rows needed: O(T), not O(table)
+        cos_h = np.ascontiguousarray(cos_h[pos], dtype=cdt)
+        sin_h = np.ascontiguousarray(sin_h[pos], dtype=cdt)
+        pos = np.arange(len(pos), dtype=np.int64)
+    cos_h, sin_h = np.ascontiguousarray(cos_h), np.ascontiguousarray(sin_h)
+    if out is None:
+        out = np.empty_like(x)
+    if x.shape[0]:
+        cache_ops.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
+                         bool(interleaved))
+    return out
+
+
+def apply_rotary(x, cos, sin, *, interleaved=False, positions=None):
+    """Apply rotary position embeddings to a (..., seqlen, heads, head_dim) array.
+
+    Each channel pair ``(a, b)`` of token ``t`` becomes ``(a cos - b sin, b cos + a sin)``
+    with the angles of row ``positions[t]`` of the tables. Channels from ``rotary_dim =
+    2 * cos.shape[1]`` on pass through (partial rotary, e.g. GPT-NeoX, Phi).
+
+    Parameters
+    ----------
+    x : array (..., seqlen, num_heads, head_dim)
+        BSHD as :func:`numba_attn.attention` (or packed (total, heads, head_dim)); float16,
+        bfloat16, float32 or float64; numpy (CPU kernel) or a CUDA device array (CUDA kernel).
+    cos, sin : array (max_position, rotary_dim // 2)
+        As :func:`rotary_cos_sin` returns; ``rotary_dim <= head_dim``.
+    interleaved : bool, default False
+        False: GPT-NeoX / Llama half-split pairs ``(c, c + rotary_dim/2)``.
+        True: GPT-J interleaved pairs ``(2c, 2c + 1)``.
+    positions : None, int or int array broadcastable to x.shape[:-2], default None
+        Position of each token. None: ``0 .. seqlen-1`` along the seqlen axis; an int
+        ``p0``: ``p0 .. p0 + seqlen - 1``; an array: explicit positions (for per-row
+        offsets in a batch use ``offsets[:, None] + np.arange(seqlen)``).
+        Every position must lie in ``[0, max_position)``.
+
+    Returns
+    -------
+    array like x (same shape, dtype and device); computed in float32 (float64 for float64).
+
+    Raises
+    ------
+    AttentionError (ValueError)
+        Bad ranks or shapes, ``rotary_dim > head_dim``, positions out of the table.
+    TypeError
+        Non-float x or tables, non-integer positions.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> cos, sin = numba_attn.rotary_cos_sin(16, 8)
+    >>> x = np.ones((1, 3, 2, 8), np.float32)           # (batch, seqlen, heads, head_dim)
+    >>> y = numba_attn.apply_rotary(x, cos, sin)
+    >>> bool(np.allclose(y[0, 0], x[0, 0]))              # position 0 is the identity
+    True
+    >>> bool(np.allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1)))
+    True
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x: expected an array (..., seqlen, heads, head_dim), got "
+                        f"{type(x).__name__}")
+    if len(x.shape) < 3:
+        raise AttentionError(f"x: expected at least 3-D (..., seqlen, heads, head_dim), got "
+                             f"shape {tuple(x.shape)}")
+    dt = dp.check_float("x", x)
+    cdt = dp.compute_dtype(dt)
+    check_tables(cos, sin, x.shape[-1])
+    tokens = tuple(x.shape[:-2])
+    pos = token_positions(positions, tokens, cos.shape[0])
+    n_t = int(np.prod(tokens, dtype=np.int64))
+    h, d = x.shape[-2], x.shape[-1]
+    if dp.array_device(x) == "cuda":
+        from .cuda import rope as cuda_rope
+
+        x3 = cuda_rope.canonical(x, cdt).reshape(n_t, h, d)
+        y = rotate(x3, cos, sin, pos, interleaved)
+        return cuda_rope.finish(y, dt).reshape(x.shape)
+    x3 = np.ascontiguousarray(x, dtype=cdt).reshape(n_t, h, d)
+    y = rotate(x3, cos, sin, pos, interleaved)
+    return y.reshape(x.shape).astype(dt, copy=False)
+
+
+def token_positions(positions, tokens, max_position):
+    """int64 (prod(tokens),) positions of each token, checked against the table."""
+    seqlen = tokens[-1]
+    if positions is None:
+        positions = 0
+    if np.ndim(positions) == 0 and not isinstance(positions, np.ndarray) or (
+            isinstance(positions, np.ndarray) and positions.ndim == 0):
+        if isinstance(positions, bool) or not hasattr(positions, "__index__"):
+            raise TypeError(f"positions: expected an int or an int array, got {positions!r}")
+        pos = int(positions) + np.arange(seqlen, dtype=np.int64)
+    else:
+        p = dp.host("positions", positions)
+        if p.dtype.kind not in "iu":
+            raise TypeError(f"positions: expected an integer array, got dtype {p.dtype}")
+        pos = p.astype(np.int64)
+    try:
+        pos = np.broadcast_to(pos, tokens)
+    except ValueError:
+        raise AttentionError(f"positions: shape {np.shape(pos)} does not broadcast to the "
+                             f"token axes {tokens} of x") from None
+    pos = np.ascontiguousarray(pos).reshape(-1)
+    if pos.size and (pos.min() < 0 or pos.max() >= max_position):
+        bad = int(pos.min()) if pos.min() < 0 else int(pos.max())
+        raise AttentionError(f"positions: {bad} lies outside the rotary table "
+                             f"[0, {max_position}); build longer tables with rotary_cos_sin")
+    return pos

@@ -1,0 +1,207 @@
+"""Device arrays in, device arrays out; paged problems; merge_states; dispatch; errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from numba import cuda
+
+import numba_attn
+from numba_attn import dispatch, functional, reference
+from numba_attn.config import AttentionError, BackendUnavailable
+
+
+def _qkv(rng, b, sq, sk, h, hkv, d, dtype=np.float32):
+    return (rng.standard_normal((b, sq, h, d)).astype(dtype),
+            rng.standard_normal((b, sk, hkv, d)).astype(dtype),
+            rng.standard_normal((b, sk, hkv, d)).astype(dtype))
+
+
+def _is_device(x):
+    return hasattr(x, "copy_to_host") and not isinstance(x, np.ndarray)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+def test_device_in_device_out(rng, tuned, dtype):
+    q, k, v = _qkv(rng, 2, 4, 6, 4, 2, 8, dtype)
+    kv_lens = np.array([6, 3], np.int32)
+    expected, expected_lse = reference.attention(q, k, v, causal=True, kv_lens=kv_lens,
+                                                 return_lse=True)
+    with tuned():
+        got, lse = numba_attn.attention(*map(cuda.to_device, (q, k, v)), causal=True,
+                                        kv_lens=kv_lens, return_lse=True)  # auto -> cuda
+    assert _is_device(got) and _is_device(lse)
+    assert got.shape == q.shape and got.dtype == dtype
+    assert lse.shape == (2, 4, 4) and lse.dtype == np.float32
+    tol = 3e-3 if dtype == np.float16 else 2e-5
+    np.testing.assert_allclose(got.copy_to_host().astype(np.float64), expected, rtol=tol,
+                               atol=tol)
+    np.testing.assert_allclose(lse.copy_to_host(), expected_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_device_non_contiguous_input(rng, tuned):
+    q, k, v = _qkv(rng, 1, 3, 10, 2, 2, 8)
+    dk = cuda.to_device(k)[:, ::2]  # every other key: a strided device view
+    expected = reference.attention(q, k[:, ::2], v[:, ::2])
+    with tuned():
+        got = numba_attn.attention(cuda.to_device(q), dk, cuda.to_device(v[:, ::2].copy()))
+    np.testing.assert_allclose(got.copy_to_host(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_device_varlen_lse_layout(rng, tuned):
+    cu = np.array([0, 2, 5], np.int32)
+    q = rng.standard_normal((5, 2, 8)).astype(np.float32)
+    k = rng.standard_normal((5, 1, 8)).astype(np.float32)
+    expected, expected_lse = reference.attention_varlen(q, k, k, cu, cu, causal=True,
+                                                        return_lse=True)
+    with tuned():
+        got, lse = numba_attn.attention_varlen(cuda.to_device(q), cuda.to_device(k),
+                                               cuda.to_device(k), cu, cu, causal=True,
+                                               return_lse=True)
+    assert _is_device(lse) and lse.shape == (2, 5)
+    np.testing.assert_allclose(got.copy_to_host(), expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse.copy_to_host(), expected_lse, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("lead", [(), (2,)], ids=["varlen-layout", "batched-layout"])
+def test_merge_states_device(rng, lead):
+    s, h, dv = 3, 2, 5
+    oa, ob = (rng.standard_normal(lead + (s, h, dv)).astype(np.float32) for _ in range(2))
+    la, lb = (rng.standard_normal(lead + (h, s)).astype(np.float32) for _ in range(2))
+    la[..., 0, 0] = -np.inf  # one side empty: identity
+    la[..., 1, 1] = lb[..., 1, 1] = -np.inf  # both empty: out 0, lse -inf
+    expected, expected_lse = reference.merge_states(oa, la, ob, lb)
+    got, lse = numba_attn.merge_states(*map(cuda.to_device, (oa, la, ob, lb)))
+    assert _is_device(got) and got.shape == oa.shape and lse.shape == la.shape
+    np.testing.assert_allclose(got.copy_to_host(), expected, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(lse.copy_to_host(), expected_lse, rtol=2e-6, atol=2e-6)
+
+
+def test_merge_states_of_split_keys_equals_full(rng, tuned):
+    q, k, v = _qkv(rng, 1, 3, 9, 2, 1, 8)
+    dq = cuda.to_device(q)
+    with tuned():
+        oa, la = numba_attn.attention(dq, cuda.to_device(k[:, :4].copy()),
+                                      cuda.to_device(v[:, :4].copy()), return_lse=True)
+        ob, lb = numba_attn.attention(dq, cuda.to_device(k[:, 4:].copy()),
+                                      cuda.to_device(v[:, 4:].copy()), return_lse=True)
+    got, _ = numba_attn.merge_states(oa, la, ob, lb)
+    np.testing.assert_allclose(got.copy_to_host(), reference.attention(q, k, v), rtol=2e-5,
+                               atol=2e-5)
+
+
+def _paged_problem(rng, block_size, device):
+    """Two rows of a paged cache (blocks shuffled), bottom-right causal, GQA."""
+    h, hkv, d = 4, 2, 8
+    lens_q, lens_k = np.array([3, 1]), np.array([7, 11])
+    nblk = -(-lens_k // block_size)
+    perm = rng.permutation(int(nblk.sum()) + 2)  # two unused blocks
+    table = np.zeros((2, nblk.max()), np.int32)
+    table[0, :nblk[0]] = perm[:nblk[0]]
+    table[1, :nblk[1]] = perm[nblk[0]:nblk[0] + nblk[1]]
+    n = (int(nblk.sum()) + 2) * block_size
+    k = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    q = rng.standard_normal((int(lens_q.sum()), h, d)).astype(np.float32)
+    rows = np.zeros((2, 5), np.int64)
+    rows[:, 0] = [0, lens_q[0]]
+    rows[:, 1] = lens_q
+    rows[:, 3] = lens_k
+    rows[:, 4] = lens_k - lens_q
+    if device == "cuda":
+        q, k, v, table = map(cuda.to_device, (q, k, v, table))
+    return functional.build_problem(
+        q=q, k=k, v=v, rows=rows, block_table=table, block_size=block_size,
+        max_seqlen_q=int(lens_q.max()), max_seqlen_k=int(lens_k.max()), batch=2,
+        causal=True, window=(-1, -1), scale=None, softcap=0.3, alibi_slopes=None,
+        bias=None, mask=None, sinks=rng.standard_normal(h), has_kv_lens=False,
+        out_dtype=np.float32, device=device)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4], ids=lambda b: f"block{b}")
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_paged_block_table(rng, tuned, device, block_size):
+    p = _paged_problem(rng, block_size, device)
+    expected, expected_lse = dispatch.run(p, "reference")
+    with tuned():
+        got, lse = dispatch.run(p, "cuda")
+    if device == "cuda":
+        got, lse = got.copy_to_host(), lse.copy_to_host()
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(lse, expected_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_runs_where_the_data_lives(rng):
+    assert dispatch.select(_paged_problem(rng, 2, "cuda")).name == "cuda"
+    assert dispatch.select(_paged_problem(rng, 2, "cpu")).name == "cpu"
+    with pytest.raises(BackendUnavailable, match="cpu"):
+        dispatch.select(_paged_problem(rng, 2, "cuda"), "cpu")
+
+
+def test_launch_config_is_cached(rng, tuned):
+    from numba_attn.cuda import forward as fk
+    from numba_attn.cuda import launch
+
+    q, k, v = _qkv(rng, 1, 1, 6, 2, 1, 8)
+    with tuned():
+        numba_attn.attention(q, k, v, backend="cuda")
+        n_kernels, n_plans = len(fk._KERNELS), len(launch._PLANS)
+        numba_attn.attention(q, k[:, :5], v[:, :5], backend="cuda")  # another cache length
+    assert (len(fk._KERNELS), len(launch._PLANS)) == (n_kernels, n_plans)
+
+
+# --- bad input: the same errors as on the CPU path -------------------------------------
+def test_mixed_devices_name_the_argument(rng):
+    q, k, v = _qkv(rng, 1, 2, 3, 2, 2, 8)
+    with pytest.raises(AttentionError, match="k on cpu"):
+        numba_attn.attention(cuda.to_device(q), k, cuda.to_device(v))
+    oa = rng.standard_normal((2, 2, 4)).astype(np.float32)
+    la = np.zeros((2, 2), np.float32)
+    with pytest.raises(AttentionError, match="lse_b"):
+        numba_attn.merge_states(cuda.to_device(oa), cuda.to_device(la), cuda.to_device(oa), la)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(kv_lens=np.array([9], np.int32)), "kv_lens"),
+    (dict(window=(-2, 0)), "window"),
+    (dict(bias=np.zeros((3, 5))), "bias"),
+], ids=["kv_lens-range", "window", "bias-shape"])
+def test_bad_input_same_error_as_cpu(rng, bad, match):
+    q, k, v = _qkv(rng, 1, 2, 3, 2, 2, 8)
+    with pytest.raises(AttentionError, match=match) as on_cpu:
+        numba_attn.attention(q, k, v, **bad)
+    with pytest.raises(AttentionError, match=match) as on_gpu:
+        numba_attn.attention(*map(cuda.to_device, (q, k, v)), **bad)
+    assert str(on_gpu.value) == str(on_cpu.value)
+
+
+def test_head_dim_mismatch_on_device(rng):
+    q, k, v = _qkv(rng, 1, 2, 3, 2, 2, 8)
+    with pytest.raises(AttentionError, match="head_dim"):
+        numba_attn.attention(cuda.to_device(q[..., :4].copy()), cuda.to_device(k),
+                             cuda.to_device(v))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_device_out_argument(rng, tuned, layout):
+    q, k, v = _qkv(rng, 1, 3, 5, 2, 1, 8)
+    big = cuda.to_device(np.full((1, 3, 2, 16), np.nan, np.float32))
+    out = cuda.to_device(np.full((1, 3, 2, 8), np.nan, np.float32)) if layout == "contiguous" \
+        else big[:, :, :, 4:12]
+    with tuned():
+        got = numba_attn.attention(*map(cuda.to_device, (q, k, v)), causal=True, out=out)
+    assert got is out
+    np.testing.assert_allclose(out.copy_to_host(), reference.attention(q, k, v, causal=True),
+                               rtol=2e-5, atol=2e-5)
+    if layout == "strided":
+        assert np.isnan(big.copy_to_host()[..., :4]).all()  # neighbours untouched
+
+
+def test_out_on_the_other_device_is_an_error(rng):
+    q, k, v = _qkv(rng, 1, 3, 5, 2, 1, 8)
+    dq, dk, dv = map(cuda.to_device, (q, k, v))
+    with pytest.raises(AttentionError, match="out"):
+        numba_attn.attention(dq, dk, dv, out=np.zeros(q.shape, np.float32))
+    with pytest.raises(AttentionError, match="out"):
+        numba_attn.attention(q, k, v, out=cuda.to_device(np.zeros(q.shape, np.float32)))
+    with pytest.raises(AttentionError, match="out: expected shape"):
+        numba_attn.attention(dq, dk, dv, out=cuda.to_device(np.zeros((1, 3, 2, 4), np.float32)))

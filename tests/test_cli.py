@@ -1,0 +1,149 @@
+"""``python -m numba_attn``: info, selftest and bench run and say what they should; the
+bench peers compute attention (checked against the reference)."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import numba_attn
+from numba_attn import _cli, bench, dispatch
+from numba_attn import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", "numba_attn", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_info_lists_versions_threads_and_every_backend():
+    rc, out, err = run_cli("info")
+    assert rc == 0, err
+    for word in ("numba_attn", "numpy", "numba", "llvmlite", "threading layer", "blas",
+                 "first call"):
+        assert word in out, f"{word!r} missing from info:\n{out}"
+    backends = out.split("\nbackends\n", 1)[1].splitlines()
+    for name, why in numba_attn.available_backends().items():
+        line = next((ln for ln in backends if ln.split()[0] == name), None)
+        assert line is not None, f"backend {name} missing from info:\n{out}"
+        assert ("unavailable: " + why if why else "available") in line
+
+
+@pytest.mark.timeout(300)
+def test_selftest_quick_passes_on_every_available_backend():
+    rc, out, err = run_cli("selftest", "--quick")
+    assert rc == 0, out + err
+    rows = [ln.split()[0] for ln in out.splitlines() if " pass" in ln or "FAIL" in ln]
+    assert "FAIL" not in out
+    for name, why in numba_attn.available_backends().items():
+        if why is None:
+            assert name in rows, f"no selftest row for backend {name}:\n{out}"
+        else:
+            assert f"backend {name} skipped" in out
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_filter_prints_a_table():
+    rc, out, err = run_cli("bench", "--quick", "--filter", "gpt2_prefill_512_causal")
+    assert rc == 0, err
+    assert "sgemm peak" in out and "read bandwidth" in out
+    header = next(ln for ln in out.splitlines() if ln.startswith("shape"))
+    assert "ms" in header and "GFLOP/s" in header and "vs numpy" in header
+    rows = [ln for ln in out.splitlines() if ln.startswith("gpt2_prefill_512_causal")]
+    assert len(rows) == 1
+    assert "gpt2_prefill_512 " not in out  # the filter kept one shape
+    assert "numba_attn" in err and "bench: done" in err  # progress on stderr
+
+
+def test_bench_filter_without_match_exits_with_the_shape_names():
+    with pytest.raises(SystemExit, match="gpt2_prefill_512"):
+        bench.run_bench(quick=True, name_filter="no_such_shape", out=io.StringIO(),
+                        err=io.StringIO())
+
+
+class _OffByOne(dispatch.ReferenceBackend):
+    """A wrong backend: the reference answer plus 1e-3."""
+
+    name = "off_by_one"
+
+    def run(self, problem):
+        out, lse = super().run(problem)
+        return out + 1e-3, lse
+
+
+def test_selftest_reports_a_wrong_backend_and_returns_1(monkeypatch):
+    monkeypatch.setitem(dispatch.BACKENDS, "off_by_one", _OffByOne())
+    buf = io.StringIO()
+    rc = _cli.selftest(quick=True, backends=["off_by_one"], out=buf)
+    assert rc == 1
+    rows = [ln for ln in buf.getvalue().splitlines() if ln.startswith("off_by_one")]
+    assert rows and all("FAIL" in ln for ln in rows if "merge" not in ln)
+
+
+def test_selftest_row_errors_are_failures(monkeypatch):
+    class Crashing(dispatch.ReferenceBackend):
+        name = "crashing"
+
+        def run(self, problem):
+            raise RuntimeError("boom")
+
+    monkeypatch.setitem(dispatch.BACKENDS, "crashing", Crashing())
+    buf = io.StringIO()
+    assert _cli.selftest(quick=True, backends=["crashing"], out=buf) == 1
+    assert "RuntimeError: boom" in buf.getvalue()
+
+
+@pytest.mark.parametrize("sq, sk, causal", [(4, 4, False), (4, 4, True), (2, 5, True),
+                                            (5, 2, True), (7, 30, True)],
+                         ids=lambda x: str(x))
+def test_visible_pairs_counts_the_bottom_right_causal_mask(sq, sk, causal):
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    expected = int(((j <= i + sk - sq) | (not causal)).sum())
+    assert bench.visible_pairs(sq, sk, causal) == expected
+
+
+def _small(name, sq, sk, h, hkv, causal):
+    return bench.Shape(name, 2, sq, sk, h, hkv, 16, causal)
+
+
+PEER_SHAPES = [_small("mha", 9, 9, 4, 4, False), _small("mha-causal", 9, 9, 4, 4, True),
+               _small("gqa-causal", 12, 12, 4, 2, True), _small("decode", 1, 20, 4, 1, False)]
+
+
+@pytest.mark.parametrize("shape", PEER_SHAPES, ids=lambda s: s.name)
+def test_numpy_peer_is_attention(shape):
+    q, k, v = bench.make_inputs(shape, seed=1)
+    got = bench.numpy_peer(shape, q, k, v)()
+    expected = ref.attention(q, k, v, causal=shape.causal)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", PEER_SHAPES, ids=lambda s: s.name)
+def test_torch_peer_is_attention(shape):
+    pytest.importorskip("torch")
+    q, k, v = bench.make_inputs(shape, seed=2)
+    got = bench.torch_peer(shape, q, k, v, threads=1)().numpy().transpose(0, 2, 1, 3)
+    expected = ref.attention(q, k, v, causal=shape.causal)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_numpy_peer_skips_score_matrices_that_do_not_fit():
+    long = next(s for s in bench.SHAPES if s.name == "long_16k")
+    assert "GiB" in bench.numpy_peer_reason(long)
+    assert bench.numpy_peer_reason(PEER_SHAPES[0]) is None
+
+
+def test_time_call_warms_up_then_takes_the_median():
+    calls = []
+    med, warm, n = bench.time_call(lambda: calls.append(1), min_repeats=3, max_repeats=5,
+                                   target_s=0.0)
+    assert n == 3 and len(calls) == 4 and med >= 0.0 and warm >= 0.0
