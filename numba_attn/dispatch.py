@@ -46,8 +46,26 @@ def array_device(x) -> str:
     return "cpu"
 
 
+def as_np_dtype(dt) -> np.dtype:
+    """numpy dtype of an array's ``.dtype`` (numpy, CuPy, numba, or torch's ``torch.float32``)."""
+    try:
+        return np.dtype(dt)
+    except TypeError:
+        name = str(dt).rsplit(".", 1)[-1]  # torch.float16 -> float16
+        if name == "bfloat16" and _bfloat16() is not None:
+            return _bfloat16()
+        try:
+            return np.dtype(name)
+        except TypeError:
+            raise TypeError(f"unsupported dtype {dt}") from None
+
+
 def check_float(name, x):
-    dt = np.dtype(x.dtype)
+    try:
+        dt = as_np_dtype(x.dtype)
+    except TypeError:
+        raise TypeError(f"{name}: unsupported dtype {x.dtype}; expected float16, bfloat16, "
+                        "float32 or float64") from None
     ok = _FLOATS + ((_bfloat16(),) if _bfloat16() is not None else ())
     if dt not in ok:
         raise TypeError(
@@ -85,10 +103,15 @@ def lse_dtype(dt) -> np.dtype:
 
 
 def host(name, x, dtype=None):
-    """A C-contiguous numpy array of ``dtype`` (copies only when needed)."""
+    """A C-contiguous numpy array of ``dtype`` (copies only when needed).
+
+    Small optional inputs (bias, mask, kv_lens, cu_seqlens, ...) given as device arrays
+    are copied to the host for validation; q/k/v device mixing is rejected earlier, in
+    ``functional.canon_qkv``.
+    """
     if array_device(x) != "cpu":
-        raise AttentionError(f"{name}: a device array where host arrays were given; "
-                             "pass all arrays on the same device")
+        x = x.copy_to_host() if hasattr(x, "copy_to_host") else (
+            x.get() if hasattr(x, "get") else np.asarray(x.cpu()))
     return np.ascontiguousarray(x, dtype=dtype)
 
 

@@ -44,7 +44,7 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
     if bias is not None:
         p.bias, p.bias_strides = dp.strided_operand("bias", bias, full, cdt)
     if mask is not None:
-        if np.dtype(mask.dtype) != np.bool_:
+        if dp.as_np_dtype(mask.dtype) != np.bool_:
             raise TypeError(f"mask: expected a boolean array (True = may attend), got dtype "
                             f"{mask.dtype}; use mask.astype(bool) or pass it as bias")
         p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
@@ -119,8 +119,8 @@ def canon_qkv(q, k, v, ndim, layout_q, layout_kv):
     dp.check_rank("v", v, ndim, layout_kv.replace("head_dim", "head_dim_v"))
     dt = dp.check_float("q", q)
     for name, x in (("k", k), ("v", v)):
-        if np.dtype(x.dtype) != dt:
-            raise TypeError(f"{name}: dtype {np.dtype(x.dtype)} differs from q's {dt}; "
+        if dp.as_np_dtype(x.dtype) != dt:
+            raise TypeError(f"{name}: dtype {x.dtype} differs from q's {dt}; "
                             f"cast all of q, k, v to one dtype")
     devs = {name: dp.array_device(x) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(devs.values())) > 1:

@@ -14,7 +14,8 @@ from .._jit import jit
 
 @jit
 def append_rows(store, slots, new):
-    """store (N, Hkv, D), slots (T,) int64 storage rows, new (T, Hkv, D): store[slots] = new."""
+    """store (N, Hkv, D), slots (T,) int64 storage rows, new (T, Hkv, D):
+    ``store[slots] = new``."""
     n_h, d = new.shape[1], new.shape[2]
     for t in range(new.shape[0]):
         row = slots[t]

@@ -103,7 +103,7 @@ def fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, so
 def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                   scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
                   mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas,
-                  kpack, vpack, packed):
+                  kpack, vpack, packed, schedule, n_lanes):
     """Forward pass; see the module docstring for ``rows``/``items``/storage addressing.
 
     With ``packed`` (contiguous storage only), kpack (Hkv, N, D) / vpack (Hkv, N, Dv) are
@@ -113,6 +113,11 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     With ``nsplit > 1`` each item's key range is cut into ``nsplit`` parts written to
     part_out (nsplit, Tq, H, Dv) / part_lse (nsplit, Tq, H) for :func:`merge_splits`.
 
+    Work item ``w`` (= (item * Hkv + kv head) * nsplit + split) runs on lane ``i %
+    n_lanes`` for ``w = schedule[i]``: the launcher orders work by decreasing cost and
+    deals it round-robin (one lane per thread), which balances causal and ragged work
+    without dynamic scheduling.
+
     Score tiles are kept transposed, (keys, rows), so that the online-softmax steps (tile
     max, exp, row sums, rescale) are element-wise across rows and vectorise.
     """
@@ -121,140 +126,143 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     n_kv, dv = k.shape[1], v.shape[2]
     group = n_heads // n_kv
     n_items = items.shape[0]
-    for w in prange(n_items * n_kv * nsplit):
-        split = w % nsplit
-        kvh = (w // nsplit) % n_kv
-        it = w // (nsplit * n_kv)
-        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
-        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
-        i0 = i_first - q_start  # in-row query positions [i0, i1)
-        i1 = i_end - q_start
-        nq = i1 - i0
-        nr = group * nq  # rows of this item: r = g * nq + (i - i0)
-        lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
-        span = max(hi - lo, 0)
-        chunk = (span + nsplit - 1) // nsplit
-        chunk = (chunk + block_k - 1) // block_k * block_k
-        js = lo + split * chunk
-        je = min(hi, js + chunk)
+    n_work = n_items * n_kv * nsplit
+    for lane in prange(n_lanes):
+        for idx in range(lane, n_work, n_lanes):
+            w = schedule[idx]
+            split = w % nsplit
+            kvh = (w // nsplit) % n_kv
+            it = w // (nsplit * n_kv)
+            b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+            q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+            i0 = i_first - q_start  # in-row query positions [i0, i1)
+            i1 = i_end - q_start
+            nq = i1 - i0
+            nr = group * nq  # rows of this item: r = g * nq + (i - i0)
+            lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
+            span = max(hi - lo, 0)
+            chunk = (span + nsplit - 1) // nsplit
+            chunk = (chunk + block_k - 1) // block_k * block_k
+            js = lo + split * chunk
+            je = min(hi, js + chunk)
 
-        zero = np.zeros(1, dt)[0]
-        qs = np.empty((nr, d), dt)
-        qi = np.empty(nr, np.int64)
-        hh = np.empty(nr, np.int64)
-        rlo = np.empty(nr, np.int64)
-        rhi = np.empty(nr, np.int64)
-        slope_r = np.zeros(nr, dt)
-        for r in range(nr):
-            i = i0 + r % nq
-            h = kvh * group + r // nq
-            qi[r] = i
-            hh[r] = h
-            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
-            if has_alibi:
-                slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
-            for c in range(d):
-                qs[r, c] = q[q_start + i, h, c] * scale
-        m = np.full(nr, -np.inf, dt)  # running max
-        mu = np.zeros(nr, dt)  # exp shift: m where finite, else 0 (so exp(-inf - mu) = 0)
-        l = np.zeros(nr, dt)
-        alpha = np.empty(nr, dt)
-        tmax = np.empty(nr, dt)
-        junk = np.zeros(nr, dt)
-        acc = np.zeros((nr, dv), dt)
-        if has_sinks and split == 0:
+            zero = np.zeros(1, dt)[0]
+            qs = np.empty((nr, d), dt)
+            qi = np.empty(nr, np.int64)
+            hh = np.empty(nr, np.int64)
+            rlo = np.empty(nr, np.int64)
+            rhi = np.empty(nr, np.int64)
+            slope_r = np.zeros(nr, dt)
             for r in range(nr):
-                m[r] = sinks[hh[r]]
-                mu[r] = m[r]
-                l[r] = 1.0
-        sbuf = np.empty(block_k * nr, dt)
-        if use_blas:
-            ks = np.empty((block_k, d), dt)
-            vs = np.empty((block_k, dv), dt)
-            pv = np.empty((nr, dv), dt)
-        for j0 in range(js, je, block_k):
-            j1 = min(j0 + block_k, je)
-            nk = j1 - j0
-            st = sbuf[: nk * nr].reshape((nk, nr))
-            if use_blas and packed:
-                kt = kpack[kvh][k_start + j0:k_start + j1]
-                vt = vpack[kvh][k_start + j0:k_start + j1]
-                np.dot(kt, qs.T, st)
-            elif use_blas:
-                for jj in range(nk):
-                    row = storage_row(b, j0 + jj, k_start, block_table, block_size)
-                    krow = k[row, kvh]
-                    vrow = v[row, kvh]
-                    for c in range(d):
-                        ks[jj, c] = krow[c]
-                    for c in range(dv):
-                        vs[jj, c] = vrow[c]
-                np.dot(ks[:nk], qs.T, st)
-                kt = ks[:nk]
-                vt = vs[:nk]
-            else:
-                for jj in range(nk):
-                    krow = k[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
-                    for r in range(nr):
-                        a = zero
-                        for c in range(d):
-                            a += qs[r, c] * krow[c]
-                        st[jj, r] = a
-            positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
-            fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
-                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
-            # online softmax, element-wise across rows
-            for r in range(nr):
-                tmax[r] = st[0, r]
-            for jj in range(1, nk):
-                srow = st[jj]
+                i = i0 + r % nq
+                h = kvh * group + r // nq
+                qi[r] = i
+                hh[r] = h
+                rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+                if has_alibi:
+                    slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
+                for c in range(d):
+                    qs[r, c] = q[q_start + i, h, c] * scale
+            m = np.full(nr, -np.inf, dt)  # running max
+            mu = np.zeros(nr, dt)  # exp shift: m where finite, else 0 (so exp(-inf - mu) = 0)
+            l = np.zeros(nr, dt)
+            alpha = np.empty(nr, dt)
+            tmax = np.empty(nr, dt)
+            junk = np.zeros(nr, dt)
+            acc = np.zeros((nr, dv), dt)
+            if has_sinks and split == 0:
                 for r in range(nr):
-                    x = srow[r]
-                    tmax[r] = x if x > tmax[r] else tmax[r]
-            for r in range(nr):
-                alpha[r] = m[r]
-                mn = tmax[r] if tmax[r] > m[r] else m[r]
-                m[r] = mn
-                mu[r] = mn if mn > -np.inf else zero
-            exp_diff_acc(alpha, mu, nr, junk)  # alpha = exp(m_old - m_new)
-            for r in range(nr):
-                l[r] *= alpha[r]
-            for jj in range(nk):
-                exp_diff_acc(st[jj], mu, nr, l)  # p = exp(s - m); l += p
+                    m[r] = sinks[hh[r]]
+                    mu[r] = m[r]
+                    l[r] = 1.0
+            sbuf = np.empty(block_k * nr, dt)
             if use_blas:
-                np.dot(st.T, vt, pv)
-                for r in range(nr):
-                    a = alpha[r]
-                    for c in range(dv):
-                        acc[r, c] = acc[r, c] * a + pv[r, c]
-            else:
-                for r in range(nr):
-                    a = alpha[r]
-                    for c in range(dv):
-                        acc[r, c] *= a
-                for jj in range(nk):
-                    vrow = v[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
-                    for r in range(nr):
-                        p = st[jj, r]
+                ks = np.empty((block_k, d), dt)
+                vs = np.empty((block_k, dv), dt)
+                pv = np.empty((nr, dv), dt)
+            for j0 in range(js, je, block_k):
+                j1 = min(j0 + block_k, je)
+                nk = j1 - j0
+                st = sbuf[: nk * nr].reshape((nk, nr))
+                if use_blas and packed:
+                    kt = kpack[kvh][k_start + j0:k_start + j1]
+                    vt = vpack[kvh][k_start + j0:k_start + j1]
+                    np.dot(kt, qs.T, st)
+                elif use_blas:
+                    for jj in range(nk):
+                        row = storage_row(b, j0 + jj, k_start, block_table, block_size)
+                        krow = k[row, kvh]
+                        vrow = v[row, kvh]
+                        for c in range(d):
+                            ks[jj, c] = krow[c]
                         for c in range(dv):
-                            acc[r, c] += p * vrow[c]
-        for r in range(nr):
-            t = q_start + qi[r]
-            h = hh[r]
-            if l[r] > 0.0:
-                inv = 1.0 / l[r]
-                lv = m[r] + math.log(l[r])
-            else:
-                inv = zero
-                lv = -np.inf
-            if nsplit == 1:
-                for c in range(dv):
-                    out[t, h, c] = acc[r, c] * inv
-                lse[t, h] = lv
-            else:
-                for c in range(dv):
-                    part_out[split, t, h, c] = acc[r, c] * inv
-                part_lse[split, t, h] = lv
+                            vs[jj, c] = vrow[c]
+                    np.dot(ks[:nk], qs.T, st)
+                    kt = ks[:nk]
+                    vt = vs[:nk]
+                else:
+                    for jj in range(nk):
+                        krow = k[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
+                        for r in range(nr):
+                            a = zero
+                            for c in range(d):
+                                a += qs[r, c] * krow[c]
+                            st[jj, r] = a
+                positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
+                fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
+                           has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
+                # online softmax, element-wise across rows
+                for r in range(nr):
+                    tmax[r] = st[0, r]
+                for jj in range(1, nk):
+                    srow = st[jj]
+                    for r in range(nr):
+                        x = srow[r]
+                        tmax[r] = x if x > tmax[r] else tmax[r]
+                for r in range(nr):
+                    alpha[r] = m[r]
+                    mn = tmax[r] if tmax[r] > m[r] else m[r]
+                    m[r] = mn
+                    mu[r] = mn if mn > -np.inf else zero
+                exp_diff_acc(alpha, mu, nr, junk)  # alpha = exp(m_old - m_new)
+                for r in range(nr):
+                    l[r] *= alpha[r]
+                for jj in range(nk):
+                    exp_diff_acc(st[jj], mu, nr, l)  # p = exp(s - m); l += p
+                if use_blas:
+                    np.dot(st.T, vt, pv)
+                    for r in range(nr):
+                        a = alpha[r]
+                        for c in range(dv):
+                            acc[r, c] = acc[r, c] * a + pv[r, c]
+                else:
+                    for r in range(nr):
+                        a = alpha[r]
+                        for c in range(dv):
+                            acc[r, c] *= a
+                    for jj in range(nk):
+                        vrow = v[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
+                        for r in range(nr):
+                            p = st[jj, r]
+                            for c in range(dv):
+                                acc[r, c] += p * vrow[c]
+            for r in range(nr):
+                t = q_start + qi[r]
+                h = hh[r]
+                if l[r] > 0.0:
+                    inv = 1.0 / l[r]
+                    lv = m[r] + math.log(l[r])
+                else:
+                    inv = zero
+                    lv = -np.inf
+                if nsplit == 1:
+                    for c in range(dv):
+                        out[t, h, c] = acc[r, c] * inv
+                    lse[t, h] = lv
+                else:
+                    for c in range(dv):
+                        part_out[split, t, h, c] = acc[r, c] * inv
+                    part_lse[split, t, h] = lv
 
 
 @jit(parallel=True)
