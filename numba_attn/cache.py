@@ -33,8 +33,9 @@ def _storage_dtype(dtype, device):
     except TypeError:
         raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
     dp.check_float("dtype", np.empty(0, dt))
-    if device == "cuda" and dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype: a device cache stores float32 or float64, got {dt}")
+    if device == "cuda" and dt not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"dtype: a device cache stores float16, float32 or float64 (what "
+                        f"the cuda kernels read), got {dt}")
     return dt
 
 
@@ -109,19 +110,26 @@ class _CacheBase:
             if _on_device(x) != (self.device == "cuda"):
                 raise AttentionError(f"{name}: lives on {'cuda' if _on_device(x) else 'cpu'}"
                                      f", the cache on {self.device}")
+            if self.device == "cuda" and not _device_view(x).is_c_contiguous():
+                raise AttentionError(f"{name}: a device array must be C-contiguous; copy it "
+                                     "on the device first")
         return int(k_new.shape[1])
 
     def _write(self, slots, k_new, v_new):
-        """Write token t of k_new/v_new (rows flattened batch-major) to storage row slots[t]."""
+        """Write token t of k_new/v_new (rows flattened batch-major) to storage row
+        slots[t]."""
         ks, vs = self._flat_storage()
         n = slots.shape[0]
         if n == 0:
             return
         if self.device == "cuda":
+            from numba import cuda
+
             from .cuda import cache_ops as cops
 
-            cops.append_rows(ks, slots, k_new, n)
-            cops.append_rows(vs, slots, v_new, n)
+            slots = cuda.to_device(np.ascontiguousarray(slots, dtype=np.int64))
+            cops.append_rows(ks, slots, _device_view(k_new), n)
+            cops.append_rows(vs, slots, _device_view(v_new), n)
             return
         from .cpu import cache_ops
 
@@ -150,7 +158,7 @@ class _CacheBase:
             A dtype other than the cache's.
         """
         n_new = self.check_new(k_new, v_new)
-        plan = self.reserve(n_new)
+        plan = self.reserve(n_new, check_all=False)
         self._write(self.commit(plan), k_new, v_new)
 
     def __repr__(self):
@@ -162,6 +170,15 @@ class _CacheBase:
 
 def _on_device(x):
     return dp.array_device(x) == "cuda" or hasattr(x, "copy_to_host")
+
+
+def _device_view(x):
+    """A numba device array viewing ``x`` (numba, CuPy, torch CUDA, ...)."""
+    if hasattr(x, "copy_to_host"):
+        return x
+    from numba import cuda
+
+    return cuda.as_cuda_array(x)
 
 
 class KVCache(_CacheBase):
@@ -176,7 +193,8 @@ class KVCache(_CacheBase):
     num_kv_heads, head_dim : int
     dtype : numpy dtype, default float32
         float16, bfloat16, float32 or float64 on the CPU (float32/float64 are read in
-        place; other dtypes are converted per call); float32 or float64 on CUDA.
+        place; other dtypes are converted per call); float16, float32 or float64 on CUDA
+        (read in place, float32 accumulation for float16).
     device : {"cpu", "cuda"}, default "cpu"
         "cuda" stores numba device arrays.
     head_dim_v : int, default head_dim
@@ -240,7 +258,7 @@ class KVCache(_CacheBase):
         return (self.k.reshape(b * s, self.num_kv_heads, self.head_dim),
                 self.v.reshape(b * s, self.num_kv_heads, self.head_dim_v))
 
-    def reserve(self, n_new):
+    def reserve(self, n_new, check_all=True):
         """Check that every row has room for ``n_new`` more tokens; nothing changes."""
         old = self._check_lengths("cache.seqlens", self._seqlens)
         new = old + n_new
@@ -344,7 +362,7 @@ class PagedKVCache(_CacheBase):
     def seqlens(self, value):
         new = self._check_lengths("seqlens", value)
         old = self._seqlens.astype(np.int64)
-        self._check_table(old)
+        self._check_table(old, np.minimum(old, new))  # the entries released below
         grow = np.maximum(self._nblk(new) - self._nblk(old), 0)
         release = sum(self._releasable(b, int(self._nblk(new[b])), int(self._nblk(old[b])))
                       for b in range(self.batch))
@@ -381,14 +399,21 @@ class PagedKVCache(_CacheBase):
             self._free.append(page)
         self.block_table[b, blk] = -1
 
-    def _check_table(self, lens):
-        """Entries covering each row's first ``lens[b]`` keys must name pages in the pool."""
+    def _check_table(self, lens, from_lens=None):
+        """Entries covering each row's keys ``from_lens[b] .. lens[b] - 1`` (default: all
+        from 0) must name pages in the pool."""
         nblk = self._nblk(lens)
-        used = np.arange(self.max_blocks_per_seq)[None, :] < nblk[:, None]
         bt = self.block_table
-        bad = used & ((bt < 0) | (bt >= self.num_blocks))
-        if bad.any():
-            b, blk = (int(i) for i in np.argwhere(bad)[0])
+        if from_lens is None:
+            used = np.arange(self.max_blocks_per_seq)[None, :] < nblk[:, None]
+            bad_at = np.argwhere(used & ((bt < 0) | (bt >= self.num_blocks)))
+        else:  # a few entries per row: O(batch), not O(max_blocks_per_seq)
+            first = np.asarray(from_lens) // self.block_size
+            bad_at = [(b, blk) for b in range(self.batch)
+                      for blk in range(int(first[b]), int(nblk[b]))
+                      if not 0 <= bt[b, blk] < self.num_blocks]
+        if len(bad_at):
+            b, blk = (int(i) for i in bad_at[0])
             raise AttentionError(
                 f"cache.block_table: entry [{b}, {blk}] = {int(bt[b, blk])} is not a page in "
                 f"[0, {self.num_blocks}) but row {b} holds {int(lens[b])} keys")
@@ -448,9 +473,13 @@ class PagedKVCache(_CacheBase):
         return (self.k_pages.reshape(n, self.num_kv_heads, self.head_dim),
                 self.v_pages.reshape(n, self.num_kv_heads, self.head_dim_v))
 
-    def reserve(self, n_new):
+    def reserve(self, n_new, check_all=True):
         """Plan room for ``n_new`` more tokens per row: pages to take and pages to copy
-        (copy-on-write). Raises on overflow or bad block-table entries; nothing changes."""
+        (copy-on-write). Raises on overflow or bad block-table entries; nothing changes.
+
+        ``check_all=False`` checks only the entries an append writes through (the partial
+        last page), keeping an append independent of the cache length.
+        """
         old = self._check_lengths("cache.seqlens", self._seqlens)
         new = old + n_new
         if (new > self.max_seqlen).any():
@@ -458,7 +487,7 @@ class PagedKVCache(_CacheBase):
             raise AttentionError(
                 f"cache: overflow, row {b} holds {old[b]} of max_seqlen = {self.max_seqlen} "
                 f"positions and {n_new} more do not fit; free rows or use a larger max_seqlen")
-        self._check_table(old)
+        self._check_table(old, None if check_all else old)
         steps = []  # (row, block, page to copy from or -1)
         shared = {}  # page -> reference count after the planned copies
         for b in range(self.batch if n_new else 0):

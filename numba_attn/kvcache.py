@@ -157,7 +157,7 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
                 k_new = k_new.astype(cache.dtype, copy=False)
     slots = cache.commit(plan)
     if n_new:
-        cache._write(slots if not on_dev else _to_device(slots), k_new, v_new)
+        cache._write(slots, k_new, v_new)
     if not on_dev and ks.dtype != cdt:  # float16/bfloat16 storage: converted per call
         p.k, p.v = ks.astype(cdt), vs.astype(cdt)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
@@ -167,18 +167,15 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
 
 
 def _canonical_q(x, cdt, on_dev):
-    """C-contiguous array of the compute dtype on its device."""
+    """Host: a C-contiguous array of the compute dtype. Device: the C-contiguous numba
+    device array as it is (the cuda kernels read float16 storage themselves)."""
     if not on_dev:
         return np.ascontiguousarray(x, dtype=cdt)
     from numba import cuda
 
     xd = cuda.as_cuda_array(x) if not hasattr(x, "copy_to_host") else x
-    if np.dtype(xd.dtype) != cdt or not xd.is_c_contiguous():
-        raise AttentionError("q, k_new: device arrays must be C-contiguous float32/float64")
+    if not xd.is_c_contiguous():
+        raise AttentionError("q: a device array must be C-contiguous; copy it on the "
+                             "device first")
     return xd
 
-
-def _to_device(a):
-    from numba import cuda
-
-    return cuda.to_device(a)

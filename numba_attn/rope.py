@@ -108,7 +108,8 @@ def _check_scaling(scaling):
 
 
 def check_tables(cos, sin, head_dim):
-    """Validate FlashAttention-style cos/sin tables for heads of ``head_dim``; host or device."""
+    """Validate FlashAttention-style cos/sin tables for heads of ``head_dim`` (host or
+    device arrays)."""
     for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
         dp.check_rank(name, t, 2, "(max_position, rotary_dim // 2)")
         dp.check_float(name, t)
@@ -198,25 +199,26 @@ def apply_rotary(x, cos, sin, *, interleaved=False, positions=None):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x: expected an array (..., seqlen, heads, head_dim), got "
                         f"{type(x).__name__}")
-    if len(x.shape) < 3:
+    shape = tuple(x.shape)
+    if len(shape) < 3:
         raise AttentionError(f"x: expected at least 3-D (..., seqlen, heads, head_dim), got "
-                             f"shape {tuple(x.shape)}")
+                             f"shape {shape}")
     dt = dp.check_float("x", x)
     cdt = dp.compute_dtype(dt)
-    check_tables(cos, sin, x.shape[-1])
-    tokens = tuple(x.shape[:-2])
+    check_tables(cos, sin, shape[-1])
+    tokens = shape[:-2]
     pos = token_positions(positions, tokens, cos.shape[0])
     n_t = int(np.prod(tokens, dtype=np.int64))
-    h, d = x.shape[-2], x.shape[-1]
+    h, d = shape[-2], shape[-1]
     if dp.array_device(x) == "cuda":
         from .cuda import rope as cuda_rope
 
         x3 = cuda_rope.canonical(x, cdt).reshape(n_t, h, d)
         y = rotate(x3, cos, sin, pos, interleaved)
-        return cuda_rope.finish(y, dt).reshape(x.shape)
+        return cuda_rope.finish(y, dt).reshape(shape)
     x3 = np.ascontiguousarray(x, dtype=cdt).reshape(n_t, h, d)
     y = rotate(x3, cos, sin, pos, interleaved)
-    return y.reshape(x.shape).astype(dt, copy=False)
+    return y.reshape(shape).astype(dt, copy=False)
 
 
 def token_positions(positions, tokens, max_position):

@@ -353,6 +353,15 @@ def test_from_hf_config_llama3():
     assert layer.rope_scaling["rope_type"] == "llama3" and layer.rope_theta == 5e5
     assert layer.b_q is None and layer.sliding_window is None and not layer.qk_norm
     assert layer.scale == pytest.approx(128 ** -0.5)
+    # transformers >= 5 nests theta and scaling in "rope_parameters"
+    v5 = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = dict(cfg["rope_scaling"], rope_theta=500000.0)
+    layer5 = MultiHeadAttention.from_hf_config(dict(v5, hidden_size=256,
+                                                    num_attention_heads=4,
+                                                    num_key_value_heads=2), seed=0)
+    assert layer5.rope_theta == 5e5 and layer5.rope_scaling["rope_type"] == "llama3"
+    x = np.ones((1, 3, 256), np.float32)
+    assert np.all(np.isfinite(layer5(x)))
 
 
 def test_from_hf_config_qwen2_qwen3_mistral_gemma2():

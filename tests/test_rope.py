@@ -114,9 +114,10 @@ def test_apply_rotary_leaves_input_alone(rng):
 
 
 @pytest.mark.parametrize("call,exc,word", [
-    (lambda x, c, s: numba_attn.apply_rotary(x, *numba_attn.rotary_cos_sin(8, 10)), AttentionError,
-     "rotary_dim"),
-    (lambda x, c, s: numba_attn.apply_rotary(x, c, s, positions=5), AttentionError, "positions"),
+    (lambda x, c, s: numba_attn.apply_rotary(x, *numba_attn.rotary_cos_sin(8, 10)),
+     AttentionError, "rotary_dim"),
+    (lambda x, c, s: numba_attn.apply_rotary(x, c, s, positions=5), AttentionError,
+     "positions"),
     (lambda x, c, s: numba_attn.apply_rotary(x, c, s, positions=np.full((1, 4), -1)),
      AttentionError, "positions"),
     (lambda x, c, s: numba_attn.apply_rotary(x, c, s, positions=np.zeros(3, int)),

@@ -14,9 +14,8 @@ masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory tr
   over an accumulator row (a quarter of the accumulator load/store traffic);
 * the kernel picks its own number of key splits from the shape (each split writes
   a partial output and lse to scratch, merged with the LSE rule inside the kernel), so a
-  single sequence keeps every thread busy. When the launcher asks for ``nsplit > 1`` the
-  merged result goes to ``part_out[0]``/``part_lse[0]`` and the other parts get
-  ``lse = -inf`` (the merge identity), so the launcher's own merge leaves it unchanged.
+  single sequence keeps every thread busy. The launcher passes ``nsplit = 1`` (its own
+  split arguments are unused here).
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from numba import prange
 
 from .._jit import inline, jit
 from .expmath import exp_diff_acc
-from .forward import fixup_tile, key_range, tile_needs_mask
+from .forward import fixup_tile, key_range, merge_split_row, tile_needs_mask, write_rows
 
 TILE = 32  # keys per tile: scores of all rows for one tile stay in L1
 MIN_SPLIT_KEYS = 512  # fewer keys per split do not pay for the merge
@@ -300,58 +299,8 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                     for c in range(dv):
                         acc[r, c] *= a
             _values(acc, v, rowidx, nk, n_kv, nrg, s, dv)
-        for r in range(nr):
-            t = q_start + qi[r]
-            h = hh[r]
-            if l[r] > 0.0:
-                inv = 1.0 / l[r]
-                lv = m[r] + math.log(l[r])
-            else:
-                inv = zero
-                lv = -np.inf
-            if ns == 1:
-                for c in range(dv):
-                    out[t, h, c] = acc[r, c] * inv
-                lse[t, h] = lv
-            else:
-                for c in range(dv):
-                    pout[split, t, h, c] = acc[r, c] * inv
-                plse[split, t, h] = lv
+        write_rows(acc, m, l, qi, hh, q_start, split, ns, out, lse, pout, plse)
     if ns > 1:
-        _merge(pout, plse, out, lse)
-    if nsplit > 1:  # the launcher merges part_out afterwards: hand it the final result
-        for t in prange(tq):
-            for h in range(n_heads):
-                for c in range(dv):
-                    part_out[0, t, h, c] = out[t, h, c]
-                part_lse[0, t, h] = lse[t, h]
-                for sp in range(1, nsplit):
-                    part_lse[sp, t, h] = -np.inf
-
-
-@inline
-def _merge(part_out, part_lse, out, lse):
-    """The LSE rule over splits, as forward.merge_splits (empty parts are the identity)."""
-    nsp, tq, n_heads, dv = part_out.shape
-    for w in range(tq * n_heads):
-        t = w // n_heads
-        h = w % n_heads
-        mx = -np.inf
-        for sp in range(nsp):
-            mx = max(mx, part_lse[sp, t, h])
-        if mx == -np.inf:
-            for c in range(dv):
-                out[t, h, c] = 0.0
-            lse[t, h] = -np.inf
-            continue
-        tot = 0.0
-        for sp in range(nsp):
-            tot += math.exp(part_lse[sp, t, h] - mx)
-        for c in range(dv):
-            out[t, h, c] = 0.0
-        for sp in range(nsp):
-            wgt = math.exp(part_lse[sp, t, h] - mx) / tot
-            if wgt > 0.0:
-                for c in range(dv):
-                    out[t, h, c] += wgt * part_out[sp, t, h, c]
-        lse[t, h] = mx + math.log(tot)
+        tq, n_heads = pout.shape[1], pout.shape[2]
+        for w in prange(tq * n_heads):
+            merge_split_row(pout, plse, out, lse, w // n_heads, w % n_heads)

@@ -99,6 +99,28 @@ def fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, so
                     st[jj, r] = ninf
 
 
+@inline
+def write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out, part_lse):
+    """Normalise an item's accumulators into out/lse (or split ``split``'s partials)."""
+    for r in range(acc.shape[0]):
+        t = q_start + qi[r]
+        h = hh[r]
+        if l[r] > 0.0:
+            inv = 1.0 / l[r]
+            lv = m[r] + math.log(l[r])
+        else:  # no visible key (and no sink): out = 0, lse = -inf
+            inv = 0.0
+            lv = -np.inf
+        if nsplit == 1:
+            for c in range(acc.shape[1]):
+                out[t, h, c] = acc[r, c] * inv
+            lse[t, h] = lv
+        else:
+            for c in range(acc.shape[1]):
+                part_out[split, t, h, c] = acc[r, c] * inv
+            part_lse[split, t, h] = lv
+
+
 @jit(parallel=True)
 def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                   scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
@@ -246,51 +268,39 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                             p = st[jj, r]
                             for c in range(dv):
                                 acc[r, c] += p * vrow[c]
-            for r in range(nr):
-                t = q_start + qi[r]
-                h = hh[r]
-                if l[r] > 0.0:
-                    inv = 1.0 / l[r]
-                    lv = m[r] + math.log(l[r])
-                else:
-                    inv = zero
-                    lv = -np.inf
-                if nsplit == 1:
-                    for c in range(dv):
-                        out[t, h, c] = acc[r, c] * inv
-                    lse[t, h] = lv
-                else:
-                    for c in range(dv):
-                        part_out[split, t, h, c] = acc[r, c] * inv
-                    part_lse[split, t, h] = lv
+            write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out,
+                       part_lse)
+
+
+@inline
+def merge_split_row(part_out, part_lse, out, lse, t, h):
+    """The LSE rule over the splits of one (query, head); empty parts are the identity."""
+    nsplit, dv = part_out.shape[0], part_out.shape[3]
+    mx = -np.inf
+    for s in range(nsplit):
+        mx = max(mx, part_lse[s, t, h])
+    for c in range(dv):
+        out[t, h, c] = 0.0
+    if mx == -np.inf:
+        lse[t, h] = -np.inf
+        return
+    tot = 0.0
+    for s in range(nsplit):
+        tot += math.exp(part_lse[s, t, h] - mx)
+    for s in range(nsplit):
+        wgt = math.exp(part_lse[s, t, h] - mx) / tot
+        if wgt > 0.0:
+            for c in range(dv):
+                out[t, h, c] += wgt * part_out[s, t, h, c]
+    lse[t, h] = mx + math.log(tot)
 
 
 @jit(parallel=True)
 def merge_splits(part_out, part_lse, out, lse):
-    """Combine split partial results with the LSE rule (identity for empty parts)."""
-    nsplit, tq, n_heads, dv = part_out.shape
+    """Combine split partial results (nsplit, Tq, H, Dv) / (nsplit, Tq, H) into out / lse."""
+    tq, n_heads = part_out.shape[1], part_out.shape[2]
     for w in prange(tq * n_heads):
-        t = w // n_heads
-        h = w % n_heads
-        mx = -np.inf
-        for s in range(nsplit):
-            mx = max(mx, part_lse[s, t, h])
-        if mx == -np.inf:
-            for c in range(dv):
-                out[t, h, c] = 0.0
-            lse[t, h] = -np.inf
-            continue
-        tot = 0.0
-        for s in range(nsplit):
-            tot += math.exp(part_lse[s, t, h] - mx)
-        for c in range(dv):
-            out[t, h, c] = 0.0
-        for s in range(nsplit):
-            wgt = math.exp(part_lse[s, t, h] - mx) / tot
-            if wgt > 0.0:
-                for c in range(dv):
-                    out[t, h, c] += wgt * part_out[s, t, h, c]
-        lse[t, h] = mx + math.log(tot)
+        merge_split_row(part_out, part_lse, out, lse, w // n_heads, w % n_heads)
 
 
 @jit(parallel=True)

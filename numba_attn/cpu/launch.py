@@ -143,7 +143,9 @@ def forward(p):
     threads = numba.get_num_threads()
     block_q, block_k, use_blas = plan(cfg, p.max_seqlen_q, p.max_seqlen_k, p.batch, threads)
     items = make_items(p.rows, np.int64(block_q))
-    nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, block_k, threads)
+    # the decode kernel chooses and merges its own key splits
+    nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, block_k,
+                           threads) if use_blas else 1
     if nsplit > 1:
         part_out = np.empty((nsplit, tq, cfg.num_heads, cfg.head_dim_v), dt)
         part_lse = np.empty((nsplit, tq, cfg.num_heads), dt)
