@@ -50,3 +50,26 @@ def jit(fn=None, *, parallel=False):
 def inline(fn):
     """A helper compiled into its callers (``register_jitable``): no separate dispatch."""
     return numba.extending.register_jitable(fn)
+
+
+class serial_if:
+    """Run the parallel kernels of this block on the calling thread alone when ``small``.
+
+    A parallel region waits for every worker; on a busy machine (BLAS threads of the
+    caller's own numpy, other processes) a worker can be a scheduler slice late, which
+    costs more than a tiny kernel itself. ``numba.set_num_threads`` is thread-local.
+    """
+
+    def __init__(self, small):
+        self.small = small
+        self.saved = None
+
+    def __enter__(self):
+        if self.small:
+            self.saved = numba.get_num_threads()
+            numba.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            numba.set_num_threads(self.saved)

@@ -13,7 +13,10 @@ import math
 import numpy as np
 
 from . import dispatch as dp
+from ._jit import serial_if
 from .config import AttentionError
+
+SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
 
 __all__ = ["apply_rotary", "rotary_cos_sin"]
 
@@ -146,8 +149,9 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
     if out is None:
         out = np.empty_like(x)
     if x.shape[0]:
-        cache_ops.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
-                         bool(interleaved))
+        with serial_if(x.size < SERIAL_BELOW):
+            cache_ops.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
+                             bool(interleaved))
     return out
 
 

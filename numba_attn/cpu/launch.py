@@ -7,7 +7,7 @@ import numba
 import numpy as np
 
 from ..config import AttentionConfig
-from .._jit import jit
+from .._jit import jit, serial_if
 from ..dispatch import CONTIGUOUS_BLOCK
 from . import decode
 from . import forward as fk
@@ -119,6 +119,8 @@ def choose_splits(n_work, max_k, block_k, threads):
     return int(max(1, min(want, max_k // 256, 64)))
 
 
+SERIAL_BELOW = 1 << 19  # multiply-adds (~0.1 ms on one core): below, no parallel region
+
 _EMPTY = {}
 
 
@@ -171,12 +173,16 @@ def forward(p):
     else:
         kpack = vpack = _dummy(dt, 3)
     args = args + (kpack, vpack, packed)
+    # multiply-adds: tiny calls run on the calling thread alone
+    work = int(np.dot(p.rows[:, 1], p.rows[:, 3])) * cfg.num_heads * (
+        cfg.head_dim + cfg.head_dim_v)
     if use_blas:
         schedule = balanced_schedule(items, p.rows, cfg, block_k, nsplit, threads)
-        with single_threaded_blas:
+        with single_threaded_blas, serial_if(work < SERIAL_BELOW):
             fk.flash_forward(*args, schedule, np.int64(threads))
     else:  # decode-sized items: whole storage rows streamed, own key splits
-        decode.flash_decode(*args)
+        with serial_if(work < SERIAL_BELOW):
+            decode.flash_decode(*args)
     if nsplit > 1:
         fk.merge_splits(part_out, part_lse, out, lse)
     return out, lse
