@@ -6,34 +6,41 @@ division does not branch on zero checks.
 """
 from __future__ import annotations
 
-import os
+import threading
 
 import numba
 import numba.extending
 
 
-def _threadsafe_layer_available() -> bool:
-    import importlib
-
-    for mod in ("numba.np.ufunc.omppool", "numba.np.ufunc.tbbpool"):
-        try:
-            importlib.import_module(mod)
-            return True
-        except Exception:  # ImportError, OSError for a missing libgomp/libtbb
-            pass
-    return False
+# Threading layer: Numba's default priority (tbb, omp, workqueue) already picks a
+# thread-safe layer where one is installed. numba_attn does not force one, and in
+# particular does not load OpenMP at import: whichever libgomp is loaded first serves every
+# library in the process, and pre-loading the system one before torch was imported made
+# torch's own OpenMP kernels 3-4x slower after our first parallel call (measured here).
+# Where only "workqueue" exists, which aborts on concurrent parallel calls, calls are
+# serialised through a lock instead (see ``parallel_guard``).
+_workqueue_lock = threading.Lock()
 
 
-# A call from several Python threads, or one made while another parallel region runs,
-# aborts the process under Numba's default "workqueue" layer: ask for a thread-safe one
-# (OpenMP or TBB) unless the user chose a layer explicitly. Takes effect if no parallel
-# region has run yet in this process.
-if (
-    "NUMBA_THREADING_LAYER" not in os.environ
-    and numba.config.THREADING_LAYER == "default"
-    and _threadsafe_layer_available()
-):
-    numba.config.THREADING_LAYER = "threadsafe"
+class _NoLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_LOCK = _NoLock()
+
+
+def parallel_guard():
+    """A lock for the duration of a parallel kernel call when the layer is "workqueue"."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel region has run yet: be safe
+        return _workqueue_lock
+    return _workqueue_lock if layer == "workqueue" else _NO_LOCK
+
 
 FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 

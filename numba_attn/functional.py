@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dispatch as dp
+from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
@@ -438,5 +439,6 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     lb = dp.host("lse_b", lse_b, cdt).reshape(lead, h, s)
     o = np.empty_like(oa)
     lse = np.empty_like(la)
-    kernel(oa, la, ob, lb, o, lse)
+    with parallel_guard():
+        kernel(oa, la, ob, lb, o, lse)
     return o.reshape(out_a.shape).astype(dt, copy=False), lse.reshape(want)

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from . import dispatch as dp
-from ._jit import serial_if
+from ._jit import parallel_guard, serial_if
 from .config import AttentionError
 
 SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
@@ -149,7 +149,7 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
     if out is None:
         out = np.empty_like(x)
     if x.shape[0]:
-        with serial_if(x.size < SERIAL_BELOW):
+        with parallel_guard(), serial_if(x.size < SERIAL_BELOW):
             cache_ops.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
                              bool(interleaved))
     return out

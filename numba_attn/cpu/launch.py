@@ -7,7 +7,7 @@ import numba
 import numpy as np
 
 from ..config import AttentionConfig
-from .._jit import jit, serial_if
+from .._jit import jit, parallel_guard, serial_if
 from ..dispatch import CONTIGUOUS_BLOCK
 from . import decode
 from . import forward as fk
@@ -176,13 +176,13 @@ def forward(p):
     # multiply-adds: tiny calls run on the calling thread alone
     work = int(np.dot(p.rows[:, 1], p.rows[:, 3])) * cfg.num_heads * (
         cfg.head_dim + cfg.head_dim_v)
-    if use_blas:
-        schedule = balanced_schedule(items, p.rows, cfg, block_k, nsplit, threads)
-        with single_threaded_blas, serial_if(work < SERIAL_BELOW):
-            fk.flash_forward(*args, schedule, np.int64(threads))
-    else:  # decode-sized items: whole storage rows streamed, own key splits
-        with serial_if(work < SERIAL_BELOW):
+    with parallel_guard(), serial_if(work < SERIAL_BELOW):
+        if use_blas:
+            schedule = balanced_schedule(items, p.rows, cfg, block_k, nsplit, threads)
+            with single_threaded_blas:
+                fk.flash_forward(*args, schedule, np.int64(threads))
+        else:  # decode-sized items: whole storage rows streamed, own key splits
             decode.flash_decode(*args)
-    if nsplit > 1:
-        fk.merge_splits(part_out, part_lse, out, lse)
+        if nsplit > 1:
+            fk.merge_splits(part_out, part_lse, out, lse)
     return out, lse

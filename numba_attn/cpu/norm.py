@@ -10,7 +10,7 @@ import math
 
 from numba import prange
 
-from .._jit import inline, jit
+from .._jit import inline, jit, parallel_guard
 
 PARALLEL_MIN_ELEMENTS = 1 << 16  # below this many elements the serial kernel is used
 
@@ -46,6 +46,7 @@ def rms_norm_rows_serial(x, weight, eps, out):
 def launch(x, weight, eps, out):
     """Pick the parallel or the serial kernel by size."""
     if x.size >= PARALLEL_MIN_ELEMENTS:
-        rms_norm_rows(x, weight, eps, out)
+        with parallel_guard():
+            rms_norm_rows(x, weight, eps, out)
     else:
         rms_norm_rows_serial(x, weight, eps, out)
