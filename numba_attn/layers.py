@@ -24,14 +24,39 @@ _LORA_TARGETS = ("q", "k", "v", "o")
 # helpers shared with mla.py
 # ---------------------------------------------------------------------------------------
 def linear(x, w, b=None, lora=None, lora_scale=1.0):
-    """``x @ w.T (+ b) (+ lora_scale * x @ A.T @ B.T)`` for x (..., in), w (out, in)."""
-    y = x @ w.T
+    """``x @ w.T (+ b) (+ lora_scale * x @ A.T @ B.T)`` for x (..., in), w (out, in).
+
+    A few tokens (decode) go through numba_attn's own parallel GEMV (see cpu/linear.py
+    for why); more go to numpy's BLAS.
+    """
+    y = _few_token_gemv(x, w)
+    if y is None:
+        y = x @ w.T
     if b is not None:
         y += b
     if lora is not None:
         a, bb = lora
         y += (lora_scale * (x @ a.T)) @ bb.T
     return y
+
+
+GEMV_MAX_TOKENS = 4
+
+
+def _few_token_gemv(x, w):
+    """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None."""
+    if (type(x) is not np.ndarray or type(w) is not np.ndarray or x.dtype != w.dtype
+            or x.dtype not in (np.float32, np.float64) or not w.flags.c_contiguous
+            or x.ndim < 1 or x.size // max(x.shape[-1], 1) > GEMV_MAX_TOKENS):
+        return None
+    from ._jit import parallel_guard
+    from .cpu.linear import gemv
+
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty((x2.shape[0], w.shape[0]), x.dtype)
+    with parallel_guard():
+        gemv(x2, w, out)
+    return out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
 def check_lora(lora, shapes, dtype):

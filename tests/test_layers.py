@@ -520,3 +520,20 @@ def test_cache_misuse_leaves_cache_untouched(rng):
     with pytest.raises(AttentionError, match="kv_lens"):
         layer(x[:, :1], cache=cache, kv_lens=np.array([1, 1]))
     assert cache.seqlens.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5], ids=lambda t: f"tokens{t}")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_projection_gemv_matches_float64_matmul(tokens, dtype):
+    """Few-token projections (numba GEMV) and many-token ones (BLAS) both equal x @ w.T."""
+    from numba_attn.layers import linear
+
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((1, tokens, 96)).astype(dtype)
+    w = rng.standard_normal((200, 96)).astype(dtype)
+    b = rng.standard_normal(200).astype(dtype)
+    got = linear(x, w, b)
+    expected = x.astype(np.float64) @ w.astype(np.float64).T + b
+    assert got.dtype == dtype and got.shape == (1, tokens, 200)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * 10)
