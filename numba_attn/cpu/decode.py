@@ -19,14 +19,13 @@ masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory tr
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import prange
 
 from .._jit import inline, jit
-from .expmath import exp_diff_acc
-from .forward import fixup_tile, key_range, merge_split_row, tile_needs_mask, write_rows
+from .forward import (fixup_tile, init_rows, init_state, key_range, merge_split_row,
+                      online_softmax, tile_needs_mask, write_rows)
 
 TILE = 32  # keys per tile: scores of all rows for one tile stay in L1
 MIN_SPLIT_KEYS = 512  # fewer keys per split do not pay for the merge
@@ -228,34 +227,12 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
         je = min(hi, js + chunk)
 
         zero = np.zeros(1, dt)[0]
-        qs = np.empty((nr, d), dt)
-        qi = np.empty(nr, np.int64)  # in-row query position of each row
         hh = np.empty(nr, np.int64)  # query head of each row
-        rlo = np.empty(nr, np.int64)
-        rhi = np.empty(nr, np.int64)
-        slope_r = np.zeros(nr, dt)
         for r in range(nr):
-            i = i0 + r % nq
-            h = (r // nrg) * group + (r % nrg) // nq
-            qi[r] = i
-            hh[r] = h
-            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
-            if has_alibi:
-                slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
-            for c in range(d):
-                qs[r, c] = q[q_start + i, h, c] * scale
-        m = np.full(nr, -np.inf, dt)  # running max
-        mu = np.zeros(nr, dt)  # exp shift: m where finite, else 0
-        l = np.zeros(nr, dt)
-        alpha = np.empty(nr, dt)
-        tmax = np.empty(nr, dt)
-        junk = np.zeros(nr, dt)
-        acc = np.zeros((nr, dv), dt)
-        if has_sinks and split == 0:
-            for r in range(nr):
-                m[r] = sinks[hh[r]]
-                mu[r] = m[r]
-                l[r] = 1.0
+            hh[r] = (r // nrg) * group + (r % nrg) // nq
+        qs, qi, rlo, rhi, slope_r = init_rows(q, q_start, i0, nq, hh, off, klen, causal, wl, wr,
+                                              scale, slopes, has_alibi, b)
+        m, mu, l, alpha, tmax, junk, acc = init_state(nr, dv, hh, sinks, has_sinks, split, dt)
         sbuf = np.empty(TILE * nr, dt)
         rowidx = np.empty(TILE, np.int64)
         for j0 in range(js, je, TILE):
@@ -276,23 +253,7 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
             positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
             fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
                        has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
-            # online softmax, element-wise across rows (as forward.flash_forward)
-            for r in range(nr):
-                tmax[r] = s[0, r]
-            for jj in range(1, nk):
-                for r in range(nr):
-                    x = s[jj, r]
-                    tmax[r] = x if x > tmax[r] else tmax[r]
-            for r in range(nr):
-                alpha[r] = m[r]
-                mn = tmax[r] if tmax[r] > m[r] else m[r]
-                m[r] = mn
-                mu[r] = mn if mn > -np.inf else zero
-            exp_diff_acc(alpha, mu, nr, junk)  # alpha = exp(m_old - m_new)
-            for r in range(nr):
-                l[r] *= alpha[r]
-            for jj in range(nk):
-                exp_diff_acc(s[jj], mu, nr, l)  # p = exp(s - m); l += p
+            online_softmax(s, nk, m, mu, l, alpha, tmax, junk)
             for r in range(nr):
                 a = alpha[r]
                 if a != 1.0:

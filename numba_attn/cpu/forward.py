@@ -100,6 +100,80 @@ def fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, so
 
 
 @inline
+def init_rows(q, q_start, i0, nq, hh, off, klen, causal, wl, wr, scale, slopes, has_alibi, b):
+    """Per-row data of a work item whose row ``r`` is query ``i0 + r % nq`` of head ``hh[r]``.
+
+    Returns qs (rows, D) = scale * q, in-row query positions, each row's visible key range
+    [rlo, rhi) and ALiBi slope.
+    """
+    nr = hh.shape[0]
+    dt = q.dtype
+    qs = np.empty((nr, q.shape[2]), dt)
+    qi = np.empty(nr, np.int64)
+    rlo = np.empty(nr, np.int64)
+    rhi = np.empty(nr, np.int64)
+    slope_r = np.zeros(nr, dt)
+    for r in range(nr):
+        i = i0 + r % nq
+        h = hh[r]
+        qi[r] = i
+        rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+        if has_alibi:
+            slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
+        for c in range(q.shape[2]):
+            qs[r, c] = q[q_start + i, h, c] * scale
+    return qs, qi, rlo, rhi, slope_r
+
+
+@inline
+def init_state(nr, dv, hh, sinks, has_sinks, split, dt):
+    """Online-softmax state of ``nr`` rows: max, exp shift, sum, scratch, accumulator.
+
+    A sink starts a row at ``m = sink, l = 1`` (its ``exp(sink)`` term), in split 0 only.
+    """
+    m = np.full(nr, -np.inf, dt)  # running max
+    mu = np.zeros(nr, dt)  # exp shift: m where finite, else 0 (so exp(-inf - mu) = 0)
+    l = np.zeros(nr, dt)
+    alpha = np.empty(nr, dt)
+    tmax = np.empty(nr, dt)
+    junk = np.zeros(nr, dt)
+    acc = np.zeros((nr, dv), dt)
+    if has_sinks and split == 0:
+        for r in range(nr):
+            m[r] = sinks[hh[r]]
+            mu[r] = m[r]
+            l[r] = 1.0
+    return m, mu, l, alpha, tmax, junk, acc
+
+
+@inline
+def online_softmax(st, nk, m, mu, l, alpha, tmax, junk):
+    """One (keys, rows) score tile: st becomes p = exp(s - m_new), l is rescaled and grows,
+    alpha = exp(m_old - m_new) is left for the caller to rescale its accumulator.
+
+    Every loop runs across rows (contiguous), so each vectorises.
+    """
+    nr = st.shape[1]
+    for r in range(nr):
+        tmax[r] = st[0, r]
+    for jj in range(1, nk):
+        srow = st[jj]
+        for r in range(nr):
+            x = srow[r]
+            tmax[r] = x if x > tmax[r] else tmax[r]
+    for r in range(nr):
+        alpha[r] = m[r]
+        mn = tmax[r] if tmax[r] > m[r] else m[r]
+        m[r] = mn
+        mu[r] = mn if mn > -np.inf else 0.0
+    exp_diff_acc(alpha, mu, nr, junk)  # alpha = exp(m_old - m_new)
+    for r in range(nr):
+        l[r] *= alpha[r]
+    for jj in range(nk):
+        exp_diff_acc(st[jj], mu, nr, l)  # p = exp(s - m); l += p
+
+
+@inline
 def write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out, part_lse):
     """Normalise an item's accumulators into out/lse (or split ``split``'s partials)."""
     for r in range(acc.shape[0]):
@@ -126,7 +200,10 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                   scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
                   mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas,
                   kpack, vpack, packed, schedule, n_lanes):
-    """Forward pass; see the module docstring for ``rows``/``items``/storage addressing.
+    """Forward pass (BLAS tiles); see the module docstring for rows/items/addressing.
+
+    ``use_blas`` is always True here (decode-sized work goes to decode.flash_decode, which
+    takes the same arguments up to ``packed``).
 
     With ``packed`` (contiguous storage only), kpack (Hkv, N, D) / vpack (Hkv, N, Dv) are
     head-major copies of k / v, so BLAS reads key tiles in place instead of gathering them.
@@ -168,49 +245,25 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
             js = lo + split * chunk
             je = min(hi, js + chunk)
 
-            zero = np.zeros(1, dt)[0]
-            qs = np.empty((nr, d), dt)
-            qi = np.empty(nr, np.int64)
             hh = np.empty(nr, np.int64)
-            rlo = np.empty(nr, np.int64)
-            rhi = np.empty(nr, np.int64)
-            slope_r = np.zeros(nr, dt)
             for r in range(nr):
-                i = i0 + r % nq
-                h = kvh * group + r // nq
-                qi[r] = i
-                hh[r] = h
-                rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
-                if has_alibi:
-                    slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
-                for c in range(d):
-                    qs[r, c] = q[q_start + i, h, c] * scale
-            m = np.full(nr, -np.inf, dt)  # running max
-            mu = np.zeros(nr, dt)  # exp shift: m where finite, else 0 (so exp(-inf - mu) = 0)
-            l = np.zeros(nr, dt)
-            alpha = np.empty(nr, dt)
-            tmax = np.empty(nr, dt)
-            junk = np.zeros(nr, dt)
-            acc = np.zeros((nr, dv), dt)
-            if has_sinks and split == 0:
-                for r in range(nr):
-                    m[r] = sinks[hh[r]]
-                    mu[r] = m[r]
-                    l[r] = 1.0
+                hh[r] = kvh * group + r // nq
+            qs, qi, rlo, rhi, slope_r = init_rows(q, q_start, i0, nq, hh, off, klen, causal,
+                                                  wl, wr, scale, slopes, has_alibi, b)
+            m, mu, l, alpha, tmax, junk, acc = init_state(nr, dv, hh, sinks, has_sinks,
+                                                          split, dt)
             sbuf = np.empty(block_k * nr, dt)
-            if use_blas:
-                ks = np.empty((block_k, d), dt)
-                vs = np.empty((block_k, dv), dt)
-                pv = np.empty((nr, dv), dt)
+            ks = np.empty((block_k, d), dt)
+            vs = np.empty((block_k, dv), dt)
+            pv = np.empty((nr, dv), dt)
             for j0 in range(js, je, block_k):
                 j1 = min(j0 + block_k, je)
                 nk = j1 - j0
                 st = sbuf[: nk * nr].reshape((nk, nr))
-                if use_blas and packed:
+                if packed:
                     kt = kpack[kvh][k_start + j0:k_start + j1]
                     vt = vpack[kvh][k_start + j0:k_start + j1]
-                    np.dot(kt, qs.T, st)
-                elif use_blas:
+                else:  # paged: gather the tile's rows
                     for jj in range(nk):
                         row = storage_row(b, j0 + jj, k_start, block_table, block_size)
                         krow = k[row, kvh]
@@ -219,55 +272,18 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                             ks[jj, c] = krow[c]
                         for c in range(dv):
                             vs[jj, c] = vrow[c]
-                    np.dot(ks[:nk], qs.T, st)
                     kt = ks[:nk]
                     vt = vs[:nk]
-                else:
-                    for jj in range(nk):
-                        krow = k[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
-                        for r in range(nr):
-                            a = zero
-                            for c in range(d):
-                                a += qs[r, c] * krow[c]
-                            st[jj, r] = a
+                np.dot(kt, qs.T, st)
                 positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
                 fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
                            has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
-                # online softmax, element-wise across rows
+                online_softmax(st, nk, m, mu, l, alpha, tmax, junk)
+                np.dot(st.T, vt, pv)
                 for r in range(nr):
-                    tmax[r] = st[0, r]
-                for jj in range(1, nk):
-                    srow = st[jj]
-                    for r in range(nr):
-                        x = srow[r]
-                        tmax[r] = x if x > tmax[r] else tmax[r]
-                for r in range(nr):
-                    alpha[r] = m[r]
-                    mn = tmax[r] if tmax[r] > m[r] else m[r]
-                    m[r] = mn
-                    mu[r] = mn if mn > -np.inf else zero
-                exp_diff_acc(alpha, mu, nr, junk)  # alpha = exp(m_old - m_new)
-                for r in range(nr):
-                    l[r] *= alpha[r]
-                for jj in range(nk):
-                    exp_diff_acc(st[jj], mu, nr, l)  # p = exp(s - m); l += p
-                if use_blas:
-                    np.dot(st.T, vt, pv)
-                    for r in range(nr):
-                        a = alpha[r]
-                        for c in range(dv):
-                            acc[r, c] = acc[r, c] * a + pv[r, c]
-                else:
-                    for r in range(nr):
-                        a = alpha[r]
-                        for c in range(dv):
-                            acc[r, c] *= a
-                    for jj in range(nk):
-                        vrow = v[storage_row(b, j0 + jj, k_start, block_table, block_size), kvh]
-                        for r in range(nr):
-                            p = st[jj, r]
-                            for c in range(dv):
-                                acc[r, c] += p * vrow[c]
+                    a = alpha[r]
+                    for c in range(dv):
+                        acc[r, c] = acc[r, c] * a + pv[r, c]
             write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out,
                        part_lse)
 
