@@ -11,7 +11,6 @@ import threading
 import numba
 import numba.extending
 
-
 # Threading layer: Numba's default priority (tbb, omp, workqueue) already picks a
 # thread-safe layer where one is installed. numba_attn does not force one, and in
 # particular does not load OpenMP at import: whichever libgomp is loaded first serves every

@@ -110,7 +110,8 @@ class AttentionConfig:
         except (TypeError, ValueError):
             raise AttentionError(f"softcap: expected a float, got {self.softcap!r}") from None
         if not math.isfinite(softcap) or softcap < 0.0:
-            raise AttentionError(f"softcap: must be finite and >= 0 (0 disables), got {self.softcap!r}")
+            raise AttentionError(
+                f"softcap: must be finite and >= 0 (0 disables), got {self.softcap!r}")
         set_(self, "softcap", softcap)
 
     # -- constructors -------------------------------------------------------------------

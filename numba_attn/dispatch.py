@@ -32,7 +32,7 @@ def _bfloat16():
 # array helpers (host and device arrays alike: only .shape / .dtype / .ndim are used)
 # ---------------------------------------------------------------------------------------
 def array_device(x) -> str:
-    """``"cuda"`` for device arrays (``__cuda_array_interface__``/DLPack on a GPU), else ``"cpu"``."""
+    """``"cuda"`` for device arrays (CUDA array interface, DLPack on a GPU), else ``"cpu"``."""
     if type(x) is np.ndarray:
         return "cpu"
     if hasattr(x, "__cuda_array_interface__") or hasattr(x, "copy_to_host"):

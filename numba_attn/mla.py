@@ -26,8 +26,16 @@ import numpy as np
 
 from . import dispatch as dp
 from .config import AttentionConfig, AttentionError
-from .layers import (ParameterMixin, RotaryTable, check_hidden, check_positions, hf_rope,
-                     linear, to_device_if, to_host)
+from .layers import (
+    ParameterMixin,
+    RotaryTable,
+    check_hidden,
+    check_positions,
+    hf_rope,
+    linear,
+    to_device_if,
+    to_host,
+)
 
 __all__ = ["MultiHeadLatentAttention", "MLACache"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+
 @pytest.fixture
 def rng(request):
     """A generator seeded from the test's node id: reproducible and distinct per case."""

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numerics import assert_close
 
 import numba_attn as na
 from numba_attn import reference as ref
-
-from numerics import assert_close
 
 # name: (batch, seqlen_q, seqlen_k, num_heads, num_kv_heads, head_dim, head_dim_v)
 SHAPES = {

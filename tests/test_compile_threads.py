@@ -9,10 +9,10 @@ import threading
 import numba
 import numpy as np
 import pytest
+from numerics import assert_close
 
 import numba_attn as na
 from numba_attn.cpu import forward as fk
-from numerics import assert_close
 
 
 def _qkv(rng, b=2, sq=33, sk=70, h=4, hkv=2, d=16, dtype=np.float32):

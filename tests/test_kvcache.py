@@ -8,8 +8,7 @@ import pytest
 from numerics import assert_close
 
 import numba_attn
-from numba_attn import AttentionError, KVCache, PagedKVCache
-from numba_attn import reference
+from numba_attn import AttentionError, KVCache, PagedKVCache, reference
 from numba_attn import reference_rope as rr
 
 H, HKV = 4, 2

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numerics import assert_close
 
 import numba_attn as na
 from numba_attn import reference as ref
-from numerics import assert_close
 
 VARLEN_OPTIONS = {
     "plain": {},

@@ -19,13 +19,20 @@ masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory tr
 """
 from __future__ import annotations
 
-
 import numpy as np
 from numba import prange
 
 from .._jit import inline, jit
-from .forward import (fixup_tile, init_rows, init_state, key_range, merge_split_row,
-                      online_softmax, tile_needs_mask, write_rows)
+from .forward import (
+    fixup_tile,
+    init_rows,
+    init_state,
+    key_range,
+    merge_split_row,
+    online_softmax,
+    tile_needs_mask,
+    write_rows,
+)
 
 TILE = 32  # keys per tile: scores of all rows for one tile stay in L1
 MIN_SPLIT_KEYS = 512  # fewer keys per split do not pay for the merge

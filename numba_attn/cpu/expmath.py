@@ -10,7 +10,6 @@ The loops are element-wise over a row (no horizontal reduction), which LLVM vect
 """
 from __future__ import annotations
 
-
 import numpy as np
 from llvmlite import ir
 from numba.core import types

@@ -23,46 +23,13 @@ import math
 import numpy as np
 from numba import prange
 
+from .. import masking
 from .._jit import inline, jit
 from .expmath import exp_diff_acc
 
-# causal modes (compile-time-cheap ints shared with the CUDA kernels)
-CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = 0, 1, 2
-
-
-@inline
-def key_range(i0, i1, off, klen, causal, wl, wr):
-    """Union over queries i0..i1-1 of their visible key positions, as [lo, hi)."""
-    hi = klen
-    if causal == 1:
-        hi = min(hi, i1 - 1 + off + 1)
-    elif causal == 2:
-        hi = min(hi, i1)
-    if wr >= 0:
-        hi = min(hi, i1 - 1 + off + wr + 1)
-    lo = 0
-    if wl >= 0:
-        lo = max(lo, i0 + off - wl)
-    return lo, hi
-
-
-@inline
-def tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr):
-    """False when every query in [i0, i1) sees every key in [j0, j1) positionally."""
-    if causal == 1 and j1 - 1 > i0 + off:
-        return True
-    if causal == 2 and j1 - 1 > i0:
-        return True
-    if wr >= 0 and j1 - 1 > i0 + off + wr:
-        return True
-    if wl >= 0 and j0 < i1 - 1 + off - wl:
-        return True
-    return False
-
-
-@inline
-def storage_row(b, j, k_start, block_table, block_size):
-    return k_start + block_table[b, j // block_size] * block_size + j % block_size
+key_range = inline(masking.key_range)
+tile_needs_mask = inline(masking.tile_needs_mask)
+storage_row = inline(masking.storage_row)
 
 
 @inline

@@ -6,14 +6,13 @@ import threading
 import numba
 import numpy as np
 
-from ..config import AttentionConfig
 from .._jit import jit, parallel_guard, serial_if
+from ..config import AttentionConfig
 from ..dispatch import CONTIGUOUS_BLOCK
+from ..masking import CAUSAL_CODES
 from . import decode
 from . import forward as fk
 
-CAUSAL_CODES = {"none": fk.CAUSAL_NONE, "bottom_right": fk.CAUSAL_BOTTOM_RIGHT,
-                "top_left": fk.CAUSAL_TOP_LEFT}
 
 class _SingleThreadedBlas:
     """BLAS held to one thread while prange threads call ``np.dot`` (no oversubscription,

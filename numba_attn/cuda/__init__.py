@@ -29,8 +29,7 @@ def _probe():
 
 def _find_reason():
     try:
-        from numba import config
-        from numba import cuda
+        from numba import config, cuda
     except Exception as e:  # ImportError, or a broken install
         return f"numba-cuda not installed ({type(e).__name__}: {e}); pip install numba-cuda"
     if getattr(config, "ENABLE_CUDASIM", 0):

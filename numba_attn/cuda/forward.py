@@ -32,7 +32,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = 0, 1, 2
+from .. import masking
+
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
 
@@ -57,34 +58,8 @@ def warp_sum(x):
     return x
 
 
-@cuda.jit(device=True, inline=True)
-def key_range(i0, i1, off, klen, causal, wl, wr):
-    """Union over queries i0..i1-1 of their visible key positions, as [lo, hi)."""
-    hi = klen
-    if causal == 1:
-        hi = min(hi, i1 + off)
-    elif causal == 2:
-        hi = min(hi, i1)
-    if wr >= 0:
-        hi = min(hi, i1 + off + wr)
-    lo = 0
-    if wl >= 0:
-        lo = max(lo, i0 + off - wl)
-    return lo, hi
-
-
-@cuda.jit(device=True, inline=True)
-def tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr):
-    """False when every query in [i0, i1) sees every key in [j0, j1) positionally."""
-    if causal == 1 and j1 - 1 > i0 + off:
-        return True
-    if causal == 2 and j1 - 1 > i0:
-        return True
-    if wr >= 0 and j1 - 1 > i0 + off + wr:
-        return True
-    if wl >= 0 and j0 < i1 - 1 + off - wl:
-        return True
-    return False
+key_range = cuda.jit(device=True, inline=True)(masking.key_range)
+tile_needs_mask = cuda.jit(device=True, inline=True)(masking.tile_needs_mask)
 
 
 @cuda.jit(device=True, inline=True)

@@ -14,12 +14,11 @@ import numpy as np
 from numba import cuda
 
 from ..config import AttentionError
-from ..dispatch import CONTIGUOUS_BLOCK
 from ..cpu.launch import make_items as _make_items
+from ..dispatch import CONTIGUOUS_BLOCK
+from ..masking import CAUSAL_CODES
 from . import forward as fk
 
-CAUSAL_CODES = {"none": fk.CAUSAL_NONE, "bottom_right": fk.CAUSAL_BOTTOM_RIGHT,
-                "top_left": fk.CAUSAL_TOP_LEFT}
 SHARED_BYTES = 46 * 1024  # static shared memory per block stays under the 48 KiB limit
 MAX_SPLITS = 64  # gridDim.z limit
 STORAGE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))

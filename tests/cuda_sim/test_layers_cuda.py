@@ -1,7 +1,6 @@
 """Attention layers on the CUDA backend (simulator or GPU): the CUDA cases of
 tests/test_layers.py, test_mla.py and test_norm.py, run in this directory's process."""
 import pytest
-
 import test_layers
 import test_mla
 import test_norm

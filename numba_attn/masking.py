@@ -1,0 +1,48 @@
+"""Positional visibility (causal, window) shared by the CPU and CUDA kernels.
+
+Plain Python, compiled for each target where it is used (``register_jitable`` on the CPU,
+a ``cuda.jit`` device function on the GPU), so the two backends cannot drift apart.
+Positions are in-row: query ``i`` sits at key position ``i + off``
+(``off = seqlen_k - seqlen_q``, bottom-right alignment).
+"""
+from __future__ import annotations
+
+CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT = 0, 1, 2
+CAUSAL_CODES = {"none": CAUSAL_NONE, "bottom_right": CAUSAL_BOTTOM_RIGHT,
+                "top_left": CAUSAL_TOP_LEFT}
+
+
+def key_range(i0, i1, off, klen, causal, wl, wr):
+    """Union over queries i0..i1-1 of their visible key positions, as [lo, hi).
+
+    For a single query (``i1 = i0 + 1``) it is exactly that query's visible range.
+    """
+    hi = klen
+    if causal == 1:
+        hi = min(hi, i1 + off)
+    elif causal == 2:
+        hi = min(hi, i1)
+    if wr >= 0:
+        hi = min(hi, i1 + off + wr)
+    lo = 0
+    if wl >= 0:
+        lo = max(lo, i0 + off - wl)
+    return lo, hi
+
+
+def tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr):
+    """False when every query in [i0, i1) sees every key in [j0, j1) positionally."""
+    if causal == 1 and j1 - 1 > i0 + off:
+        return True
+    if causal == 2 and j1 - 1 > i0:
+        return True
+    if wr >= 0 and j1 - 1 > i0 + off + wr:
+        return True
+    if wl >= 0 and j0 < i1 - 1 + off - wl:
+        return True
+    return False
+
+
+def storage_row(b, j, k_start, block_table, block_size):
+    """Storage row of key ``j`` of batch row ``b`` (contiguous stores: one huge block)."""
+    return k_start + block_table[b, j // block_size] * block_size + j % block_size
