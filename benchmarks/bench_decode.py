@@ -17,7 +17,6 @@ should not depend on the length (O(num_kv_heads x head_dim) per token).
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -41,16 +40,6 @@ def make_cache(kind, batch, length, k, v):
                                         max_seqlen=length)
     cache.append(k, v)
     return cache
-
-
-def best_seconds(fn, repeats=7):
-    fn()
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 class Decode(Benchmark):
@@ -82,12 +71,12 @@ class Decode(Benchmark):
         self.fn()
 
     def track_kv_gbs(self, shape, cache_kind, impl):
-        return self.kv_bytes / best_seconds(self.fn) / 1e9
+        return self.kv_bytes / nb.best_seconds(self.fn) / 1e9
 
     track_kv_gbs.unit = "GB/s"
 
     def track_fraction_of_read_bandwidth(self, shape, cache_kind, impl):
-        gbs = self.kv_bytes / best_seconds(self.fn) / 1e9
+        gbs = self.kv_bytes / nb.best_seconds(self.fn) / 1e9
         return gbs / nb.read_bandwidth_gbs(nbytes=256 * 2**20)
 
     track_fraction_of_read_bandwidth.unit = "ratio"

@@ -240,7 +240,7 @@ def time_call(fn, *, min_repeats=3, max_repeats=20, target_s=1.0, budget_s=15.0)
     return statistics.median(samples), warm, len(samples)
 
 
-def _best_seconds(fn, repeats):
+def best_seconds(fn, repeats=7):
     """Fastest of ``repeats`` timed calls after a warm-up call (a peak, not a typical)."""
     fn()
     best = np.inf
@@ -258,7 +258,7 @@ def sgemm_gflops(n=4096, repeats=3):
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
-    return 2.0 * n**3 / _best_seconds(lambda: np.matmul(a, b, out=c), repeats) / 1e9
+    return 2.0 * n**3 / best_seconds(lambda: np.matmul(a, b, out=c), repeats) / 1e9
 
 
 def read_bandwidth_gbs(nbytes=512 * 2**20, repeats=5):
@@ -269,7 +269,7 @@ def read_bandwidth_gbs(nbytes=512 * 2**20, repeats=5):
     a = np.ones((rows, cols), np.float32)
     x = np.ones(cols, np.float32)
     y = np.empty(rows, np.float32)
-    return a.nbytes / _best_seconds(lambda: np.matmul(a, x, out=y), repeats) / 1e9
+    return a.nbytes / best_seconds(lambda: np.matmul(a, x, out=y), repeats) / 1e9
 
 
 # ---------------------------------------------------------------------------------------
