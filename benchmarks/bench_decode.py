@@ -17,7 +17,6 @@ should not depend on the length (O(num_kv_heads x head_dim) per token).
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 import numba_attn
