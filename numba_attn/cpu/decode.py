@@ -23,6 +23,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import inline, jit
+from .atomics import fetch_add
 from .forward import (
     fixup_tile,
     init_rows,
@@ -216,58 +217,66 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
     else:
         pout = np.empty((1, 1, 1, 1), dt)
         plse = np.empty((1, 1, 1), dt)
-    for w in prange(n_items * ns):
-        split = w % ns
-        it = w // ns
-        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
-        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
-        i0 = i_first - q_start
-        i1 = i_end - q_start
-        nq = i1 - i0
-        nrg = group * nq  # rows per kv head: r = kvh * nrg + g * nq + (i - i0)
-        nr = n_kv * nrg
-        lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
-        span = max(hi - lo, 0)
-        chunk = (span + ns - 1) // ns
-        chunk = (chunk + TILE - 1) // TILE * TILE
-        js = lo + split * chunk
-        je = min(hi, js + chunk)
+    # lanes pull work items through a shared counter: a thread the machine slows down
+    # takes fewer of them (numba.get_num_threads() here would make the kernel uncacheable,
+    # so there is one lane per item, up to 64; idle lanes find the counter exhausted)
+    counter = np.zeros(1, np.int64)
+    for lane in prange(min(n_items * ns, 64)):
+        while True:
+            w = fetch_add(counter, 0, 1)
+            if w >= n_items * ns:
+                break
+            split = w % ns
+            it = w // ns
+            b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+            q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+            i0 = i_first - q_start
+            i1 = i_end - q_start
+            nq = i1 - i0
+            nrg = group * nq  # rows per kv head: r = kvh * nrg + g * nq + (i - i0)
+            nr = n_kv * nrg
+            lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
+            span = max(hi - lo, 0)
+            chunk = (span + ns - 1) // ns
+            chunk = (chunk + TILE - 1) // TILE * TILE
+            js = lo + split * chunk
+            je = min(hi, js + chunk)
 
-        zero = np.zeros(1, dt)[0]
-        hh = np.empty(nr, np.int64)  # query head of each row
-        for r in range(nr):
-            hh[r] = (r // nrg) * group + (r % nrg) // nq
-        qs, qi, rlo, rhi, slope_r = init_rows(q, q_start, i0, nq, hh, off, klen, causal, wl, wr,
-                                              scale, slopes, has_alibi, b)
-        m, mu, l, alpha, tmax, junk, acc = init_state(nr, dv, hh, sinks, has_sinks, split, dt)
-        sbuf = np.empty(TILE * nr, dt)
-        rowidx = np.empty(TILE, np.int64)
-        for j0 in range(js, je, TILE):
-            j1 = min(j0 + TILE, je)
-            nk = j1 - j0
-            s = sbuf[: nk * nr].reshape((nk, nr))  # scores, (keys, rows)
-            # storage rows of the tile's keys (runs of contiguous keys: no per-key division)
-            j = j0
-            while j < j1:
-                blk = j // block_size
-                within = j - blk * block_size
-                run = min(block_size - within, j1 - j)
-                base = k_start + block_table[b, blk] * block_size + within
-                for u in range(run):
-                    rowidx[j - j0 + u] = base + u
-                j += run
-            _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero)
-            positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
-            fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
-                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
-            online_softmax(s, nk, m, mu, l, alpha, tmax, junk)
+            zero = np.zeros(1, dt)[0]
+            hh = np.empty(nr, np.int64)  # query head of each row
             for r in range(nr):
-                a = alpha[r]
-                if a != 1.0:
-                    for c in range(dv):
-                        acc[r, c] *= a
-            _values(acc, v, rowidx, nk, n_kv, nrg, s, dv)
-        write_rows(acc, m, l, qi, hh, q_start, split, ns, out, lse, pout, plse)
+                hh[r] = (r // nrg) * group + (r % nrg) // nq
+            qs, qi, rlo, rhi, slope_r = init_rows(q, q_start, i0, nq, hh, off, klen, causal, wl, wr,
+                                                  scale, slopes, has_alibi, b)
+            m, mu, l, alpha, tmax, junk, acc = init_state(nr, dv, hh, sinks, has_sinks, split, dt)
+            sbuf = np.empty(TILE * nr, dt)
+            rowidx = np.empty(TILE, np.int64)
+            for j0 in range(js, je, TILE):
+                j1 = min(j0 + TILE, je)
+                nk = j1 - j0
+                s = sbuf[: nk * nr].reshape((nk, nr))  # scores, (keys, rows)
+                # storage rows of the tile's keys (runs of contiguous keys: no per-key division)
+                j = j0
+                while j < j1:
+                    blk = j // block_size
+                    within = j - blk * block_size
+                    run = min(block_size - within, j1 - j)
+                    base = k_start + block_table[b, blk] * block_size + within
+                    for u in range(run):
+                        rowidx[j - j0 + u] = base + u
+                    j += run
+                _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero)
+                positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
+                fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
+                           has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
+                online_softmax(s, nk, m, mu, l, alpha, tmax, junk)
+                for r in range(nr):
+                    a = alpha[r]
+                    if a != 1.0:
+                        for c in range(dv):
+                            acc[r, c] *= a
+                _values(acc, v, rowidx, nk, n_kv, nrg, s, dv)
+            write_rows(acc, m, l, qi, hh, q_start, split, ns, out, lse, pout, plse)
     if ns > 1:
         tq, n_heads = pout.shape[1], pout.shape[2]
         for w in prange(tq * n_heads):

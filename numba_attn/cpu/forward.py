@@ -25,6 +25,7 @@ from numba import prange
 
 from .. import masking
 from .._jit import inline, jit
+from .atomics import fetch_add
 from .expmath import exp_diff_acc
 
 key_range = inline(masking.key_range)
@@ -179,10 +180,10 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     With ``nsplit > 1`` each item's key range is cut into ``nsplit`` parts written to
     part_out (nsplit, Tq, H, Dv) / part_lse (nsplit, Tq, H) for :func:`merge_splits`.
 
-    Work item ``w`` (= (item * Hkv + kv head) * nsplit + split) runs on lane ``i %
-    n_lanes`` for ``w = schedule[i]``: the launcher orders work by decreasing cost and
-    deals it round-robin (one lane per thread), which balances causal and ragged work
-    without dynamic scheduling.
+    Work items ``w`` (= (item * Hkv + kv head) * nsplit + split) are taken in the order
+    of ``schedule`` (decreasing cost, from the launcher) by ``n_lanes`` lanes (one per
+    thread) through an atomic counter: largest first, and a thread that the machine slows
+    down takes fewer items instead of holding up the call.
 
     Score tiles are kept transposed, (keys, rows), so that the online-softmax steps (tile
     max, exp, row sums, rescale) are element-wise across rows and vectorise.
@@ -193,8 +194,12 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     group = n_heads // n_kv
     n_items = items.shape[0]
     n_work = n_items * n_kv * nsplit
+    counter = np.zeros(1, np.int64)  # next index into schedule, shared by the lanes
     for lane in prange(n_lanes):
-        for idx in range(lane, n_work, n_lanes):
+        while True:
+            idx = fetch_add(counter, 0, 1)
+            if idx >= n_work:
+                break
             w = schedule[idx]
             split = w % nsplit
             kvh = (w // nsplit) % n_kv
