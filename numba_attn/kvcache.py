@@ -158,8 +158,8 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
     slots = cache.commit(plan)
     if n_new:
         cache._write(slots, k_new, v_new)
-    if not on_dev and ks.dtype != cdt:  # float16/bfloat16 storage: converted per call
-        p.k, p.v = ks.astype(cdt), vs.astype(cdt)
+    if not on_dev and ks.dtype not in (cdt, np.float16):  # bfloat16: converted per call
+        p.k, p.v = ks.astype(cdt), vs.astype(cdt)  # (float16 is read by the kernels)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if not return_lse:
         return o

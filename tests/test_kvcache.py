@@ -288,3 +288,17 @@ def test_bad_block_table_raises_and_leaves_the_cache_unchanged(rng):
 def test_cache_type_is_checked():
     with pytest.raises(TypeError, match="cache"):
         numba_attn.attention_with_kvcache(np.zeros((1, 1, 2, 4), np.float32), object())
+
+
+@pytest.mark.parametrize("sq", [1, 40], ids=["decode", "chunk"])
+@pytest.mark.parametrize("kind", ["contiguous", "paged-bs5"])
+def test_float16_storage_is_read_in_place(rng, kind, sq):
+    """float16 caches are read by the kernels as bits (decode and BLAS paths alike), and
+    agree with the float64 oracle on the float16 values."""
+    cache, k, v = filled(rng, kind, 2, [50, 23], 16, dtype=np.float16, cap=60)
+    q = rng.standard_normal((2, sq, H, 16)).astype(np.float16)
+    got = numba_attn.attention_with_kvcache(q, cache, causal=True)
+    assert got.dtype == np.float16
+    for b, n in enumerate([50, 23]):
+        exp = reference.attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=True)
+        np.testing.assert_allclose(got[b:b + 1].astype(np.float64), exp, rtol=3e-3, atol=3e-3)

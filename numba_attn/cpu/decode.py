@@ -34,6 +34,7 @@ from .forward import (
     tile_needs_mask,
     write_rows,
 )
+from .halfs import ld
 
 TILE = 32  # keys per tile: scores of all rows for one tile stay in L1
 MIN_SPLIT_KEYS = 512  # fewer keys per split do not pay for the merge
@@ -52,10 +53,10 @@ def _dot4x4(qs, r, k0, k1, k2, k3, s, jj, d, zero):
     a20 = a21 = a22 = a23 = zero
     a30 = a31 = a32 = a33 = zero
     for c in range(d):
-        x0 = k0[c]
-        x1 = k1[c]
-        x2 = k2[c]
-        x3 = k3[c]
+        x0 = ld(k0, c)
+        x1 = ld(k1, c)
+        x2 = ld(k2, c)
+        x3 = ld(k3, c)
         y = q0[c]
         a00 += y * x0
         a01 += y * x1
@@ -121,10 +122,10 @@ def _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero):
                 a3 = zero
                 for c in range(d):
                     qc = qr[c]
-                    a0 += qc * k0[c]
-                    a1 += qc * k1[c]
-                    a2 += qc * k2[c]
-                    a3 += qc * k3[c]
+                    a0 += qc * ld(k0, c)
+                    a1 += qc * ld(k1, c)
+                    a2 += qc * ld(k2, c)
+                    a3 += qc * ld(k3, c)
                 s[jj, r] = a0
                 s[jj + 1, r] = a1
                 s[jj + 2, r] = a2
@@ -136,7 +137,7 @@ def _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero):
                 qr = qs[r]
                 a0 = zero
                 for c in range(d):
-                    a0 += qr[c] * k0[c]
+                    a0 += qr[c] * ld(k0, c)
                 s[jj, r] = a0
 
 
@@ -164,7 +165,7 @@ def _values(acc, v, rowidx, nk, n_kv, nrg, s, dv):
                     continue
                 ar = acc[r]
                 for c in range(dv):
-                    ar[c] += p0 * v0[c] + p1 * v1[c] + p2 * v2[c] + p3 * v3[c]
+                    ar[c] += p0 * ld(v0, c) + p1 * ld(v1, c) + p2 * ld(v2, c) + p3 * ld(v3, c)
     for jj in range(n4, nk):
         for kvh in range(n_kv):
             v0 = v[rowidx[jj], kvh]
@@ -173,7 +174,7 @@ def _values(acc, v, rowidx, nk, n_kv, nrg, s, dv):
                 if p0 != 0.0:
                     ar = acc[r]
                     for c in range(dv):
-                        ar[c] += p0 * v0[c]
+                        ar[c] += p0 * ld(v0, c)
 
 
 @inline

@@ -27,6 +27,7 @@ from .. import masking
 from .._jit import inline, jit
 from .atomics import fetch_add
 from .expmath import exp_diff_acc
+from .halfs import ld
 
 key_range = inline(masking.key_range)
 tile_needs_mask = inline(masking.tile_needs_mask)
@@ -241,9 +242,9 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                         krow = k[row, kvh]
                         vrow = v[row, kvh]
                         for c in range(d):
-                            ks[jj, c] = krow[c]
+                            ks[jj, c] = ld(krow, c)
                         for c in range(dv):
-                            vs[jj, c] = vrow[c]
+                            vs[jj, c] = ld(vrow, c)
                     kt = ks[:nk]
                     vt = vs[:nk]
                 np.dot(kt, qs.T, st)

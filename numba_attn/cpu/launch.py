@@ -12,6 +12,7 @@ from ..dispatch import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
 from . import decode
 from . import forward as fk
+from .halfs import as_kernel_storage
 
 
 class _SingleThreadedBlas:
@@ -152,7 +153,8 @@ def forward(p):
         part_lse = np.empty((nsplit, tq, cfg.num_heads), dt)
     else:
         part_out, part_lse = _dummy(dt, 4), _dummy(dt, 3)
-    args = (p.q, p.k, p.v, out, lse, part_out, part_lse, p.rows, items,
+    k_store, v_store = as_kernel_storage(p.k), as_kernel_storage(p.v)  # float16: bits
+    args = (p.q, k_store, v_store, out, lse, part_out, part_lse, p.rows, items,
             p.block_table, np.int64(p.block_size), dt.type(cfg.scale),
             np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
             np.int64(cfg.window[1]), dt.type(cfg.softcap),
@@ -167,8 +169,8 @@ def forward(p):
             np.int64(nsplit), np.int64(block_k), use_blas)
     packed = use_blas and p.block_size == CONTIGUOUS_BLOCK
     if packed:  # head-major copies: O(N D) once instead of a gather per query block
-        kpack = np.ascontiguousarray(p.k.transpose(1, 0, 2))
-        vpack = np.ascontiguousarray(p.v.transpose(1, 0, 2))
+        kpack = np.ascontiguousarray(p.k.transpose(1, 0, 2), dtype=dt)
+        vpack = np.ascontiguousarray(p.v.transpose(1, 0, 2), dtype=dt)
     else:
         kpack = vpack = _dummy(dt, 3)
     args = args + (kpack, vpack, packed)
