@@ -33,7 +33,7 @@ class _SingleThreadedBlas:
         import scipy.linalg.cython_blas  # noqa: F401
         from threadpoolctl import ThreadpoolController
 
-        return [lc for lc in ThreadpoolController().select(user_api="blas").lib_controllers]
+        return list(ThreadpoolController().select(user_api="blas").lib_controllers)
 
     def __enter__(self):
         with self._lock:
