@@ -43,6 +43,17 @@ def tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr):
     return False
 
 
+def split_range(lo, hi, nsplit, split, align):
+    """Keys [js, je) of split ``split`` of ``nsplit`` over [lo, hi), in ``align``-sized tiles.
+
+    Parts are equal multiples of ``align``; trailing parts may be empty (js >= je).
+    """
+    chunk = (max(hi - lo, 0) + nsplit - 1) // nsplit
+    chunk = (chunk + align - 1) // align * align
+    js = lo + split * chunk
+    return js, min(hi, js + chunk)
+
+
 def storage_row(b, j, k_start, block_table, block_size):
     """Storage row of key ``j`` of batch row ``b`` (contiguous stores: one huge block)."""
     return k_start + block_table[b, j // block_size] * block_size + j % block_size

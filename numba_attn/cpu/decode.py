@@ -31,6 +31,7 @@ from .forward import (
     key_range,
     merge_split_row,
     online_softmax,
+    split_range,
     tile_needs_mask,
     write_rows,
 )
@@ -237,11 +238,7 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
             nrg = group * nq  # rows per kv head: r = kvh * nrg + g * nq + (i - i0)
             nr = n_kv * nrg
             lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
-            span = max(hi - lo, 0)
-            chunk = (span + ns - 1) // ns
-            chunk = (chunk + TILE - 1) // TILE * TILE
-            js = lo + split * chunk
-            je = min(hi, js + chunk)
+            js, je = split_range(lo, hi, ns, split, TILE)
 
             zero = np.zeros(1, dt)[0]
             hh = np.empty(nr, np.int64)  # query head of each row

@@ -32,6 +32,7 @@ from .halfs import ld
 key_range = inline(masking.key_range)
 tile_needs_mask = inline(masking.tile_needs_mask)
 storage_row = inline(masking.storage_row)
+split_range = inline(masking.split_range)
 
 
 @inline
@@ -212,11 +213,7 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
             nq = i1 - i0
             nr = group * nq  # rows of this item: r = g * nq + (i - i0)
             lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
-            span = max(hi - lo, 0)
-            chunk = (span + nsplit - 1) // nsplit
-            chunk = (chunk + block_k - 1) // block_k * block_k
-            js = lo + split * chunk
-            je = min(hi, js + chunk)
+            js, je = split_range(lo, hi, nsplit, split, block_k)
 
             hh = np.empty(nr, np.int64)
             for r in range(nr):

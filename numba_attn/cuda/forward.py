@@ -60,6 +60,7 @@ def warp_sum(x):
 
 key_range = cuda.jit(device=True, inline=True)(masking.key_range)
 tile_needs_mask = cuda.jit(device=True, inline=True)(masking.tile_needs_mask)
+split_range = cuda.jit(device=True, inline=True)(masking.split_range)
 
 
 @cuda.jit(device=True, inline=True)
@@ -141,11 +142,7 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW):
         nq = i1 - i0
         nr = GROUP * nq
         lo, hi = key_range(i0, i1, off, meta[5 * b + 3], causal, wl, wr)
-        span = max(hi - lo, 0)
-        chunk = (span + nsplit - 1) // nsplit
-        chunk = (chunk + BK - 1) // BK * BK
-        js = lo + split * chunk
-        je = min(hi, js + chunk)
+        js, je = split_range(lo, hi, nsplit, split, BK)
         bsl = b if slopes.shape[0] > 1 else 0
 
         for idx in range(tid, QROWS * D, NT):
