@@ -2,11 +2,11 @@
 published formulas: Linear (x W^T + b), RMSNorm, rotary embeddings in Hugging Face's
 rotate_half form (GPT-J's rotate_every_two for interleaved), Llama-3 frequency scaling as
 in transformers' _compute_llama3_parameters, repeat_kv, masked softmax attention."""
-import math
 import tracemalloc
 
 import numpy as np
 import pytest
+from numerics import expected_inv_freq
 
 import numba_attn
 from numba_attn import AttentionError, MultiHeadAttention
@@ -23,24 +23,6 @@ def _backends():
 # ---------------------------------------------------------------------------------------
 # the float64 oracle
 # ---------------------------------------------------------------------------------------
-def ref_inv_freq(rdim, theta, scaling):
-    inv = 1.0 / theta ** (np.arange(0, rdim, 2, dtype=np.float64) / rdim)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-    if kind is None:
-        return inv
-    if kind == "linear":
-        return inv / scaling["factor"]
-    assert kind == "llama3"
-    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    inv_l = np.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
-    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-    return np.where(medium, smoothed, inv_l)
-
-
 def ref_rope(x, pos, inv, interleaved):
     """x (B, S, H, D), pos (B, S): rotate the first 2 * len(inv) channels."""
     r = 2 * len(inv)
@@ -116,7 +98,7 @@ def ref_forward(layer, params, x, *, context=None, positions=None, kv_lens=None,
         k = ref_rms(k, P["k_norm.weight"], layer.norm_eps)
     if layer.rope_theta is not None and context is None:
         pos = np.broadcast_to(np.arange(s) if positions is None else positions, (b, s))
-        inv = ref_inv_freq(int(hd * layer.partial_rotary_factor), layer.rope_theta,
+        inv = expected_inv_freq(int(hd * layer.partial_rotary_factor), layer.rope_theta,
                            layer.rope_scaling)
         q = ref_rope(q, pos, inv, layer.rotary_interleaved)
         k = ref_rope(k, pos, inv, layer.rotary_interleaved)

@@ -5,30 +5,13 @@ import math
 
 import numpy as np
 import pytest
+from numerics import expected_inv_freq
 
 import numba_attn
 from numba_attn import AttentionError
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
-
-
-def expected_inv_freq(rotary_dim, base, scaling):
-    """Hugging Face's formulas (modeling_rope_utils), written with numpy.where."""
-    inv = 1.0 / (base ** (np.arange(0, rotary_dim, 2) / rotary_dim))
-    if scaling is None:
-        return inv
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "linear":
-        return inv / scaling["factor"]
-    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-    return np.where(medium, smoothed, scaled)
 
 
 def expected_rotary(x, inv_freq, positions, interleaved):
