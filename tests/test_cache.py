@@ -190,7 +190,6 @@ def test_copy_on_write_counts_pages_before_writing(rng):
     cache.append(*tokens(rng, 3, 1))  # rows 0, 1 copy; the last writer owns the original
     assert cache.num_free_blocks == 0
     assert len(set(cache.block_table[:, 0].tolist())) == 3
-    snap = snapshot(cache)
     cache.fork(0, 1)
     snap = snapshot(cache)
     with pytest.raises(AttentionError, match="out of pages"):
