@@ -28,6 +28,21 @@ from .._jit import inline, jit
 from .atomics import fetch_add
 from .expmath import exp_diff_acc
 from .halfs import ld
+from .microkernels import pv6, pv8, qk6, qk8
+from .simd import (
+    block_rows,
+    lanes,
+    vadd,
+    vexp,
+    vload,
+    vmax,
+    vmul,
+    vnotneginf,
+    vsplat,
+    vstore,
+    vsub,
+    vtanh,
+)
 
 key_range = inline(masking.key_range)
 tile_needs_mask = inline(masking.tile_needs_mask)
@@ -165,97 +180,216 @@ def write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out, pa
             part_lse[split, t, h] = lv
 
 
+@inline
+def pack_rows(q, q_start, i0, nq, group, kvh, nr, nrp, off, klen, causal, wl, wr, scale,
+              slopes, has_alibi, b):
+    """Per-row data of a forward work item, padded to ``nrp`` rows (a multiple of the strip).
+
+    Row ``r < nr`` is query ``i0 + r % nq`` of head ``kvh * group + r // nq``; padding rows
+    repeat the last real row's metadata (their results are never written). Returns
+    qt (D * nrp,) = scale * q transposed (channel-major, rows in lanes, zero padding),
+    hh, qi, rlo, rhi (each row's visible keys [rlo, rhi)) and slope_r.
+    """
+    d = q.shape[2]
+    dt = q.dtype
+    qt = np.zeros(d * nrp, dt)
+    hh = np.empty(nrp, np.int64)
+    qi = np.empty(nrp, np.int64)
+    rlo = np.empty(nrp, np.int64)
+    rhi = np.empty(nrp, np.int64)
+    slope_r = np.zeros(nrp, dt)
+    for r in range(nrp):
+        rr = min(r, nr - 1)
+        i = i0 + rr % nq
+        h = kvh * group + rr // nq
+        hh[r] = h
+        qi[r] = i
+        rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+        if has_alibi:
+            slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
+        if r < nr:
+            qrow = q[q_start + i, h]
+            for c in range(d):
+                qt[c * nrp + r] = qrow[c] * scale
+    return qt, hh, qi, rlo, rhi, slope_r
+
+
+@inline
+def strip_softmax(st, ne, m, l, s0):
+    """Online-softmax step of one strip (2 vectors of rows) over ``ne`` keys of ``st``
+    (keys, 2W): st becomes p = exp(s - m_new); l is rescaled and grows; returns the two
+    alpha = exp(m_old - m_new) vectors for the accumulators."""
+    w = lanes(st)
+    mx0 = vload(st, 0)
+    mx1 = vload(st, w)
+    for jj in range(1, ne):
+        mx0 = vmax(mx0, vload(st, jj * 2 * w))
+        mx1 = vmax(mx1, vload(st, jj * 2 * w + w))
+    mo0 = vload(m, s0)
+    mo1 = vload(m, s0 + w)
+    mn0 = vmax(mo0, mx0)
+    mn1 = vmax(mo1, mx1)
+    mu0 = vnotneginf(mn0)  # exp shift: m where finite, else 0 (exp(-inf - 0) = 0)
+    mu1 = vnotneginf(mn1)
+    a0 = vexp(vsub(mo0, mu0))
+    a1 = vexp(vsub(mo1, mu1))
+    l0 = vmul(vload(l, s0), a0)
+    l1 = vmul(vload(l, s0 + w), a1)
+    for jj in range(ne):
+        p0 = vexp(vsub(vload(st, jj * 2 * w), mu0))
+        p1 = vexp(vsub(vload(st, jj * 2 * w + w), mu1))
+        vstore(st, jj * 2 * w, p0)
+        vstore(st, jj * 2 * w + w, p1)
+        l0 = vadd(l0, p0)
+        l1 = vadd(l1, p1)
+    vstore(m, s0, mn0)
+    vstore(m, s0 + w, mn1)
+    vstore(l, s0, l0)
+    vstore(l, s0 + w, l1)
+    return a0, a1
+
+
+@inline
+def strip_softcap(st, ne, softcap):
+    """st = softcap * tanh(st / softcap) over ``ne`` keys of a strip (vector tanh)."""
+    w = lanes(st)
+    one = softcap / softcap  # 1 in the compute dtype
+    cap = vsplat(softcap)
+    inv = vsplat(one / softcap)
+    for u in range(0, ne * 2 * w, w):
+        vstore(st, u, vmul(cap, vtanh(vmul(vload(st, u), inv))))
+
+
 @jit(parallel=True)
 def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                   scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
-                  mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas,
-                  kpack, vpack, packed, schedule, n_lanes):
-    """Forward pass (BLAS tiles); see the module docstring for rows/items/addressing.
+                  mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, schedule, n_lanes):
+    """Fused forward on the SIMD micro-kernels; see the module docstring for the layout.
 
-    ``use_blas`` is always True here (decode-sized work goes to decode.flash_decode, which
-    takes the same arguments up to ``packed``).
+    q (Tq, H, D) in the compute dtype; k (N, Hkv, D), v (N, Hkv, Dv) storage (float32,
+    float64, or float16 / bfloat16 bit views, see simd.kernel_storage), read in place;
+    out (Tq, H, Dv), lse (Tq, H). With ``nsplit > 1`` each item's key range is cut into
+    ``nsplit`` parts written to part_out (nsplit, Tq, H, Dv) / part_lse (nsplit, Tq, H).
 
-    With ``packed`` (contiguous storage only), kpack (Hkv, N, D) / vpack (Hkv, N, Dv) are
-    head-major copies of k / v, so BLAS reads key tiles in place instead of gathering them.
-
-    q (Tq, H, D), k (N, Hkv, D), v (N, Hkv, Dv), out (Tq, H, Dv), lse (Tq, H).
-    With ``nsplit > 1`` each item's key range is cut into ``nsplit`` parts written to
-    part_out (nsplit, Tq, H, Dv) / part_lse (nsplit, Tq, H) for :func:`merge_splits`.
-
-    Work items ``w`` (= (item * Hkv + kv head) * nsplit + split) are taken in the order
-    of ``schedule`` (decreasing cost, from the launcher) by ``n_lanes`` lanes (one per
-    thread) through an atomic counter: largest first, and a thread that the machine slows
-    down takes fewer items instead of holding up the call.
-
-    Score tiles are kept transposed, (keys, rows), so that the online-softmax steps (tile
-    max, exp, row sums, rescale) are element-wise across rows and vectorise.
+    A work item (batch row, query block, kv head, split) holds all query heads of the
+    GQA group as rows, padded to strips of 2 vectors (rows in lanes). For each key tile
+    of ``block_k`` keys and each strip: scores (keys, rows) by the QK micro-kernel straight
+    from K storage, soft-cap / ALiBi / bias / masks (masks only where the strip's rows do
+    not all see the tile), online softmax in vectors, then O^T (Dv, rows) += V^T P by the
+    PV micro-kernel straight from V storage. Strips that see no key of a tile are skipped,
+    and a strip stops at its last visible key. Work items are taken in ``schedule`` order
+    (decreasing cost) by ``n_lanes`` lanes through an atomic counter.
     """
     dt = q.dtype
     n_heads, d = q.shape[1], q.shape[2]
     n_kv, dv = k.shape[1], v.shape[2]
     group = n_heads // n_kv
+    w = lanes(q)
+    nrs = 2 * w  # rows per strip
+    mr = block_rows(q)  # keys / value channels per micro-kernel
+    dvp = (dv + mr - 1) // mr * mr
+    nkt = (block_k + mr - 1) // mr * mr
     n_items = items.shape[0]
     n_work = n_items * n_kv * nsplit
-    counter = np.zeros(1, np.int64)  # next index into schedule, shared by the lanes
+    counter = np.zeros(1, np.int64)
     for lane in prange(n_lanes):
         while True:
             idx = fetch_add(counter, 0, 1)
             if idx >= n_work:
                 break
-            w = schedule[idx]
-            split = w % nsplit
-            kvh = (w // nsplit) % n_kv
-            it = w // (nsplit * n_kv)
+            wk = schedule[idx]
+            split = wk % nsplit
+            kvh = (wk // nsplit) % n_kv
+            it = wk // (nsplit * n_kv)
             b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
             q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
-            i0 = i_first - q_start  # in-row query positions [i0, i1)
+            i0 = i_first - q_start
             i1 = i_end - q_start
             nq = i1 - i0
-            nr = group * nq  # rows of this item: r = g * nq + (i - i0)
+            nr = group * nq
+            nrp = (nr + nrs - 1) // nrs * nrs
             lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
             js, je = split_range(lo, hi, nsplit, split, block_k)
 
-            hh = np.empty(nr, np.int64)
-            for r in range(nr):
-                hh[r] = kvh * group + r // nq
-            qs, qi, rlo, rhi, slope_r = init_rows(q, q_start, i0, nq, hh, off, klen, causal,
-                                                  wl, wr, scale, slopes, has_alibi, b)
-            m, mu, l, alpha, tmax, junk, acc = init_state(nr, dv, hh, sinks, has_sinks,
-                                                          split, dt)
-            sbuf = np.empty(block_k * nr, dt)
-            ks = np.empty((block_k, d), dt)
-            vs = np.empty((block_k, dv), dt)
-            pv = np.empty((nr, dv), dt)
+            qt, hh, qi, rlo, rhi, slope_r = pack_rows(q, q_start, i0, nq, group, kvh, nr, nrp,
+                                                      off, klen, causal, wl, wr, scale,
+                                                      slopes, has_alibi, b)
+            m = np.full(nrp, -np.inf, dt)
+            l = np.zeros(nrp, dt)
+            if has_sinks and split == 0:  # a sink starts a row at m = sink, l = 1
+                for r in range(nrp):
+                    m[r] = sinks[hh[r]]
+                    l[r] = 1.0
+            ot = np.zeros(dvp * nrp, dt)  # O^T (Dv padded, rows)
+            st = np.empty(nkt * nrs, dt)  # scores / probabilities of a strip (keys, rows)
+            kb = np.empty(nkt, np.int64)  # flat storage offsets of the tile's keys
+            vb = np.empty(nkt, np.int64)
             for j0 in range(js, je, block_k):
                 j1 = min(j0 + block_k, je)
                 nk = j1 - j0
-                st = sbuf[: nk * nr].reshape((nk, nr))
-                if packed:
-                    kt = kpack[kvh][k_start + j0:k_start + j1]
-                    vt = vpack[kvh][k_start + j0:k_start + j1]
-                else:  # paged: gather the tile's rows
-                    for jj in range(nk):
-                        row = storage_row(b, j0 + jj, k_start, block_table, block_size)
-                        krow = k[row, kvh]
-                        vrow = v[row, kvh]
-                        for c in range(d):
-                            ks[jj, c] = ld(krow, c)
-                        for c in range(dv):
-                            vs[jj, c] = ld(vrow, c)
-                    kt = ks[:nk]
-                    vt = vs[:nk]
-                np.dot(kt, qs.T, st)
-                positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
-                fixup_tile(st, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
-                           has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
-                online_softmax(st, nk, m, mu, l, alpha, tmax, junk)
-                np.dot(st.T, vt, pv)
-                for r in range(nr):
-                    a = alpha[r]
+                nkp = (nk + mr - 1) // mr * mr
+                jj = 0
+                while jj < nk:  # runs of keys contiguous in storage: no per-key division
+                    j = j0 + jj
+                    blk = j // block_size
+                    within = j - blk * block_size
+                    run = min(block_size - within, nk - jj)
+                    base = k_start + block_table[b, blk] * block_size + within
+                    for u in range(run):
+                        kb[jj + u] = ((base + u) * n_kv + kvh) * d
+                        vb[jj + u] = ((base + u) * n_kv + kvh) * dv
+                    jj += run
+                for u in range(nk, nkp):  # padding keys read the last key, then masked
+                    kb[u] = kb[nk - 1]
+                    vb[u] = vb[nk - 1]
+                for s0 in range(0, nrp, nrs):
+                    slo = rlo[s0]
+                    shi = rhi[s0]
+                    for r in range(s0 + 1, s0 + nrs):
+                        slo = min(slo, rlo[r])
+                        shi = max(shi, rhi[r])
+                    ne = min(j1, shi) - j0  # keys of the tile the strip may see
+                    if ne <= 0 or slo >= j1:
+                        continue
+                    nep = (ne + mr - 1) // mr * mr
+                    for u in range(0, nep, mr):
+                        if mr == 8:
+                            qk8(k, kb, u, qt, nrp, s0, d, st)
+                        else:
+                            qk6(k, kb, u, qt, nrp, s0, d, st)
+                    if softcap > 0.0:
+                        strip_softcap(st, ne, softcap)
+                    needs = slo > j0
+                    for r in range(s0, s0 + nrs):
+                        needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
+                    if has_alibi or has_bias or has_mask or needs:
+                        fixup_tile(st[:ne * nrs].reshape((ne, nrs)), ne, nrs, j0, b,
+                                   qi[s0:], hh[s0:], rlo[s0:], rhi[s0:], slope_r[s0:], off,
+                                   needs, 0.0, has_alibi, bias, bstr, has_bias, mask, mstr,
+                                   has_mask)
+                    a0, a1 = strip_softmax(st, ne, m, l, s0)
+                    for c0 in range(0, dvp, mr):
+                        if mr == 8:
+                            pv8(v, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
+                        else:
+                            pv6(v, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
+            for r in range(nr):
+                t = q_start + qi[r]
+                h = hh[r]
+                if l[r] > 0.0:
+                    inv = 1.0 / l[r]
+                    lv = m[r] + math.log(l[r])
+                else:  # no visible key (and no sink): out = 0, lse = -inf
+                    inv = 0.0
+                    lv = -np.inf
+                if nsplit == 1:
                     for c in range(dv):
-                        acc[r, c] = acc[r, c] * a + pv[r, c]
-            write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out,
-                       part_lse)
+                        out[t, h, c] = ot[c * nrp + r] * inv
+                    lse[t, h] = lv
+                else:
+                    for c in range(dv):
+                        part_out[split, t, h, c] = ot[c * nrp + r] * inv
+                    part_lse[split, t, h] = lv
 
 
 @inline

@@ -167,23 +167,17 @@ def forward(p):
             p.mask is not None,
             p.sinks if p.sinks is not None else _dummy(dt), p.sinks is not None,
             np.int64(nsplit), np.int64(block_k), use_blas)
-    packed = use_blas and p.block_size == CONTIGUOUS_BLOCK
-    if packed:  # head-major copies: O(N D) once instead of a gather per query block
-        kpack = np.ascontiguousarray(p.k.transpose(1, 0, 2), dtype=dt)
-        vpack = np.ascontiguousarray(p.v.transpose(1, 0, 2), dtype=dt)
-    else:
-        kpack = vpack = _dummy(dt, 3)
-    args = args + (kpack, vpack, packed)
+    kpack = vpack = _dummy(dt, 3)
+    packed = False
     # multiply-adds: tiny calls run on the calling thread alone
     work = int(np.dot(p.rows[:, 1], p.rows[:, 3])) * cfg.num_heads * (
         cfg.head_dim + cfg.head_dim_v)
     with parallel_guard(), serial_if(work < SERIAL_BELOW):
         if use_blas:
             schedule = balanced_schedule(items, p.rows, cfg, block_k, nsplit, threads)
-            with single_threaded_blas:
-                fk.flash_forward(*args, schedule, np.int64(threads))
+            fk.flash_forward(*args[:-1], schedule, np.int64(threads))
         else:  # decode-sized items: whole storage rows streamed, own key splits
-            decode.flash_decode(*args)
+            decode.flash_decode(*args, kpack, vpack, packed)
         if nsplit > 1:
             fk.merge_splits(part_out, part_lse, out, lse)
     return out, lse
