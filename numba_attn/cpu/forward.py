@@ -35,11 +35,13 @@ from .simd import (
     vadd,
     vexp,
     vload,
+    vload_tail,
     vmax,
     vmul,
     vnotneginf,
     vsplat,
     vstore,
+    vstore_tail,
     vsub,
     vtanh,
 )
@@ -182,22 +184,15 @@ def write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out, pa
 
 @inline
 def pack_rows(q, q_start, i0, nq, group, kvh, nr, nrp, off, klen, causal, wl, wr, scale,
-              slopes, has_alibi, b):
+              slopes, has_alibi, b, qt, hh, qi, rlo, rhi, slope_r):
     """Per-row data of a forward work item, padded to ``nrp`` rows (a multiple of the strip).
 
     Row ``r < nr`` is query ``i0 + r % nq`` of head ``kvh * group + r // nq``; padding rows
-    repeat the last real row's metadata (their results are never written). Returns
-    qt (D * nrp,) = scale * q transposed (channel-major, rows in lanes, zero padding),
-    hh, qi, rlo, rhi (each row's visible keys [rlo, rhi)) and slope_r.
+    repeat the last real row's metadata (their results are never written). Fills the
+    lane's buffers: qt (D * nrp,) = scale * q transposed (channel-major, rows in lanes,
+    zero padding), hh, qi, rlo, rhi (each row's visible keys [rlo, rhi)) and slope_r.
     """
     d = q.shape[2]
-    dt = q.dtype
-    qt = np.zeros(d * nrp, dt)
-    hh = np.empty(nrp, np.int64)
-    qi = np.empty(nrp, np.int64)
-    rlo = np.empty(nrp, np.int64)
-    rhi = np.empty(nrp, np.int64)
-    slope_r = np.zeros(nrp, dt)
     for r in range(nrp):
         rr = min(r, nr - 1)
         i = i0 + rr % nq
@@ -207,11 +202,13 @@ def pack_rows(q, q_start, i0, nq, group, kvh, nr, nrp, off, klen, causal, wl, wr
         rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
         if has_alibi:
             slope_r[r] = slopes[b if slopes.shape[0] > 1 else 0, h]
-        if r < nr:
-            qrow = q[q_start + i, h]
-            for c in range(d):
-                qt[c * nrp + r] = qrow[c] * scale
-    return qt, hh, qi, rlo, rhi, slope_r
+    for c in range(d):
+        for r in range(nr, nrp):
+            qt[c * nrp + r] = 0.0
+    for r in range(nr):
+        qrow = q[q_start + qi[r], hh[r]]
+        for c in range(d):
+            qt[c * nrp + r] = qrow[c] * scale
 
 
 @inline
@@ -260,14 +257,76 @@ def strip_softcap(st, ne, softcap):
         vstore(st, u, vmul(cap, vtanh(vmul(vload(st, u), inv))))
 
 
+@inline
+def write_item(ot, nrp, m, l, nr, qi, hh, q_start, split, nsplit, out, lse, part_out,
+               part_lse):
+    """Normalise O^T (Dv, nrp) into out / lse (or split ``split``'s partials); rows with no
+    visible key (and no sink) get out = 0, lse = -inf."""
+    dv = out.shape[2]
+    for r in range(nr):
+        t = q_start + qi[r]
+        lv = m[r] + math.log(l[r]) if l[r] > 0.0 else -np.inf
+        inv = 1.0 / l[r] if l[r] > 0.0 else 0.0
+        if nsplit == 1:
+            lse[t, hh[r]] = lv
+            orow = out[t, hh[r]]
+        else:
+            part_lse[split, t, hh[r]] = lv
+            orow = part_out[split, t, hh[r]]
+        for c in range(dv):
+            orow[c] = ot[c * nrp + r] * inv
+
+
+@inline
+def copy_row(src, so, dst, do, n):
+    """dst.flat[do : do + n] = src.flat[so : so + n] converted to dst's dtype (vectors,
+    masked tail)."""
+    w = lanes(dst)
+    c = 0
+    while c + w <= n:
+        vstore(dst, do + c, vload(src, so + c))
+        c += w
+    if c < n:
+        vstore_tail(dst, do + c, vload_tail(src, so + c, n - c), n - c)
+
+
+@inline
+def pack_tile(k, v, b, j0, nk, kvh, k_start, block_table, block_size, kt, vt, nkp, dvp):
+    """Keys j0 .. j0 + nk - 1 of batch row b, kv head kvh, into kt (nkp, D) and vt
+    (nkp, dvp), converted to the compute dtype; padding keys and channels are zero."""
+    n_kv, d, dv = k.shape[1], k.shape[2], v.shape[2]
+    jj = 0
+    while jj < nk:  # runs of keys contiguous in storage: no per-key division
+        j = j0 + jj
+        blk = j // block_size
+        within = j - blk * block_size
+        run = min(block_size - within, nk - jj)
+        base = k_start + block_table[b, blk] * block_size + within
+        for u in range(run):
+            row = base + u
+            copy_row(k, (row * n_kv + kvh) * d, kt, (jj + u) * d, d)
+            copy_row(v, (row * n_kv + kvh) * dv, vt, (jj + u) * dvp, dv)
+            for c in range(dv, dvp):
+                vt[(jj + u) * dvp + c] = 0.0
+        jj += run
+    for u in range(nk * d, nkp * d):
+        kt[u] = 0.0
+    for u in range(nk * dvp, nkp * dvp):
+        vt[u] = 0.0
+
+
 @jit(parallel=True)
 def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                   scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
-                  mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, schedule, n_lanes):
+                  mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, schedule, n_lanes,
+                  kpack, vpack, packed):
     """Fused forward on the SIMD micro-kernels; see the module docstring for the layout.
 
     q (Tq, H, D) in the compute dtype; k (N, Hkv, D), v (N, Hkv, Dv) storage (float32,
-    float64, or float16 / bfloat16 bit views, see simd.kernel_storage), read in place;
+    float64, or float16 / bfloat16 bit views, see simd.kernel_storage). With ``packed``
+    (contiguous storage), kpack (Hkv, N, D) / vpack (Hkv, N, Dv) are head-major copies of
+    k / v in the storage dtype (:func:`head_major`), read in place; otherwise (paged) each
+    tile is gathered into scratch.
     out (Tq, H, Dv), lse (Tq, H). With ``nsplit > 1`` each item's key range is cut into
     ``nsplit`` parts written to part_out (nsplit, Tq, H, Dv) / part_lse (nsplit, Tq, H).
 
@@ -276,7 +335,7 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     of ``block_k`` keys and each strip: scores (keys, rows) by the QK micro-kernel straight
     from K storage, soft-cap / ALiBi / bias / masks (masks only where the strip's rows do
     not all see the tile), online softmax in vectors, then O^T (Dv, rows) += V^T P by the
-    PV micro-kernel straight from V storage. Strips that see no key of a tile are skipped,
+    PV micro-kernel. Strips that see no key of a tile are skipped,
     and a strip stops at its last visible key. Work items are taken in ``schedule`` order
     (decreasing cost) by ``n_lanes`` lanes through an atomic counter.
     """
@@ -291,8 +350,28 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     nkt = (block_k + mr - 1) // mr * mr
     n_items = items.shape[0]
     n_work = n_items * n_kv * nsplit
+    max_nq = 1
+    for it in range(n_items):
+        max_nq = max(max_nq, items[it, 2] - items[it, 1])
+    max_nrp = (group * max_nq + nrs - 1) // nrs * nrs
     counter = np.zeros(1, np.int64)
     for lane in prange(n_lanes):
+        # scratch of the lane, reused by its items (fresh pages per item cost page faults)
+        qt = np.empty(d * max_nrp, dt)
+        hh = np.empty(max_nrp, np.int64)
+        qi = np.empty(max_nrp, np.int64)
+        rlo = np.empty(max_nrp, np.int64)
+        rhi = np.empty(max_nrp, np.int64)
+        slope_r = np.zeros(max_nrp, dt)
+        m = np.empty(max_nrp, dt)
+        l = np.empty(max_nrp, dt)
+        ot = np.empty(dvp * max_nrp, dt)  # O^T (Dv padded, rows)
+        st = np.empty(nkt * nrs, dt)  # scores / probabilities of a strip (keys, rows)
+        nscr = 1 if packed else nkt
+        kt = np.empty(nscr * d, dt)  # a paged tile's keys and values (compute dtype)
+        vt = np.empty(nscr * dvp, dt)
+        kb = np.arange(0, nkt * d, d)  # offsets of key rows in kt / vt (or kpack)
+        vb = np.arange(0, nkt * dvp, dvp)
         while True:
             idx = fetch_add(counter, 0, 1)
             if idx >= n_work:
@@ -311,37 +390,29 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
             lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
             js, je = split_range(lo, hi, nsplit, split, block_k)
 
-            qt, hh, qi, rlo, rhi, slope_r = pack_rows(q, q_start, i0, nq, group, kvh, nr, nrp,
-                                                      off, klen, causal, wl, wr, scale,
-                                                      slopes, has_alibi, b)
-            m = np.full(nrp, -np.inf, dt)
-            l = np.zeros(nrp, dt)
+            pack_rows(q, q_start, i0, nq, group, kvh, nr, nrp, off, klen, causal, wl, wr,
+                      scale, slopes, has_alibi, b, qt, hh, qi, rlo, rhi, slope_r)
+            for r in range(nrp):
+                m[r] = -np.inf
+                l[r] = 0.0
             if has_sinks and split == 0:  # a sink starts a row at m = sink, l = 1
                 for r in range(nrp):
                     m[r] = sinks[hh[r]]
                     l[r] = 1.0
-            ot = np.zeros(dvp * nrp, dt)  # O^T (Dv padded, rows)
-            st = np.empty(nkt * nrs, dt)  # scores / probabilities of a strip (keys, rows)
-            kb = np.empty(nkt, np.int64)  # flat storage offsets of the tile's keys
-            vb = np.empty(nkt, np.int64)
+            for u in range(dvp * nrp):
+                ot[u] = 0.0
+            kh = kpack[kvh]
+            vh = vpack[kvh]
             for j0 in range(js, je, block_k):
                 j1 = min(j0 + block_k, je)
                 nk = j1 - j0
-                nkp = (nk + mr - 1) // mr * mr
-                jj = 0
-                while jj < nk:  # runs of keys contiguous in storage: no per-key division
-                    j = j0 + jj
-                    blk = j // block_size
-                    within = j - blk * block_size
-                    run = min(block_size - within, nk - jj)
-                    base = k_start + block_table[b, blk] * block_size + within
-                    for u in range(run):
-                        kb[jj + u] = ((base + u) * n_kv + kvh) * d
-                        vb[jj + u] = ((base + u) * n_kv + kvh) * dv
-                    jj += run
-                for u in range(nk, nkp):  # padding keys read the last key, then masked
-                    kb[u] = kb[nk - 1]
-                    vb[u] = vb[nk - 1]
+                if packed:  # key rows of kpack[kvh]; padding keys repeat the last one
+                    for u in range(nkt):
+                        kb[u] = (k_start + j0 + min(u, nk - 1)) * d
+                        vb[u] = (k_start + j0 + min(u, nk - 1)) * dv
+                else:
+                    pack_tile(k, v, b, j0, nk, kvh, k_start, block_table, block_size, kt, vt,
+                              (nk + mr - 1) // mr * mr, dvp)
                 for s0 in range(0, nrp, nrs):
                     slo = rlo[s0]
                     shi = rhi[s0]
@@ -353,10 +424,15 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                         continue
                     nep = (ne + mr - 1) // mr * mr
                     for u in range(0, nep, mr):
-                        if mr == 8:
-                            qk8(k, kb, u, qt, nrp, s0, d, st)
+                        if packed:
+                            if mr == 8:
+                                qk8(kh, kb, u, qt, nrp, s0, d, st)
+                            else:
+                                qk6(kh, kb, u, qt, nrp, s0, d, st)
+                        elif mr == 8:
+                            qk8(kt, kb, u, qt, nrp, s0, d, st)
                         else:
-                            qk6(k, kb, u, qt, nrp, s0, d, st)
+                            qk6(kt, kb, u, qt, nrp, s0, d, st)
                     if softcap > 0.0:
                         strip_softcap(st, ne, softcap)
                     needs = slo > j0
@@ -369,27 +445,33 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                                    has_mask)
                     a0, a1 = strip_softmax(st, ne, m, l, s0)
                     for c0 in range(0, dvp, mr):
-                        if mr == 8:
-                            pv8(v, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
+                        if packed:
+                            if mr == 8:
+                                pv8(vh, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
+                            else:
+                                pv6(vh, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
+                        elif mr == 8:
+                            pv8(vt, vb, ne, st, ot, nrp, s0, c0, dvp, a0, a1)
                         else:
-                            pv6(v, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
-            for r in range(nr):
-                t = q_start + qi[r]
-                h = hh[r]
-                if l[r] > 0.0:
-                    inv = 1.0 / l[r]
-                    lv = m[r] + math.log(l[r])
-                else:  # no visible key (and no sink): out = 0, lse = -inf
-                    inv = 0.0
-                    lv = -np.inf
-                if nsplit == 1:
-                    for c in range(dv):
-                        out[t, h, c] = ot[c * nrp + r] * inv
-                    lse[t, h] = lv
-                else:
-                    for c in range(dv):
-                        part_out[split, t, h, c] = ot[c * nrp + r] * inv
-                    part_lse[split, t, h] = lv
+                            pv6(vt, vb, ne, st, ot, nrp, s0, c0, dvp, a0, a1)
+            write_item(ot, nrp, m, l, nr, qi, hh, q_start, split, nsplit, out, lse, part_out,
+                       part_lse)
+
+
+@jit(parallel=True)
+def head_major(x, out):
+    """out (Hkv, N, D) = x (N, Hkv, D) transposed, any dtype (one parallel pass)."""
+    n, hk, d = x.shape
+    nchunk = (n + 255) // 256
+    for w in prange(hk * nchunk):
+        h = w // nchunk
+        j0 = (w % nchunk) * 256
+        oh = out[h]
+        for j in range(j0, min(n, j0 + 256)):
+            src = x[j, h]
+            dst = oh[j]
+            for c in range(d):
+                dst[c] = src[c]
 
 
 @inline

@@ -1,6 +1,7 @@
 """Launch helpers for the CPU kernels: tiling, split-KV choice, BLAS thread limit."""
 from __future__ import annotations
 
+import os
 import threading
 
 import numba
@@ -175,7 +176,17 @@ def forward(p):
     with parallel_guard(), serial_if(work < SERIAL_BELOW):
         if use_blas:
             schedule = balanced_schedule(items, p.rows, cfg, block_k, nsplit, threads)
-            fk.flash_forward(*args[:-1], schedule, np.int64(threads))
+            packed = p.block_size == CONTIGUOUS_BLOCK and os.environ.get("NA_PACK", "1") == "1"
+            if packed:  # head-major copies in the storage dtype: key tiles contiguous
+                kpack = np.empty((k_store.shape[1], k_store.shape[0], k_store.shape[2]),
+                                 k_store.dtype)
+                vpack = np.empty((v_store.shape[1], v_store.shape[0], v_store.shape[2]),
+                                 v_store.dtype)
+                fk.head_major(k_store, kpack)
+                fk.head_major(v_store, vpack)
+            else:
+                kpack, vpack = _dummy(k_store.dtype, 3), _dummy(v_store.dtype, 3)
+            fk.flash_forward(*args[:-1], schedule, np.int64(threads), kpack, vpack, packed)
         else:  # decode-sized items: whole storage rows streamed, own key splits
             decode.flash_decode(*args, kpack, vpack, packed)
         if nsplit > 1:
