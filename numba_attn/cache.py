@@ -93,7 +93,8 @@ class _CacheBase:
     def check_new(self, k_new, v_new):
         """Validate new keys/values; returns (n_new, k, v) on the cache's device.
 
-        k_new (batch, n_new, Hkv, D), v_new (batch, n_new, Hkv, Dv), the cache's dtype.
+        k_new (batch, n_new, Hkv, D), v_new (batch, n_new, Hkv, Dv), the cache's dtype
+        (or float32 for a host float16 / bfloat16 cache: rounded to it on append).
         """
         dp.check_rank("k_new", k_new, 4, "(batch, seqlen_new, num_kv_heads, head_dim)")
         dp.check_rank("v_new", v_new, 4, "(batch, seqlen_new, num_kv_heads, head_dim_v)")
@@ -104,8 +105,9 @@ class _CacheBase:
                 raise AttentionError(f"{name}: expected shape (batch, seqlen_new, "
                                      f"num_kv_heads, head_dim) = {want}, got "
                                      f"{tuple(x.shape)}")
-            if np.dtype(x.dtype) != self.dtype:
-                raise TypeError(f"{name}: dtype {np.dtype(x.dtype)} differs from the cache's "
+            xdt = dp.as_np_dtype(x.dtype)
+            if xdt != self.dtype and not (xdt == np.float32 and self.mixed_ok()):
+                raise TypeError(f"{name}: dtype {xdt} differs from the cache's "
                                 f"{self.dtype}; cast it with .astype")
             if _on_device(x) != (self.device == "cuda"):
                 raise AttentionError(f"{name}: lives on {'cuda' if _on_device(x) else 'cpu'}"
@@ -114,6 +116,11 @@ class _CacheBase:
                 raise AttentionError(f"{name}: a device array must be C-contiguous; copy it "
                                      "on the device first")
         return int(k_new.shape[1])
+
+    def mixed_ok(self):
+        """True when float32 queries and new tokens may meet this cache's storage dtype
+        (a host float16 / bfloat16 cache: converted in registers, computed in float32)."""
+        return self.device == "cpu" and self.dtype.itemsize == 2
 
     def _write(self, slots, k_new, v_new):
         """Write token t of k_new/v_new (rows flattened batch-major) to storage row
@@ -133,8 +140,10 @@ class _CacheBase:
             return
         from .cpu import cache_ops
 
-        kn = np.ascontiguousarray(k_new).reshape(n, self.num_kv_heads, self.head_dim)
-        vn = np.ascontiguousarray(v_new).reshape(n, self.num_kv_heads, self.head_dim_v)
+        kn = np.ascontiguousarray(k_new, dtype=self.dtype).reshape(n, self.num_kv_heads,
+                                                                    self.head_dim)
+        vn = np.ascontiguousarray(v_new, dtype=self.dtype).reshape(n, self.num_kv_heads,
+                                                                    self.head_dim_v)
         if self.dtype.itemsize == 2:  # float16/bfloat16: a bit copy (numba has no f16 math)
             ks, vs, kn, vn = (a.view(np.uint16) for a in (ks, vs, kn, vn))
         cache_ops.append_rows(ks, slots, kn)

@@ -98,8 +98,9 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
                         f"{type(cache).__name__}")
     dp.check_rank("q", q, 4, "(batch, seqlen_q, num_heads, head_dim)")
     dt = dp.check_float("q", q)
-    if dt != cache.dtype:
-        raise TypeError(f"q: dtype {dt} differs from the cache's {cache.dtype}; cast q")
+    if dt != cache.dtype and not (dt == np.float32 and cache.mixed_ok()):
+        raise TypeError(f"q: dtype {dt} differs from the cache's {cache.dtype}; cast q (a "
+                        f"host float16 / bfloat16 cache also takes float32 q)")
     on_dev = cache.device == "cuda"
     if _on_device(q) != on_dev:
         raise AttentionError(f"q: lives on {'cuda' if _on_device(q) else 'cpu'}, the cache on "
@@ -158,8 +159,6 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
     slots = cache.commit(plan)
     if n_new:
         cache._write(slots, k_new, v_new)
-    if not on_dev and ks.dtype not in (cdt, np.float16):  # bfloat16: converted per call
-        p.k, p.v = ks.astype(cdt), vs.astype(cdt)  # (float16 is read by the kernels)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if not return_lse:
         return o

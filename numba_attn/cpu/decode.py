@@ -35,7 +35,18 @@ from .forward import (
     tile_needs_mask,
     write_rows,
 )
-from .halfs import ld
+from .simd import (
+    lanes,
+    vbcast,
+    vfma,
+    vload,
+    vload_tail,
+    vmul,
+    vsplat,
+    vstore,
+    vsums_store,
+    vzero,
+)
 
 TILE = 32  # keys per tile: scores of all rows for one tile stay in L1
 MIN_SPLIT_KEYS = 512  # fewer keys per split do not pay for the merge
@@ -43,139 +54,205 @@ TARGET_WORK = 16  # work items wanted per call: enough to balance up to ~8 threa
 
 
 @inline
-def _dot4x4(qs, r, k0, k1, k2, k3, s, jj, d, zero):
-    """Scores of query rows r..r+3 against four key vectors: 16 dot products, one pass."""
-    q0 = qs[r]
-    q1 = qs[r + 1]
-    q2 = qs[r + 2]
-    q3 = qs[r + 3]
-    a00 = a01 = a02 = a03 = zero
-    a10 = a11 = a12 = a13 = zero
-    a20 = a21 = a22 = a23 = zero
-    a30 = a31 = a32 = a33 = zero
-    for c in range(d):
-        x0 = ld(k0, c)
-        x1 = ld(k1, c)
-        x2 = ld(k2, c)
-        x3 = ld(k3, c)
-        y = q0[c]
-        a00 += y * x0
-        a01 += y * x1
-        a02 += y * x2
-        a03 += y * x3
-        y = q1[c]
-        a10 += y * x0
-        a11 += y * x1
-        a12 += y * x2
-        a13 += y * x3
-        y = q2[c]
-        a20 += y * x0
-        a21 += y * x1
-        a22 += y * x2
-        a23 += y * x3
-        y = q3[c]
-        a30 += y * x0
-        a31 += y * x1
-        a32 += y * x2
-        a33 += y * x3
-    s[jj, r] = a00
-    s[jj + 1, r] = a01
-    s[jj + 2, r] = a02
-    s[jj + 3, r] = a03
-    s[jj, r + 1] = a10
-    s[jj + 1, r + 1] = a11
-    s[jj + 2, r + 1] = a12
-    s[jj + 3, r + 1] = a13
-    s[jj, r + 2] = a20
-    s[jj + 1, r + 2] = a21
-    s[jj + 2, r + 2] = a22
-    s[jj + 3, r + 2] = a23
-    s[jj, r + 3] = a30
-    s[jj + 1, r + 3] = a31
-    s[jj + 2, r + 3] = a32
-    s[jj + 3, r + 3] = a33
+def _ldv(x, i, n):
+    """A vector of ``x.flat[i:]`` of which only the first ``n`` lanes are real (n may be
+    <= 0 or >= lanes): a plain load when all lanes are, else a masked one."""
+    w = lanes(x)
+    if n >= w:
+        return vload(x, i)
+    return vload_tail(x, i, max(n, 0))
 
 
 @inline
-def _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero):
+def _qk4x4(qs, dp, k, o0, o1, o2, o3, d, r, s, jj):
+    """s[jj + u, r + t] = qs[r + t] . k.flat[o_u : o_u + d], 4 keys x 4 rows (16 vector
+    accumulators; key rows loaded once, converted in registers)."""
+    w = lanes(qs)
+    z = vzero(qs)
+    a00 = a01 = a02 = a03 = z
+    a10 = a11 = a12 = a13 = z
+    a20 = a21 = a22 = a23 = z
+    a30 = a31 = a32 = a33 = z
+    for c in range(0, d, w):
+        x0 = _ldv(k, o0 + c, d - c)
+        x1 = _ldv(k, o1 + c, d - c)
+        x2 = _ldv(k, o2 + c, d - c)
+        x3 = _ldv(k, o3 + c, d - c)
+        y = vload(qs, r * dp + c)
+        a00 = vfma(y, x0, a00)
+        a01 = vfma(y, x1, a01)
+        a02 = vfma(y, x2, a02)
+        a03 = vfma(y, x3, a03)
+        y = vload(qs, (r + 1) * dp + c)
+        a10 = vfma(y, x0, a10)
+        a11 = vfma(y, x1, a11)
+        a12 = vfma(y, x2, a12)
+        a13 = vfma(y, x3, a13)
+        y = vload(qs, (r + 2) * dp + c)
+        a20 = vfma(y, x0, a20)
+        a21 = vfma(y, x1, a21)
+        a22 = vfma(y, x2, a22)
+        a23 = vfma(y, x3, a23)
+        y = vload(qs, (r + 3) * dp + c)
+        a30 = vfma(y, x0, a30)
+        a31 = vfma(y, x1, a31)
+        a32 = vfma(y, x2, a32)
+        a33 = vfma(y, x3, a33)
+    vsums_store(s, jj * s.shape[1] + r, s.shape[1],
+                (a00, a10, a20, a30, a01, a11, a21, a31, a02, a12, a22, a32, a03, a13, a23,
+                 a33))
+
+
+@inline
+def _qk4x1(qs, dp, k, o0, o1, o2, o3, d, r, s, jj):
+    """As :func:`_qk4x4` for one row."""
+    w = lanes(qs)
+    a0 = vzero(qs)
+    a1 = a2 = a3 = a0
+    for c in range(0, d, w):
+        y = vload(qs, r * dp + c)
+        a0 = vfma(y, _ldv(k, o0 + c, d - c), a0)
+        a1 = vfma(y, _ldv(k, o1 + c, d - c), a1)
+        a2 = vfma(y, _ldv(k, o2 + c, d - c), a2)
+        a3 = vfma(y, _ldv(k, o3 + c, d - c), a3)
+    vsums_store(s, jj * s.shape[1] + r, s.shape[1], (a0, a1, a2, a3))
+
+
+@inline
+def _scores(qs, dp, k, rowidx, nk, n_kv, nrg, s, d):
     """s[jj, r] = qs[r] . k[rowidx[jj], r // nrg] for the tile's keys jj < nk, all rows.
 
+    s has room for nk rounded up to 4 keys (the extra keys repeat the last one).
     Keys outer, kv heads inner: storage rows are read front to back (prefetch-friendly).
-    Four keys by four query rows per pass: 8 loads feed 16 FMAs.
     """
-    n4 = nk - nk % 4
-    for jj in range(0, n4, 4):
+    for jj in range(0, nk, 4):
         for kvh in range(n_kv):
-            k0 = k[rowidx[jj], kvh]
-            k1 = k[rowidx[jj + 1], kvh]
-            k2 = k[rowidx[jj + 2], kvh]
-            k3 = k[rowidx[jj + 3], kvh]
+            o0 = (rowidx[jj] * n_kv + kvh) * d
+            o1 = (rowidx[min(jj + 1, nk - 1)] * n_kv + kvh) * d
+            o2 = (rowidx[min(jj + 2, nk - 1)] * n_kv + kvh) * d
+            o3 = (rowidx[min(jj + 3, nk - 1)] * n_kv + kvh) * d
             r = kvh * nrg
             r_end = r + nrg
             while r + 4 <= r_end:
-                _dot4x4(qs, r, k0, k1, k2, k3, s, jj, d, zero)
+                _qk4x4(qs, dp, k, o0, o1, o2, o3, d, r, s, jj)
                 r += 4
-            for r in range(r, r_end):
-                qr = qs[r]
-                a0 = zero
-                a1 = zero
-                a2 = zero
-                a3 = zero
-                for c in range(d):
-                    qc = qr[c]
-                    a0 += qc * ld(k0, c)
-                    a1 += qc * ld(k1, c)
-                    a2 += qc * ld(k2, c)
-                    a3 += qc * ld(k3, c)
-                s[jj, r] = a0
-                s[jj + 1, r] = a1
-                s[jj + 2, r] = a2
-                s[jj + 3, r] = a3
-    for jj in range(n4, nk):
-        for kvh in range(n_kv):
-            k0 = k[rowidx[jj], kvh]
-            for r in range(kvh * nrg, (kvh + 1) * nrg):
-                qr = qs[r]
-                a0 = zero
-                for c in range(d):
-                    a0 += qr[c] * ld(k0, c)
-                s[jj, r] = a0
+            while r < r_end:
+                _qk4x1(qs, dp, k, o0, o1, o2, o3, d, r, s, jj)
+                r += 1
 
 
 @inline
-def _values(acc, v, rowidx, nk, n_kv, nrg, s, dv):
+def _pv4(acc, dvp, v, vo, nk, s, r, c, dv):
+    """acc[r + t, c : c + 4W] += sum_jj s[jj, r + t] v.flat[vo[jj] + c ...], 4 rows x 4
+    vectors of channels held in registers over the tile's keys."""
+    w = lanes(acc)
+    b0 = r * dvp + c
+    b1 = b0 + dvp
+    b2 = b1 + dvp
+    b3 = b2 + dvp
+    a00 = vload(acc, b0)
+    a01 = vload(acc, b0 + w)
+    a02 = vload(acc, b0 + 2 * w)
+    a03 = vload(acc, b0 + 3 * w)
+    a10 = vload(acc, b1)
+    a11 = vload(acc, b1 + w)
+    a12 = vload(acc, b1 + 2 * w)
+    a13 = vload(acc, b1 + 3 * w)
+    a20 = vload(acc, b2)
+    a21 = vload(acc, b2 + w)
+    a22 = vload(acc, b2 + 2 * w)
+    a23 = vload(acc, b2 + 3 * w)
+    a30 = vload(acc, b3)
+    a31 = vload(acc, b3 + w)
+    a32 = vload(acc, b3 + 2 * w)
+    a33 = vload(acc, b3 + 3 * w)
+    n = dv - c
+    for jj in range(nk):
+        o = vo[jj] + c
+        x0 = _ldv(v, o, n)
+        x1 = _ldv(v, o + w, n - w)
+        x2 = _ldv(v, o + 2 * w, n - 2 * w)
+        x3 = _ldv(v, o + 3 * w, n - 3 * w)
+        p = vbcast(s, jj * s.shape[1] + r)
+        a00 = vfma(p, x0, a00)
+        a01 = vfma(p, x1, a01)
+        a02 = vfma(p, x2, a02)
+        a03 = vfma(p, x3, a03)
+        p = vbcast(s, jj * s.shape[1] + r + 1)
+        a10 = vfma(p, x0, a10)
+        a11 = vfma(p, x1, a11)
+        a12 = vfma(p, x2, a12)
+        a13 = vfma(p, x3, a13)
+        p = vbcast(s, jj * s.shape[1] + r + 2)
+        a20 = vfma(p, x0, a20)
+        a21 = vfma(p, x1, a21)
+        a22 = vfma(p, x2, a22)
+        a23 = vfma(p, x3, a23)
+        p = vbcast(s, jj * s.shape[1] + r + 3)
+        a30 = vfma(p, x0, a30)
+        a31 = vfma(p, x1, a31)
+        a32 = vfma(p, x2, a32)
+        a33 = vfma(p, x3, a33)
+    vstore(acc, b0, a00)
+    vstore(acc, b0 + w, a01)
+    vstore(acc, b0 + 2 * w, a02)
+    vstore(acc, b0 + 3 * w, a03)
+    vstore(acc, b1, a10)
+    vstore(acc, b1 + w, a11)
+    vstore(acc, b1 + 2 * w, a12)
+    vstore(acc, b1 + 3 * w, a13)
+    vstore(acc, b2, a20)
+    vstore(acc, b2 + w, a21)
+    vstore(acc, b2 + 2 * w, a22)
+    vstore(acc, b2 + 3 * w, a23)
+    vstore(acc, b3, a30)
+    vstore(acc, b3 + w, a31)
+    vstore(acc, b3 + 2 * w, a32)
+    vstore(acc, b3 + 3 * w, a33)
+
+
+@inline
+def _pv1(acc, dvp, v, vo, nk, s, r, c, dv):
+    """As :func:`_pv4` for one row."""
+    w = lanes(acc)
+    b0 = r * dvp + c
+    a0 = vload(acc, b0)
+    a1 = vload(acc, b0 + w)
+    a2 = vload(acc, b0 + 2 * w)
+    a3 = vload(acc, b0 + 3 * w)
+    n = dv - c
+    for jj in range(nk):
+        o = vo[jj] + c
+        p = vbcast(s, jj * s.shape[1] + r)
+        a0 = vfma(p, _ldv(v, o, n), a0)
+        a1 = vfma(p, _ldv(v, o + w, n - w), a1)
+        a2 = vfma(p, _ldv(v, o + 2 * w, n - 2 * w), a2)
+        a3 = vfma(p, _ldv(v, o + 3 * w, n - 3 * w), a3)
+    vstore(acc, b0, a0)
+    vstore(acc, b0 + w, a1)
+    vstore(acc, b0 + 2 * w, a2)
+    vstore(acc, b0 + 3 * w, a3)
+
+
+@inline
+def _values(acc, dvp, v, rowidx, vo, nk, n_kv, nrg, s, dv):
     """acc[r] += sum_jj s[jj, r] * v[rowidx[jj], r // nrg] over the tile's keys jj < nk.
 
-    Same order as :func:`_scores`; four keys per pass over an accumulator row: a quarter
-    of the load/store traffic of one axpy per key (that traffic, not the FMAs, is the
-    bottleneck).
+    acc rows are padded to dvp, a multiple of 4 vectors; channels past dv load as zero.
     """
-    n4 = nk - nk % 4
-    for jj in range(0, n4, 4):
-        for kvh in range(n_kv):
-            v0 = v[rowidx[jj], kvh]
-            v1 = v[rowidx[jj + 1], kvh]
-            v2 = v[rowidx[jj + 2], kvh]
-            v3 = v[rowidx[jj + 3], kvh]
-            for r in range(kvh * nrg, (kvh + 1) * nrg):
-                p0 = s[jj, r]
-                p1 = s[jj + 1, r]
-                p2 = s[jj + 2, r]
-                p3 = s[jj + 3, r]
-                if p0 == 0.0 and p1 == 0.0 and p2 == 0.0 and p3 == 0.0:
-                    continue
-                ar = acc[r]
-                for c in range(dv):
-                    ar[c] += p0 * ld(v0, c) + p1 * ld(v1, c) + p2 * ld(v2, c) + p3 * ld(v3, c)
-    for jj in range(n4, nk):
-        for kvh in range(n_kv):
-            v0 = v[rowidx[jj], kvh]
-            for r in range(kvh * nrg, (kvh + 1) * nrg):
-                p0 = s[jj, r]
-                if p0 != 0.0:
-                    ar = acc[r]
-                    for c in range(dv):
-                        ar[c] += p0 * ld(v0, c)
+    w = lanes(acc)
+    for kvh in range(n_kv):
+        for jj in range(nk):
+            vo[jj] = (rowidx[jj] * n_kv + kvh) * dv
+        r_end = (kvh + 1) * nrg
+        for c in range(0, dv, 4 * w):
+            r = kvh * nrg
+            while r + 4 <= r_end:
+                _pv4(acc, dvp, v, vo, nk, s, r, c, dv)
+                r += 4
+            while r < r_end:
+                _pv1(acc, dvp, v, vo, nk, s, r, c, dv)
+                r += 1
 
 
 @inline
@@ -205,6 +282,9 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
     tq, n_heads, d = q.shape
     n_kv, dv = k.shape[1], v.shape[2]
     group = n_heads // n_kv
+    nl = lanes(q)
+    dp = (d + nl - 1) // nl * nl
+    dvp = (dv + 4 * nl - 1) // (4 * nl) * (4 * nl)
     n_items = items.shape[0]
     span_max = 0
     for it in range(n_items):
@@ -240,19 +320,26 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
             lo, hi = key_range(i0, i1, off, klen, causal, wl, wr)
             js, je = split_range(lo, hi, ns, split, TILE)
 
-            zero = np.zeros(1, dt)[0]
             hh = np.empty(nr, np.int64)  # query head of each row
             for r in range(nr):
                 hh[r] = (r // nrg) * group + (r % nrg) // nq
-            qs, qi, rlo, rhi, slope_r = init_rows(q, q_start, i0, nq, hh, off, klen, causal, wl, wr,
-                                                  scale, slopes, has_alibi, b)
-            m, mu, l, alpha, tmax, junk, acc = init_state(nr, dv, hh, sinks, has_sinks, split, dt)
+            qs0, qi, rlo, rhi, slope_r = init_rows(q, q_start, i0, nq, hh, off, klen, causal,
+                                                   wl, wr, scale, slopes, has_alibi, b)
+            qs = np.zeros(nr * dp, dt)  # scaled query rows, zero-padded to dp
+            for r in range(nr):
+                for c in range(d):
+                    qs[r * dp + c] = qs0[r, c]
+            m, mu, l, alpha, tmax, junk, acc0 = init_state(nr, 1, hh, sinks, has_sinks, split,
+                                                           dt)
+            acc = np.zeros(nr * dvp, dt)
             sbuf = np.empty(TILE * nr, dt)
             rowidx = np.empty(TILE, np.int64)
+            vo = np.empty(TILE, np.int64)
             for j0 in range(js, je, TILE):
                 j1 = min(j0 + TILE, je)
                 nk = j1 - j0
-                s = sbuf[: nk * nr].reshape((nk, nr))  # scores, (keys, rows)
+                nk4 = (nk + 3) // 4 * 4
+                s = sbuf[: nk4 * nr].reshape((nk4, nr))  # scores, (keys, rows)
                 # storage rows of the tile's keys (runs of contiguous keys: no per-key division)
                 j = j0
                 while j < j1:
@@ -263,18 +350,19 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                     for u in range(run):
                         rowidx[j - j0 + u] = base + u
                     j += run
-                _scores(qs, k, rowidx, nk, n_kv, nrg, s, d, zero)
+                _scores(qs, dp, k, rowidx, nk, n_kv, nrg, s, d)
                 positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
                 fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
                            has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
                 online_softmax(s, nk, m, mu, l, alpha, tmax, junk)
                 for r in range(nr):
-                    a = alpha[r]
-                    if a != 1.0:
-                        for c in range(dv):
-                            acc[r, c] *= a
-                _values(acc, v, rowidx, nk, n_kv, nrg, s, dv)
-            write_rows(acc, m, l, qi, hh, q_start, split, ns, out, lse, pout, plse)
+                    if alpha[r] != 1.0:
+                        a = vsplat(alpha[r])
+                        for c in range(0, dvp, nl):
+                            vstore(acc, r * dvp + c, vmul(vload(acc, r * dvp + c), a))
+                _values(acc, dvp, v, rowidx, vo, nk, n_kv, nrg, s, dv)
+            write_rows(acc.reshape((nr, dvp)), m, l, qi, hh, q_start, split, ns, out, lse, pout,
+                       plse)
     if ns > 1:
         tq, n_heads = pout.shape[1], pout.shape[2]
         for w in prange(tq * n_heads):

@@ -162,7 +162,8 @@ def online_softmax(st, nk, m, mu, l, alpha, tmax, junk):
 
 @inline
 def write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out, part_lse):
-    """Normalise an item's accumulators into out/lse (or split ``split``'s partials)."""
+    """Normalise an item's accumulators (rows, >= Dv) into out/lse (or split ``split``'s
+    partials)."""
     for r in range(acc.shape[0]):
         t = q_start + qi[r]
         h = hh[r]
@@ -173,11 +174,11 @@ def write_rows(acc, m, l, qi, hh, q_start, split, nsplit, out, lse, part_out, pa
             inv = 0.0
             lv = -np.inf
         if nsplit == 1:
-            for c in range(acc.shape[1]):
+            for c in range(out.shape[2]):  # acc may be wider (padding)
                 out[t, h, c] = acc[r, c] * inv
             lse[t, h] = lv
         else:
-            for c in range(acc.shape[1]):
+            for c in range(out.shape[2]):
                 part_out[split, t, h, c] = acc[r, c] * inv
             part_lse[split, t, h] = lv
 

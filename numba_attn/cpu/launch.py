@@ -13,7 +13,7 @@ from ..dispatch import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
 from . import decode
 from . import forward as fk
-from .halfs import as_kernel_storage
+from .simd import kernel_storage
 
 
 class _SingleThreadedBlas:
@@ -154,7 +154,7 @@ def forward(p):
         part_lse = np.empty((nsplit, tq, cfg.num_heads), dt)
     else:
         part_out, part_lse = _dummy(dt, 4), _dummy(dt, 3)
-    k_store, v_store = as_kernel_storage(p.k), as_kernel_storage(p.v)  # float16: bits
+    k_store, v_store = kernel_storage(p.k), kernel_storage(p.v)  # half types: bit views
     args = (p.q, k_store, v_store, out, lse, part_out, part_lse, p.rows, items,
             p.block_table, np.int64(p.block_size), dt.type(cfg.scale),
             np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
