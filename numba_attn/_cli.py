@@ -104,7 +104,7 @@ def info(out=None, startup=False):
     w(f"  numba_attn   {numba_attn.__version__}  ({os.path.dirname(numba_attn.__file__)})\n")
     w(f"  python       {platform.python_version()} ({sys.executable})\n")
     w(f"  platform     {platform.platform()}\n")
-    for dist in ("numpy", "scipy", "numba", "llvmlite", "threadpoolctl", "numba-cuda",
+    for dist in ("numpy", "numba", "llvmlite", "numba-cuda",
                  "ml_dtypes", "torch"):
         note = "  (optional peer, never imported by numba_attn)" if dist == "torch" else ""
         w(f"  {dist:<13} {_version(dist)}{note}\n")
@@ -124,7 +124,7 @@ def info(out=None, startup=False):
       f"(requested {numba.config.THREADING_LAYER!r})\n")
     w(f"  numba cache  {numba.config.CACHE_DIR or '__pycache__ beside the sources'}\n")
     w(f"  first call   {first:.2f}s (tiny float32 attention: JIT compile or cache load)\n")
-    w("  blas         " + _blas_line() + "\n")
+    w("  simd         " + _simd_line() + "\n")
     if startup:
         for label, (imp, first, wall) in startup_times().items():
             w(f"  start-up     {label} cache: import {imp:.2f}s + first call {first:.2f}s "
@@ -134,17 +134,12 @@ def info(out=None, startup=False):
         w(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}\n")
 
 
-def _blas_line():
-    try:
-        import scipy.linalg  # noqa: F401  (loads the BLAS numba's np.dot calls)
-        from threadpoolctl import threadpool_info
-    except ImportError as e:
-        return f"unknown ({e})"
-    libs = [f"{d.get('internal_api')} {d.get('version')} "
-            f"({os.path.basename(os.path.dirname(d.get('filepath', '')))}, "
-            f"{d.get('num_threads')} threads, {d.get('threading_layer', '?')})"
-            for d in threadpool_info() if d.get("user_api") == "blas"]
-    return "; ".join(libs) or "none found"
+def _simd_line():
+    from .cpu import simd
+
+    return (f"{simd.ISA} ({simd.VECTOR_BYTES * 8}-bit vectors: {simd.LANES32} float32 / "
+            f"{simd.LANES64} float64 lanes; NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose "
+            "another target); no BLAS inside the kernels")
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ def run_cli(*args, timeout=300):
 def test_info_lists_versions_threads_and_every_backend():
     rc, out, err = run_cli("info")
     assert rc == 0, err
-    for word in ("numba_attn", "numpy", "numba", "llvmlite", "threading layer", "blas",
-                 "first call"):
+    from numba_attn.cpu import simd
+
+    for word in ("numba_attn", "numpy", "numba", "llvmlite", "threading layer",
+                 f"simd         {simd.ISA}", "first call"):
         assert word in out, f"{word!r} missing from info:\n{out}"
     backends = out.split("\nbackends\n", 1)[1].splitlines()
     for name, why in numba_attn.available_backends().items():

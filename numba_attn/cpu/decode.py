@@ -1,7 +1,7 @@
 """Split-KV decode on the CPU (flash-decoding): few queries per row, a long cache.
 
-Same arguments as :func:`numba_attn.cpu.forward.flash_forward` (launch.py routes its
-non-BLAS calls here), same storage addressing (see forward.py's module docstring), same
+The leading arguments of :func:`numba_attn.cpu.forward.flash_forward` (launch.py routes
+decode-sized calls here), same storage addressing (see forward.py's module docstring), same
 masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory traffic:
 
 * a work item is (query block, key split) and covers **all** kv heads, so keys and values
@@ -10,8 +10,11 @@ masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory tr
   row to row and defeats the hardware prefetchers (about 4x slower on this machine);
 * runs of keys that are contiguous in storage (a page, or the whole contiguous row) are
   walked without per-key block-table division;
-* scores take four keys by four query rows per pass, value updates four keys per pass
-  over an accumulator row (a quarter of the accumulator load/store traffic);
+* vectors run along head_dim (simd.py): scores take four keys by four query rows in 16
+  vector accumulators, reduced together by a transposed lane sum; values accumulate four
+  query rows by four vectors of channels in registers over the tile's keys. Key and value
+  rows are loaded once per block and converted in registers (float16 / bfloat16 caches
+  are never copied to float32), with masked loads for head_dim tails;
 * the kernel picks its own number of key splits from the shape (each split writes
   a partial output and lse to scratch, merged with the LSE rule inside the kernel), so a
   single sequence keeps every thread busy. The launcher passes ``nsplit = 1`` (its own
@@ -271,12 +274,10 @@ def _splits(n_items, span_max):
 @jit(parallel=True)
 def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                  scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
-                 mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, use_blas,
-                 kpack, vpack, packed):
-    """Decode forward; arguments as :func:`numba_attn.cpu.forward.flash_forward`.
-
-    ``block_k``, ``use_blas`` and the head-major copies ``kpack``/``vpack``/``packed`` are
-    ignored (tiles are :data:`TILE` keys read in place, no BLAS).
+                 mask, mstr, has_mask, sinks, has_sinks):
+    """Decode forward; arguments as the first 26 of
+    :func:`numba_attn.cpu.forward.flash_forward` (tiles are :data:`TILE` keys read in
+    place from storage; the kernel picks and merges its own key splits).
     """
     dt = q.dtype
     tq, n_heads, d = q.shape

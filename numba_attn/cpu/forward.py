@@ -1,12 +1,13 @@
 """Flash-attention forward on the CPU: ``prange`` over (row, query block, kv head, split).
 
 One work item holds all query heads of one GQA group for a block of queries and streams
-K/V tiles once for the whole group (K/V are never repeated). Scores of a tile are formed
-either by BLAS (``np.dot`` into scratch, for many rows) or by direct dot products read
-straight from the K/V storage (for decode-sized items); both then run the same online
-softmax with a vectorised ``exp``. Tiles that no query of the block can see are skipped;
-positional masks are evaluated only on boundary tiles. Nothing of size seqlen_q x seqlen_k
-is ever allocated.
+K/V tiles once for the whole group (K/V are never repeated). Tile products are the
+register-blocked micro-kernels of ``microkernels.py`` on the SIMD layer (``simd.py``),
+fused with an online softmax in vectors: no BLAS, and a score strip never leaves L1/L2.
+Rows sit in vector lanes ("rows in lanes"): scores are kept transposed, (keys, rows), so
+the softmax steps are lane-wise, and the output accumulates as O^T (Dv, rows). Tiles that
+no query of a strip can see are skipped; positional masks are evaluated only on strips
+that need them. Nothing of size seqlen_q x seqlen_k is ever allocated.
 
 Storage is addressed uniformly: key ``j`` of batch row ``b`` lives in storage row
 ``k_start[b] + block_table[b, j // block_size] * block_size + j % block_size``
@@ -27,7 +28,6 @@ from .. import masking
 from .._jit import inline, jit
 from .atomics import fetch_add
 from .expmath import exp_diff_acc
-from .halfs import ld
 from .microkernels import pv6, pv8, qk6, qk8
 from .simd import (
     block_rows,

@@ -1,12 +1,10 @@
-"""Launch helpers for the CPU kernels: tiling, split-KV choice, BLAS thread limit."""
+"""Launch helpers for the CPU kernels: tiling, split-KV choice, work order, storage views."""
 from __future__ import annotations
-
-import os
-import threading
 
 import numba
 import numpy as np
 
+from .. import _blas_quiet
 from .._jit import jit, parallel_guard, serial_if
 from ..config import AttentionConfig
 from ..dispatch import CONTIGUOUS_BLOCK
@@ -16,54 +14,13 @@ from . import forward as fk
 from .simd import kernel_storage
 
 
-class _SingleThreadedBlas:
-    """BLAS held to one thread while prange threads call ``np.dot`` (no oversubscription,
-    no OpenBLAS-inside-OpenMP hang). Re-entrant across Python threads: the first caller in
-    saves and lowers the thread counts, the last one out restores them. Direct get/set
-    calls per BLAS library (threadpoolctl's ``limit`` costs ~60 us a call)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._libs = None
-        self._saved = ()
-
-    def _find(self):
-        # np.dot inside @njit calls SciPy's BLAS, loaded lazily on the first call (inside
-        # the parallel region): load it now so threadpoolctl sees it.
-        import scipy.linalg.cython_blas  # noqa: F401
-        from threadpoolctl import ThreadpoolController
-
-        return list(ThreadpoolController().select(user_api="blas").lib_controllers)
-
-    def __enter__(self):
-        with self._lock:
-            if self._libs is None:
-                self._libs = self._find()
-            if self._depth == 0:
-                self._saved = tuple(lib.get_num_threads() for lib in self._libs)
-                for lib in self._libs:
-                    lib.set_num_threads(1)
-            self._depth += 1
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._depth -= 1
-            if self._depth == 0:
-                for lib, n in zip(self._libs, self._saved):
-                    lib.set_num_threads(n)
-
-
-single_threaded_blas = _SingleThreadedBlas()
-
-
 def plan(config: AttentionConfig, max_q: int, max_k: int, batch: int, threads: int):
-    """(block_q, block_k, use_blas) for a problem shape.
+    """(block_q, block_k, fused) for a problem shape.
 
-    Decode-sized items (group x queries <= 8) stream K/V without BLAS. Otherwise an item
-    holds ~256 score rows (group x block_q) against 256-key tiles: the BLAS tile products
-    run at ~96 GFLOP/s per core here against ~89 at 128 x 128 (measured, single-threaded
-    OpenBLAS sgemm, D=64/128). Blocks shrink when that would leave threads idle.
+    Decode-sized items (group x queries <= 8) go to the decode kernel (``fused`` False),
+    which streams whole storage rows. Otherwise an item holds ~256 rows (group x block_q)
+    in strips against 256-key tiles of the fused forward; blocks shrink when that would
+    leave threads idle.
     """
     group = config.group_size
     if group * max_q <= 8:
@@ -144,39 +101,39 @@ def forward(p):
     if tq == 0:
         return out, lse
     threads = numba.get_num_threads()
-    block_q, block_k, use_blas = plan(cfg, p.max_seqlen_q, p.max_seqlen_k, p.batch, threads)
+    block_q, block_k, fused = plan(cfg, p.max_seqlen_q, p.max_seqlen_k, p.batch, threads)
     items = make_items(p.rows, np.int64(block_q))
     # the decode kernel chooses and merges its own key splits
     nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, block_k,
-                           threads) if use_blas else 1
+                           threads) if fused else 1
     if nsplit > 1:
         part_out = np.empty((nsplit, tq, cfg.num_heads, cfg.head_dim_v), dt)
         part_lse = np.empty((nsplit, tq, cfg.num_heads), dt)
     else:
         part_out, part_lse = _dummy(dt, 4), _dummy(dt, 3)
     k_store, v_store = kernel_storage(p.k), kernel_storage(p.v)  # half types: bit views
-    args = (p.q, k_store, v_store, out, lse, part_out, part_lse, p.rows, items,
-            p.block_table, np.int64(p.block_size), dt.type(cfg.scale),
-            np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
-            np.int64(cfg.window[1]), dt.type(cfg.softcap),
-            p.slopes if p.slopes is not None else _dummy(dt, 2), p.slopes is not None,
-            p.bias if p.bias is not None else _dummy(dt), 
-            p.bias_strides if p.bias is not None else _dummy(np.int64),
-            p.bias is not None,
-            p.mask if p.mask is not None else _dummy(np.bool_),
-            p.mask_strides if p.mask is not None else _dummy(np.int64),
-            p.mask is not None,
-            p.sinks if p.sinks is not None else _dummy(dt), p.sinks is not None,
-            np.int64(nsplit), np.int64(block_k), use_blas)
-    kpack = vpack = _dummy(dt, 3)
-    packed = False
+    common = (p.q, k_store, v_store, out, lse, part_out, part_lse, p.rows, items,
+              p.block_table, np.int64(p.block_size), dt.type(cfg.scale),
+              np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
+              np.int64(cfg.window[1]), dt.type(cfg.softcap),
+              p.slopes if p.slopes is not None else _dummy(dt, 2), p.slopes is not None,
+              p.bias if p.bias is not None else _dummy(dt),
+              p.bias_strides if p.bias is not None else _dummy(np.int64),
+              p.bias is not None,
+              p.mask if p.mask is not None else _dummy(np.bool_),
+              p.mask_strides if p.mask is not None else _dummy(np.int64),
+              p.mask is not None,
+              p.sinks if p.sinks is not None else _dummy(dt), p.sinks is not None)
     # multiply-adds: tiny calls run on the calling thread alone
     work = int(np.dot(p.rows[:, 1], p.rows[:, 3])) * cfg.num_heads * (
         cfg.head_dim + cfg.head_dim_v)
-    with parallel_guard(), serial_if(work < SERIAL_BELOW):
-        if use_blas:
+    small = work < SERIAL_BELOW
+    if not small:
+        _blas_quiet.quiet()  # numpy's BLAS workers would spin on our cores
+    with parallel_guard(), serial_if(small):
+        if fused:
             schedule = balanced_schedule(items, p.rows, cfg, block_k, nsplit, threads)
-            packed = p.block_size == CONTIGUOUS_BLOCK and os.environ.get("NA_PACK", "1") == "1"
+            packed = p.block_size == CONTIGUOUS_BLOCK
             if packed:  # head-major copies in the storage dtype: key tiles contiguous
                 kpack = np.empty((k_store.shape[1], k_store.shape[0], k_store.shape[2]),
                                  k_store.dtype)
@@ -184,11 +141,12 @@ def forward(p):
                                  v_store.dtype)
                 fk.head_major(k_store, kpack)
                 fk.head_major(v_store, vpack)
-            else:
+            else:  # paged: the kernel gathers each tile
                 kpack, vpack = _dummy(k_store.dtype, 3), _dummy(v_store.dtype, 3)
-            fk.flash_forward(*args[:-1], schedule, np.int64(threads), kpack, vpack, packed)
+            fk.flash_forward(*common, np.int64(nsplit), np.int64(block_k), schedule,
+                             np.int64(threads), kpack, vpack, packed)
         else:  # decode-sized items: whole storage rows streamed, own key splits
-            decode.flash_decode(*args, kpack, vpack, packed)
+            decode.flash_decode(*common)
         if nsplit > 1:
             fk.merge_splits(part_out, part_lse, out, lse)
     return out, lse
