@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dispatch as dp
-from .config import AttentionError
+from .config import AttentionError, _is_int, check_int
 
 __all__ = ["KVCache", "PagedKVCache"]
 
@@ -22,9 +22,9 @@ _DEVICES = ("cpu", "cuda")
 
 
 def _positive(name, x):
-    if isinstance(x, bool) or not hasattr(x, "__index__") or int(x) <= 0:
+    if not _is_int(x) or int(x) <= 0:
         raise AttentionError(f"{name}: expected a positive int, got {x!r}")
-    return int(x)
+    return check_int(name, x, lo=1)
 
 
 def _storage_dtype(dtype, device):
@@ -67,7 +67,7 @@ class _CacheBase:
         self._seqlens = np.zeros(self.batch, np.int32)
 
     def _row(self, row):
-        if isinstance(row, bool) or not hasattr(row, "__index__"):
+        if not _is_int(row):
             raise TypeError(f"row: expected an int, got {row!r}")
         r = int(row)
         if not 0 <= r < self.batch:
@@ -104,8 +104,8 @@ class _CacheBase:
                 raise AttentionError(f"{name}: expected shape (batch, seqlen_new, "
                                      f"num_kv_heads, head_dim) = {want}, got "
                                      f"{tuple(x.shape)}")
-            if np.dtype(x.dtype) != self.dtype:
-                raise TypeError(f"{name}: dtype {np.dtype(x.dtype)} differs from the cache's "
+            if dp.as_np_dtype(x.dtype) != self.dtype:
+                raise TypeError(f"{name}: dtype {dp.as_np_dtype(x.dtype)} differs from the cache's "
                                 f"{self.dtype}; cast it with .astype")
             if _on_device(x) != (self.device == "cuda"):
                 raise AttentionError(f"{name}: lives on {'cuda' if _on_device(x) else 'cpu'}"
@@ -133,8 +133,8 @@ class _CacheBase:
             return
         from .cpu import cache_ops
 
-        kn = np.ascontiguousarray(k_new).reshape(n, self.num_kv_heads, self.head_dim)
-        vn = np.ascontiguousarray(v_new).reshape(n, self.num_kv_heads, self.head_dim_v)
+        kn = dp.host("k_new", k_new).reshape(n, self.num_kv_heads, self.head_dim)
+        vn = dp.host("v_new", v_new).reshape(n, self.num_kv_heads, self.head_dim_v)
         if self.dtype.itemsize == 2:  # float16/bfloat16: a bit copy (numba has no f16 math)
             ks, vs, kn, vn = (a.view(np.uint16) for a in (ks, vs, kn, vn))
         cache_ops.append_rows(ks, slots, kn)
@@ -157,6 +157,9 @@ class _CacheBase:
         TypeError
             A dtype other than the cache's.
         """
+        if self.device == "cpu":  # torch CPU tensors, lists: numpy before anything is written
+            k_new = k_new if k_new is None or _on_device(k_new) else dp.host("k_new", k_new)
+            v_new = v_new if v_new is None or _on_device(v_new) else dp.host("v_new", v_new)
         n_new = self.check_new(k_new, v_new)
         plan = self.reserve(n_new, check_all=False)
         self._write(self.commit(plan), k_new, v_new)

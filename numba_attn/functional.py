@@ -9,22 +9,10 @@ import numpy as np
 
 from . import dispatch as dp
 from ._jit import parallel_guard
-from .config import AttentionConfig, AttentionError
+from .config import AttentionConfig, AttentionError, check_int
+from .interop import is_torch, like, to_numpy
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
-
-_MASK_PICTURE = """
-    With seqlen_q = 2 and seqlen_k = 5, ``causal=True`` (bottom-right) gives::
-
-        1 1 1 1 0
-        1 1 1 1 1
-
-    and ``causal="top_left"`` gives::
-
-        1 0 0 0 0
-        1 1 0 0 0
-"""
-
 
 def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_seqlen_k,
                   batch, causal, window, scale, softcap, alibi_slopes, bias, mask, sinks,
@@ -42,14 +30,22 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
         max_seqlen_k=int(max_seqlen_k), out_dtype=np.dtype(out_dtype), device=device,
         slopes=dp.check_alibi(alibi_slopes, batch, h, cdt),
         sinks=dp.check_sinks(sinks, h, cdt))
+    check_representable(cfg, cdt)
     if bias is not None:
         p.bias, p.bias_strides = dp.strided_operand("bias", bias, full, cdt)
     if mask is not None:
-        if dp.as_np_dtype(mask.dtype) != np.bool_:
-            raise TypeError(f"mask: expected a boolean array (True = may attend), got dtype "
-                            f"{mask.dtype}; use mask.astype(bool) or pass it as bias")
         p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
     return p
+
+
+def check_representable(cfg, cdt):
+    """scale and softcap must stay finite (and scale > 0) in the compute dtype ``cdt``:
+    1e39 is a finite Python float but inf in float32, which would make every row NaN."""
+    info = np.finfo(cdt)
+    for name, val in (("scale", cfg.scale), ("softcap", cfg.softcap)):
+        if abs(val) > info.max or (val != 0.0 and abs(val) < info.tiny):
+            raise AttentionError(f"{name}: {val!r} is not representable in {cdt} (the "
+                                 f"compute dtype, range [{info.tiny:.3g}, {info.max:.3g}])")
 
 
 def _config(h, hkv, d, dv, scale, causal, window, softcap, *flags):
@@ -81,6 +77,8 @@ def check_out(out, shape, dtype):
         from .cuda import dispatch_cuda
 
         return dispatch_cuda.check_out(out, shape, dtype)
+    if is_torch(out):
+        out = to_numpy("out", out)  # a view: writing it writes the tensor
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -188,7 +186,22 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     Notes
     -----
     Order of operations (as FlashAttention-2): scale, softcap, ALiBi and bias, masking.
-""" + _MASK_PICTURE + """
+
+    With seqlen_q = 2 and seqlen_k = 5, ``causal=True`` (bottom-right) gives::
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    and ``causal="top_left"`` gives::
+
+        1 0 0 0 0
+        1 1 0 0 0
+
+    ``kv_lens`` is key padding only: causal masks, windows and ALiBi distances stay
+    aligned to the padded shapes (``off = seqlen_k - seqlen_q``), not to ``kv_lens[b]``.
+    To align them to each row's real lengths (as FlashAttention does for padded batches),
+    use :func:`attention_varlen` on the unpadded rows.
+
     Examples
     --------
     >>> import numpy as np, numba_attn
@@ -210,7 +223,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     dp.same([("k.shape[2]", hkv), ("v.shape[2]", v.shape[2])], "num_kv_heads of k and v")
     dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
     dv = v.shape[3]
-    out = check_out(out, (bsz, sq, h, dv), dt)
+    out_ref, out = out, check_out(out, (bsz, sq, h, dv), dt)
     kl = None
     if kv_lens is not None:
         kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
@@ -235,18 +248,11 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
         has_kv_lens=kl is not None, out_dtype=dt, device=device)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
+    if out is not None:
+        o = out_ref
     if not return_lse:
-        return _like(q, o)
-    return _like(q, o), _like(q, _lse_bhs(lse, bsz, sq, h))
-
-
-def _like(ref, x):
-    """A device result as the kind of array ``ref`` is (CuPy, torch), zero-copy."""
-    if isinstance(x, np.ndarray) or type(ref).__module__.split(".")[0] not in ("cupy", "torch"):
-        return x
-    from .cuda import dispatch_cuda
-
-    return dispatch_cuda.like(ref, x)
+        return like(q, o)
+    return like(q, o), like(q, _lse_bhs(lse, bsz, sq, h))
 
 
 def _lse_bhs(lse, bsz, sq, h):
@@ -320,7 +326,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     lq, lk = np.diff(cq), np.diff(ck)
     mq = _check_max("max_seqlen_q", max_seqlen_q, lq)
     mk = _check_max("max_seqlen_k", max_seqlen_k, lk)
-    out = check_out(out, (tq, h, dv), dt)
+    out_ref, out = out, check_out(out, (tq, h, dv), dt)
     rows = np.zeros((bsz, 5), np.int64)
     rows[:, 0] = cq[:-1]
     rows[:, 1] = lq
@@ -344,13 +350,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
         has_kv_lens=kl is not None, out_dtype=dt, device=device)
     o, lse = run_and_finish(p, backend, out, (tq, h, dv))
+    if out is not None:
+        o = out_ref
     if not return_lse:
-        return _like(q, o)
+        return like(q, o)
     if isinstance(lse, np.ndarray):
-        return o, np.ascontiguousarray(lse.T)
+        return like(q, o), like(q, np.ascontiguousarray(lse.T))
     from .cuda import dispatch_cuda
 
-    return _like(q, o), _like(q, dispatch_cuda.lse_transpose(lse))
+    return like(q, o), like(q, dispatch_cuda.lse_transpose(lse))
 
 
 def _check_cu(name, cu, total):
@@ -375,7 +383,8 @@ def _check_max(name, given, lens):
     real = int(lens.max(initial=0))
     if given is None:
         return real
-    if int(given) < real:
+    given = check_int(name, given, lo=0)
+    if given < real:
         raise AttentionError(f"{name}: {given} is smaller than the longest row ({real})")
     return int(given)
 

@@ -14,7 +14,8 @@ import numpy as np
 from . import dispatch as dp
 from .cache import KVCache, PagedKVCache, _on_device
 from .config import AttentionError
-from .functional import _MASK_PICTURE, _lse_bhs, build_problem, check_out, run_and_finish
+from .interop import like, to_numpy
+from .functional import _lse_bhs, build_problem, check_out, run_and_finish
 from .rope import check_tables, rotate, token_positions
 
 __all__ = ["attention_with_kvcache"]
@@ -78,7 +79,17 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
     Notes
     -----
     Key padding comes from the cache (``seqlens``), so there is no ``kv_lens`` argument.
-""" + _MASK_PICTURE + """
+
+    With seqlen_q = 2 and L + n = 5 keys, ``causal=True`` (bottom-right) gives::
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    and ``causal="top_left"`` gives::
+
+        1 0 0 0 0
+        1 1 0 0 0
+
     Examples
     --------
     >>> import numpy as np, numba_attn
@@ -98,6 +109,11 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
                         f"{type(cache).__name__}")
     dp.check_rank("q", q, 4, "(batch, seqlen_q, num_heads, head_dim)")
     dt = dp.check_float("q", q)
+    q_ref, out_ref = q, out
+    if cache.device != "cuda":  # host arrays (torch CPU tensors: zero-copy numpy views)
+        q = to_numpy("q", q) if not _on_device(q) else q
+        k_new = None if k_new is None or _on_device(k_new) else to_numpy("k_new", k_new)
+        v_new = None if v_new is None or _on_device(v_new) else to_numpy("v_new", v_new)
     if dt != cache.dtype:
         raise TypeError(f"q: dtype {dt} differs from the cache's {cache.dtype}; cast q")
     on_dev = cache.device == "cuda"
@@ -161,16 +177,18 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
     if not on_dev and ks.dtype not in (cdt, np.float16):  # bfloat16: converted per call
         p.k, p.v = ks.astype(cdt), vs.astype(cdt)  # (float16 is read by the kernels)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
+    if out_ref is not None:
+        o = out_ref
     if not return_lse:
-        return o
-    return o, _lse_bhs(lse, bsz, sq, h)
+        return like(q_ref, o)
+    return like(q_ref, o), like(q_ref, _lse_bhs(lse, bsz, sq, h))
 
 
 def _canonical_q(x, cdt, on_dev):
     """Host: a C-contiguous array of the compute dtype. Device: the C-contiguous numba
     device array as it is (the cuda kernels read float16 storage themselves)."""
     if not on_dev:
-        return np.ascontiguousarray(x, dtype=cdt)
+        return dp.host("q", x, cdt)
     from numba import cuda
 
     xd = cuda.as_cuda_array(x) if not hasattr(x, "copy_to_host") else x
