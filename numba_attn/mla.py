@@ -31,6 +31,8 @@ from .layers import (
     RotaryTable,
     check_hidden,
     check_positions,
+    hf_dict,
+    hf_get,
     hf_rope,
     linear,
     to_device_if,
@@ -162,17 +164,12 @@ class YarnRotaryTable(RotaryTable):
         keep = 1.0 - ramp  # 1: keep the original frequency
         return inter * (1.0 - keep) + extra * keep
 
-    def get(self, n):
-        if self.cos is None or self.cos.shape[0] < n:
-            size = max(int(n), 256, 2 * (0 if self.cos is None else self.cos.shape[0]))
-            sc = self.scaling
-            factor = float(sc["factor"])
-            m = yarn_mscale(factor, float(sc.get("mscale", 1.0))) / yarn_mscale(
-                factor, float(sc.get("mscale_all_dim", 0.0)))
-            ang = np.outer(np.arange(size, dtype=np.float64), self.inv_freq())
-            self.cos = np.ascontiguousarray(np.cos(ang) * m, dtype=self.dtype)
-            self.sin = np.ascontiguousarray(np.sin(ang) * m, dtype=self.dtype)
-        return self.cos, self.sin
+    def freq_att(self, seq_len):
+        sc = self.scaling
+        factor = float(sc["factor"])
+        m = yarn_mscale(factor, float(sc.get("mscale", 1.0))) / yarn_mscale(
+            factor, float(sc.get("mscale_all_dim", 0.0)))
+        return self.inv_freq(), m
 
 
 def _is_yarn(scaling):
@@ -269,6 +266,10 @@ class MultiHeadLatentAttention(ParameterMixin):
         table = YarnRotaryTable if _is_yarn(rope_scaling) else RotaryTable
         if _is_yarn(rope_scaling) and "factor" not in rope_scaling:
             raise AttentionError("rope_scaling: yarn scaling needs a 'factor'")
+        if not _is_yarn(rope_scaling):
+            from .rope import check_scaling
+
+            rope_scaling = check_scaling(rope_scaling, self.qk_rope_head_dim)
         self._rope = table(self.qk_rope_head_dim, self.rope_theta, rope_scaling, dt)
         rng = np.random.default_rng(seed)
         for name, attr, shape in self._param_specs():
@@ -289,18 +290,24 @@ class MultiHeadLatentAttention(ParameterMixin):
         num_attention_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
         v_head_dim, attention_bias, rms_norm_eps, rope_theta, rope_scaling,
         rope_interleave); ``kw`` overrides."""
-        c = dict(config)
+        c = hf_dict(config)
+        if c.get("kv_lora_rank") is None:
+            raise AttentionError(f"config: model_type {c.get('model_type')!r} has no "
+                                 f"kv_lora_rank: not a latent-attention (DeepSeek) config; "
+                                 f"use MultiHeadAttention.from_hf_config")
         theta, scaling = hf_rope(c)
-        args = dict(kv_lora_rank=int(c["kv_lora_rank"]),
-                    qk_nope_head_dim=int(c["qk_nope_head_dim"]),
-                    qk_rope_head_dim=int(c["qk_rope_head_dim"]),
-                    v_head_dim=int(c["v_head_dim"]), q_lora_rank=c.get("q_lora_rank"),
-                    attention_bias=bool(c.get("attention_bias", False)),
-                    norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        args = dict(kv_lora_rank=hf_get(c, "kv_lora_rank", "int", lo=1),
+                    qk_nope_head_dim=hf_get(c, "qk_nope_head_dim", "int", lo=1),
+                    qk_rope_head_dim=hf_get(c, "qk_rope_head_dim", "int", lo=1),
+                    v_head_dim=hf_get(c, "v_head_dim", "int", lo=1),
+                    q_lora_rank=hf_get(c, "q_lora_rank", "int", None, lo=1),
+                    attention_bias=hf_get(c, "attention_bias", "flag", False),
+                    norm_eps=hf_get(c, "rms_norm_eps", "real", 1e-6), rope_theta=theta,
                     rope_scaling=scaling,
-                    rotary_interleaved=bool(c.get("rope_interleave", True)))
+                    rotary_interleaved=hf_get(c, "rope_interleave", "flag", True))
         args.update(kw)
-        return cls(int(c["hidden_size"]), int(c["num_attention_heads"]), **args)
+        return cls(hf_get(c, "hidden_size", "int", lo=1),
+                   hf_get(c, "num_attention_heads", "int", lo=1), **args)
 
     def _param_specs(self):
         e, h, r = self.hidden_size, self.num_heads, self.kv_lora_rank
