@@ -42,8 +42,9 @@ def check_representable(cfg, cdt):
     """scale and softcap must stay finite (and scale > 0) in the compute dtype ``cdt``:
     1e39 is a finite Python float but inf in float32, which would make every row NaN."""
     info = np.finfo(cdt)
+    big, tiny = float(info.max), float(info.tiny)
     for name, val in (("scale", cfg.scale), ("softcap", cfg.softcap)):
-        if abs(val) > info.max or (val != 0.0 and abs(val) < info.tiny):
+        if abs(val) > big or (val != 0.0 and abs(val) < tiny):
             raise AttentionError(f"{name}: {val!r} is not representable in {cdt} (the "
                                  f"compute dtype, range [{info.tiny:.3g}, {info.max:.3g}])")
 
