@@ -18,11 +18,40 @@ WINDOW_UNBOUNDED_FROM = 2**62  # a window side this wide sees every key: stored 
 
 
 class AttentionError(ValueError):
-    """Base class of numba_attn's argument errors (a ``ValueError``)."""
+    """Base class of numba_attn's argument errors (a ``ValueError``).
+
+    Raised before anything runs or is written; the message names the argument, what came
+    and what is allowed.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> q = np.zeros((1, 2, 4, 8), np.float32)
+    >>> try:
+    ...     numba_attn.attention(q, q, q, window=(-3, 0))
+    ... except numba_attn.AttentionError as e:
+    ...     print(e)
+    window: each side must be >= 0 or -1 (unbounded), got (-3, 0)
+    """
 
 
 class BackendUnavailable(RuntimeError):
-    """An explicitly requested backend cannot serve this call; the message says why."""
+    """An explicitly requested backend cannot serve this call; the message says why.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> q = np.zeros((1, 2, 4, 8), np.float32)
+    >>> why = numba_attn.available_backends()["cuda"]
+    >>> try:
+    ...     numba_attn.attention(q, q, q, backend="cuda")
+    ...     served = True
+    ... except numba_attn.BackendUnavailable as e:
+    ...     served = False
+    ...     assert why in str(e)
+    >>> served == (why is None)
+    True
+    """
 
 
 _CAUSAL_VALUES = {False: "none", None: "none", "none": "none", True: "bottom_right",
@@ -63,6 +92,23 @@ class AttentionConfig:
         ``softcap * tanh(s / softcap)`` when > 0; 0 disables it.
     has_alibi, has_bias, has_mask, has_kv_lens, has_sinks : bool
         Which optional inputs the call carries.
+
+    Raises
+    ------
+    AttentionError (ValueError)
+        Non-positive sizes, ``num_heads % num_kv_heads != 0``, a scale that is not finite
+        and > 0, a bad window or causal value, a negative softcap.
+    TypeError
+        Strings, floats or bools where ints belong (and the like).
+
+    Examples
+    --------
+    >>> from numba_attn import AttentionConfig
+    >>> cfg = AttentionConfig.gqa(32, 8, 128, causal=True, window=(4095, 0))
+    >>> cfg.group_size, cfg.causal, round(cfg.scale, 6)
+    (4, 'bottom_right', 0.088388)
+    >>> AttentionConfig(8, head_dim=64, window=(2**64, 0)).window  # as wide as unbounded
+    (-1, 0)
     """
 
     num_heads: int

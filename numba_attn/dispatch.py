@@ -313,7 +313,17 @@ def get_backend(name):
 
 
 def available_backends() -> dict:
-    """``{name: None}`` for each usable backend, ``{name: "reason"}`` for the others."""
+    """``{name: None}`` for each usable backend, ``{name: "reason"}`` for the others.
+
+    Examples
+    --------
+    >>> import numba_attn
+    >>> reasons = numba_attn.available_backends()
+    >>> reasons["cpu"] is None and reasons["reference"] is None
+    True
+    >>> sorted(reasons)[:2]
+    ['cpu', 'cuda']
+    """
     _load_optional_backends()
     return {name: b.unavailable_reason() for name, b in BACKENDS.items()}
 

@@ -1,0 +1,40 @@
+"""Every public name shows a real docstring in help() with an example that runs (the
+examples themselves run as doctests: pytest collects numba_attn/ with --doctest-modules)."""
+from __future__ import annotations
+
+import doctest
+import inspect
+import pydoc
+
+import pytest
+
+import numba_attn
+from numba_attn import compat
+
+PUBLIC = [(numba_attn, n) for n in numba_attn.__all__] + [(compat, n) for n in compat.__all__]
+
+
+@pytest.mark.parametrize("mod, name", PUBLIC, ids=[f"{m.__name__}.{n}" for m, n in PUBLIC])
+def test_public_name_has_a_docstring_with_an_example(mod, name):
+    obj = getattr(mod, name)
+    doc = obj.__doc__
+    assert doc and doc.strip(), f"{name}: no docstring (help() would print nothing)"
+    assert "Examples" in doc and ">>>" in doc, f"{name}: no Examples section"
+    assert doctest.DocTestFinder().find(obj, name, module=mod, globs={}), name
+    text = pydoc.render_doc(obj, renderer=pydoc.plaintext)
+    first = inspect.cleandoc(doc).splitlines()[0]
+    assert first in text, f"{name}: help() does not show the docstring"
+
+
+def test_version_has_one_source():
+    """pyproject.toml reads the version from numba_attn/_version.py (nothing else sets it)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(numba_attn.__file__).parent.parent
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" not in meta["project"] and "version" in meta["project"]["dynamic"]
+    attr = meta["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert attr == "numba_attn._version.__version__"
+    assert numba_attn.__version__ == numba_attn._version.__version__
+    assert (root / "numba_attn" / "py.typed").exists()
