@@ -12,9 +12,11 @@ only then written, so a call that raises leaves the cache as it was.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import dispatch as dp
 from .config import AttentionError, _is_int, check_int
+from .interop import Array
 
 __all__ = ["KVCache", "PagedKVCache"]
 
@@ -140,7 +142,7 @@ class _CacheBase:
         cache_ops.append_rows(ks, slots, kn)
         cache_ops.append_rows(vs, slots, vn)
 
-    def append(self, k_new, v_new):
+    def append(self, k_new: Array, v_new: Array) -> None:
         """Append ``n_new`` tokens to every row without attending (e.g. after a prefill).
 
         Parameters
@@ -224,8 +226,9 @@ class KVCache(_CacheBase):
 
     kind = "contiguous"
 
-    def __init__(self, batch, max_seqlen, num_kv_heads, head_dim, dtype=np.float32,
-                 device="cpu", head_dim_v=None):
+    def __init__(self, batch: int, max_seqlen: int, num_kv_heads: int, head_dim: int,
+                 dtype: DTypeLike = np.float32, device: str = "cpu",
+                 head_dim_v: int | None = None) -> None:
         self._init_common(batch, num_kv_heads, head_dim, head_dim_v, dtype, device)
         self.max_seqlen = _positive("max_seqlen", max_seqlen)
         self.k = _alloc((self.batch, self.max_seqlen, self.num_kv_heads, self.head_dim),
@@ -339,8 +342,9 @@ class PagedKVCache(_CacheBase):
 
     kind = "paged"
 
-    def __init__(self, batch, num_blocks, block_size, num_kv_heads, head_dim,
-                 dtype=np.float32, device="cpu", max_seqlen=None, head_dim_v=None):
+    def __init__(self, batch: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: DTypeLike = np.float32, device: str = "cpu",
+                 max_seqlen: int | None = None, head_dim_v: int | None = None) -> None:
         self._init_common(batch, num_kv_heads, head_dim, head_dim_v, dtype, device)
         self.num_blocks = _positive("num_blocks", num_blocks)
         self.block_size = _positive("block_size", block_size)

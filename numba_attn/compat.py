@@ -21,7 +21,7 @@ import numpy as np
 from . import dispatch as dp
 from .config import AttentionError, check_flag, check_int
 from .functional import attention, attention_varlen, build_problem, run_and_finish
-from .interop import like, to_numpy
+from .interop import Array, like, to_numpy
 from .rope import check_tables, rotate, token_positions
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
@@ -49,9 +49,12 @@ def _fa_result(out, lse, return_attn_probs):
     return (out, lse, None) if return_attn_probs else out
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
-                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                    deterministic=False, return_attn_probs=False):
+def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0,
+                    softmax_scale: float | None = None, causal: bool = False,
+                    window_size: tuple[int, int] = (-1, -1),  # -1 means infinite
+                    softcap: float = 0.0, alibi_slopes: Array | None = None,
+                    deterministic: bool = False,
+                    return_attn_probs: bool = False) -> Array | tuple[Array, Array, None]:
     """FlashAttention's ``flash_attn_func`` over :func:`numba_attn.attention`.
 
     Parameters
@@ -104,10 +107,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     return _fa_result(*res, True) if ret else res
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           dropout_p=0.0, softmax_scale=None, causal=False,
-                           window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+def flash_attn_varlen_func(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
+                           cu_seqlens_k: Array, max_seqlen_q: int, max_seqlen_k: int,
+                           dropout_p: float = 0.0, softmax_scale: float | None = None,
+                           causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1),  # -1 means infinite
+                           softcap: float = 0.0, alibi_slopes: Array | None = None,
+                           deterministic: bool = False, return_attn_probs: bool = False,
+                           block_table: None = None) -> Array | tuple[Array, Array, None]:
     """FlashAttention's ``flash_attn_varlen_func`` over :func:`numba_attn.attention_varlen`.
 
     Parameters
@@ -163,9 +170,12 @@ def _unpack(name, x, axis_len, axis, layout):
     return [x[:, :, i] for i in range(axis_len)]
 
 
-def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
-                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                              deterministic=False, return_attn_probs=False):
+def flash_attn_qkvpacked_func(qkv: Array, dropout_p: float = 0.0,
+                              softmax_scale: float | None = None, causal: bool = False,
+                              window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Array | None = None, deterministic: bool = False,
+                              return_attn_probs: bool = False
+                              ) -> Array | tuple[Array, Array, None]:
     """FlashAttention's ``flash_attn_qkvpacked_func``: q, k, v stacked on axis 2.
 
     Parameters
@@ -193,9 +203,12 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                            alibi_slopes, deterministic, return_attn_probs)
 
 
-def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
-                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                             deterministic=False, return_attn_probs=False):
+def flash_attn_kvpacked_func(q: Array, kv: Array, dropout_p: float = 0.0,
+                             softmax_scale: float | None = None, causal: bool = False,
+                             window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Array | None = None, deterministic: bool = False,
+                             return_attn_probs: bool = False
+                             ) -> Array | tuple[Array, Array, None]:
     """FlashAttention's ``flash_attn_kvpacked_func``: k and v stacked on axis 2.
 
     Parameters
@@ -241,12 +254,18 @@ def _row_ints(name, x, batch, lo, hi, default):
     return a
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None,
-                            rotary_sin=None, cache_seqlens=None, cache_batch_idx=None,
-                            cache_leftpad=None, block_table=None, softmax_scale=None,
-                            causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
-                            return_softmax_lse=False):
+def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
+                            k: Array | None = None, v: Array | None = None,
+                            rotary_cos: Array | None = None, rotary_sin: Array | None = None,
+                            cache_seqlens: int | Array | None = None,
+                            cache_batch_idx: Array | None = None,
+                            cache_leftpad: Array | None = None,
+                            block_table: Array | None = None,
+                            softmax_scale: float | None = None, causal: bool = False,
+                            window_size: tuple[int, int] = (-1, -1),  # -1 means infinite
+                            softcap: float = 0.0, rotary_interleaved: bool = True,
+                            alibi_slopes: Array | None = None, num_splits: int = 0,
+                            return_softmax_lse: bool = False) -> Array | tuple[Array, Array]:
     """FlashAttention's ``flash_attn_with_kvcache``: append ``k``/``v`` to the caller's
     cache arrays in place, then attend ``q`` over each row's keys.
 
@@ -461,8 +480,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 # ---------------------------------------------------------------------------------------
 # torch.nn.functional.scaled_dot_product_attention
 # ---------------------------------------------------------------------------------------
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, scale=None, enable_gqa=False):
+def scaled_dot_product_attention(query: Array, key: Array, value: Array,
+                                 attn_mask: Array | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> Array:
     """torch's ``scaled_dot_product_attention`` over :func:`numba_attn.attention`.
 
     Parameters

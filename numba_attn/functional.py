@@ -10,7 +10,7 @@ import numpy as np
 from . import dispatch as dp
 from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError, check_int
-from .interop import is_torch, like, to_numpy
+from .interop import Array, is_torch, like, to_numpy
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
 
@@ -129,9 +129,13 @@ def canon_qkv(q, k, v, ndim, layout_q, layout_kv):
     return dt, dp.compute_dtype(dt), devs["q"]
 
 
-def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
-              alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
-              return_lse=False, out=None, backend="auto"):
+def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
+              window: tuple[int, int] = (-1, -1), scale: float | None = None,
+              softcap: float = 0.0, alibi_slopes: Array | None = None,
+              bias: Array | None = None, mask: Array | None = None,
+              kv_lens: Array | None = None, sinks: Array | None = None,
+              return_lse: bool = False, out: Array | None = None,
+              backend: str = "auto") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
     Parameters
@@ -264,10 +268,15 @@ def _lse_bhs(lse, bsz, sq, h):
     return np.ascontiguousarray(lse.reshape(bsz, sq, h).transpose(0, 2, 1))
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
-                     max_seqlen_k=None, causal=False, window=(-1, -1), scale=None,
-                     softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
-                     sinks=None, return_lse=False, out=None, backend="auto"):
+def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
+                     cu_seqlens_k: Array, *, max_seqlen_q: int | None = None,
+                     max_seqlen_k: int | None = None, causal: bool | str = False,
+                     window: tuple[int, int] = (-1, -1), scale: float | None = None,
+                     softcap: float = 0.0, alibi_slopes: Array | None = None,
+                     bias: Array | None = None, mask: Array | None = None,
+                     kv_lens: Array | None = None, sinks: Array | None = None,
+                     return_lse: bool = False, out: Array | None = None,
+                     backend: str = "auto") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
     Parameters
@@ -390,7 +399,8 @@ def _check_max(name, given, lens):
     return int(given)
 
 
-def merge_states(out_a, lse_a, out_b, lse_b):
+def merge_states(out_a: Array, lse_a: Array, out_b: Array,
+                 lse_b: Array) -> tuple[Array, Array]:
     """Merge two partial attention results computed over disjoint key sets.
 
     ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse)

@@ -10,10 +10,11 @@ Device arrays (CUDA, CuPy, torch on a GPU) are handled by :mod:`numba_attn.cuda`
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 
-__all__ = ["is_torch", "to_numpy", "like"]
+__all__ = ["Array", "is_torch", "to_numpy", "like"]
 
 
 def is_torch(x) -> bool:
@@ -119,3 +120,8 @@ def like(ref, x):
     from .cuda import dispatch_cuda
 
     return dispatch_cuda.like(ref, x)
+
+
+Array = Any
+"""Type of the arrays numba_attn reads and returns: numpy arrays, torch tensors (CPU or
+CUDA), CuPy and numba device arrays (anything with ``__cuda_array_interface__``)."""

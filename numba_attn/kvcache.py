@@ -14,18 +14,23 @@ import numpy as np
 from . import dispatch as dp
 from .cache import KVCache, PagedKVCache, _on_device
 from .config import AttentionError
-from .interop import like, to_numpy
+from .interop import Array, like, to_numpy
 from .functional import _lse_bhs, build_problem, check_out, run_and_finish
 from .rope import check_tables, rotate, token_positions
 
 __all__ = ["attention_with_kvcache"]
 
 
-def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
-                           rotary_sin=None, rotary_interleaved=False, causal=False,
-                           window=(-1, -1), scale=None, softcap=0.0, alibi_slopes=None,
-                           bias=None, mask=None, sinks=None, return_lse=False, out=None,
-                           backend="auto"):
+def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
+                           k_new: Array | None = None, v_new: Array | None = None, *,
+                           rotary_cos: Array | None = None, rotary_sin: Array | None = None,
+                           rotary_interleaved: bool = False, causal: bool | str = False,
+                           window: tuple[int, int] = (-1, -1), scale: float | None = None,
+                           softcap: float = 0.0, alibi_slopes: Array | None = None,
+                           bias: Array | None = None, mask: Array | None = None,
+                           sinks: Array | None = None, return_lse: bool = False,
+                           out: Array | None = None,
+                           backend: str = "auto") -> Array | tuple[Array, Array]:
     """Decode / chunked-prefill step: append ``k_new``/``v_new`` to ``cache``, attend ``q``.
 
     For each row ``b`` with ``L = cache.seqlens[b]`` before the call and ``n = seqlen_new``:

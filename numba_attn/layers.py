@@ -9,13 +9,15 @@ The multi-head latent attention of DeepSeek-V2/V3 lives in :mod:`numba_attn.mla`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import dispatch as dp
 from .config import (AttentionConfig, AttentionError, BackendUnavailable, check_flag,
                      check_int, check_real)
-from .interop import like, to_numpy
+from .interop import Array, like, to_numpy
 
 __all__ = ["MultiHeadAttention"]
 
@@ -479,11 +481,15 @@ class MultiHeadAttention(ParameterMixin):
     _aliases = {"out_proj.weight": "o_proj.weight", "out_proj.bias": "o_proj.bias",
                 "dense.weight": "o_proj.weight", "dense.bias": "o_proj.bias"}  # dense: Phi
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *,
-                 qkv_bias=False, out_bias=False, qk_norm=False, norm_eps=1e-6,
-                 rope_theta=None, rope_scaling=None, partial_rotary_factor=1.0,
-                 rotary_interleaved=False, causal=True, sliding_window=None, softcap=0.0,
-                 scale=None, dtype=np.float32, seed=None, backend="auto"):
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, *, qkv_bias: bool = False,
+                 out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
+                 rope_theta: float | None = None, rope_scaling: dict | None = None,
+                 partial_rotary_factor: float = 1.0, rotary_interleaved: bool = False,
+                 causal: bool = True, sliding_window: int | None = None,
+                 softcap: float = 0.0, scale: float | None = None,
+                 dtype: DTypeLike = np.float32, seed: int | None = None,
+                 backend: str = "auto") -> None:
         hidden_size = check_int("hidden_size", hidden_size, lo=1)
         num_heads = check_int("num_heads", num_heads, lo=1)
         if num_kv_heads is not None:
@@ -572,7 +578,8 @@ class MultiHeadAttention(ParameterMixin):
         return cls(hidden_size, num_heads, 1, **kw)
 
     @classmethod
-    def from_hf_config(cls, config, *, layer_idx=0, **kw):
+    def from_hf_config(cls, config: Any, *, layer_idx: int = 0,
+                       **kw: Any) -> "MultiHeadAttention":
         """Build from a Hugging Face config: a ``config.json`` dict or an object with
         ``to_dict()`` (``transformers.PretrainedConfig``).
 
@@ -735,8 +742,11 @@ class MultiHeadAttention(ParameterMixin):
     def __call__(self, x, **kw):
         return self.forward(x, **kw)
 
-    def forward(self, x, *, context=None, positions=None, cache=None, kv_lens=None,
-                mask=None, lora=None, lora_scale=1.0, backend=None):
+    def forward(self, x: Array, *, context: Array | None = None,
+                positions: Array | None = None, cache: Any = None,
+                kv_lens: Array | None = None, mask: Array | None = None,
+                lora: dict | None = None, lora_scale: float = 1.0,
+                backend: str | None = None) -> Array:
         """Run the layer.
 
         Parameters

@@ -6,12 +6,13 @@ import numpy as np
 
 from . import dispatch as dp
 from .config import AttentionError, check_real
-from .interop import is_torch, like, to_numpy
+from .interop import Array, is_torch, like, to_numpy
 
 __all__ = ["rms_norm"]
 
 
-def rms_norm(x, weight, eps=1e-6, *, out=None):
+def rms_norm(x: Array, weight: Array, eps: float = 1e-6, *,
+             out: Array | None = None) -> Array:
     """Root-mean-square normalisation over the last axis.
 
     ``y = x / sqrt(mean(x ** 2, axis=-1) + eps) * weight`` (Zhang & Sennrich 2019; Hugging

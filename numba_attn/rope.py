@@ -10,10 +10,11 @@ from __future__ import annotations
 
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import dispatch as dp
 from ._jit import parallel_guard, serial_if
-from .interop import like
+from .interop import Array, like
 from .config import AttentionError, _is_int, check_flag, check_int, check_real
 
 SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
@@ -21,8 +22,9 @@ SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on on
 __all__ = ["apply_rotary", "rotary_cos_sin"]
 
 
-def rotary_cos_sin(max_position, rotary_dim, *, base=10000.0, scaling=None,
-                   dtype=np.float32, seq_len=None):
+def rotary_cos_sin(max_position: int, rotary_dim: int, *, base: float = 10000.0,
+                   scaling: dict | None = None, dtype: DTypeLike = np.float32,
+                   seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cos/sin tables of rotary embeddings, Hugging Face ``rope_scaling`` semantics.
 
     Parameters
@@ -220,7 +222,8 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
     return out
 
 
-def apply_rotary(x, cos, sin, *, interleaved=False, positions=None):
+def apply_rotary(x: Array, cos: Array, sin: Array, *, interleaved: bool = False,
+                 positions: int | Array | None = None) -> Array:
     """Apply rotary position embeddings to a (..., seqlen, heads, head_dim) array.
 
     Each channel pair ``(a, b)`` of token ``t`` becomes ``(a cos - b sin, b cos + a sin)``

@@ -38,3 +38,16 @@ def test_version_has_one_source():
     assert attr == "numba_attn._version.__version__"
     assert numba_attn.__version__ == numba_attn._version.__version__
     assert (root / "numba_attn" / "py.typed").exists()
+
+
+FUNCS = [(m, n) for m, n in PUBLIC if inspect.isfunction(getattr(m, n))]
+
+
+@pytest.mark.parametrize("mod, name", FUNCS, ids=[f"{m.__name__}.{n}" for m, n in FUNCS])
+def test_public_functions_are_typed(mod, name):
+    import typing
+
+    fn = getattr(mod, name)
+    hints = typing.get_type_hints(fn)
+    params = [p for p in inspect.signature(fn).parameters if p not in ("self", "cls")]
+    assert "return" in hints and set(params) <= set(hints), (name, set(params) - set(hints))
