@@ -107,7 +107,10 @@ def lse_dtype(dt) -> np.dtype:
 
 
 def host(name, x, dtype=None):
-    """A C-contiguous numpy array of ``dtype`` (copies only when needed).
+    """A C-contiguous, writeable numpy array of ``dtype`` (copies only when needed).
+
+    Read-only inputs (``np.load(mmap_mode="r")``, ``np.frombuffer``) are copied: Numba
+    types read-only arrays apart and would compile a second kernel variant for them.
 
     Small optional inputs (bias, mask, kv_lens, cu_seqlens, ...) given as device arrays
     are copied to the host for validation; q/k/v device mixing is rejected earlier, in
@@ -119,7 +122,10 @@ def host(name, x, dtype=None):
     x = to_numpy(name, x)
     if dtype is not None and x.dtype.kind not in "biuf" and x.dtype != _bfloat16():
         raise TypeError(f"{name}: expected a real-valued array, got dtype {x.dtype}")
-    return np.ascontiguousarray(x, dtype=dtype)
+    out = np.ascontiguousarray(x, dtype=dtype)
+    if not out.flags.writeable:  # read-only is another Numba type: a second compile
+        out = out.copy()
+    return out
 
 
 _KINDS = {"f": "float", "i": "signed int", "u": "unsigned int", "b": "bool"}

@@ -51,6 +51,7 @@ def _few_token_gemv(x, w):
     """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None."""
     if (type(x) is not np.ndarray or type(w) is not np.ndarray or x.dtype != w.dtype
             or x.dtype not in (np.float32, np.float64) or not w.flags.c_contiguous
+            or not w.flags.writeable
             or x.ndim < 1 or x.size // max(x.shape[-1], 1) > GEMV_MAX_TOKENS):
         return None
     from ._jit import parallel_guard

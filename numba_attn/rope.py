@@ -14,7 +14,7 @@ from numpy.typing import DTypeLike
 
 from . import dispatch as dp
 from ._jit import parallel_guard, serial_if
-from .interop import Array, like
+from .interop import Array, like, to_numpy
 from .config import AttentionError, _is_int, check_flag, check_int, check_real
 
 SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
@@ -207,8 +207,11 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
     from .cpu import cache_ops
 
     cdt = x.dtype
-    cos_h, sin_h = (dp.host(n, t) for n, t in (("rotary_cos", cos), ("rotary_sin", sin)))
-    if cos_h.dtype != cdt:  # gather the rows needed: O(T), not O(table)
+    cos_h, sin_h = (to_numpy(n, t) if dp.array_device(t) == "cpu" else dp.host(n, t)
+                    for n, t in (("rotary_cos", cos), ("rotary_sin", sin)))
+    if (cos_h.dtype != cdt or not (cos_h.flags.writeable and sin_h.flags.writeable)
+            or not (cos_h.flags.c_contiguous and sin_h.flags.c_contiguous)):
+        # gather the rows needed: O(T), not O(table) (read-only tables included)
         cos_h = np.ascontiguousarray(cos_h[pos], dtype=cdt)
         sin_h = np.ascontiguousarray(sin_h[pos], dtype=cdt)
         pos = np.arange(len(pos), dtype=np.int64)
