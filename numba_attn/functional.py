@@ -133,8 +133,9 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               window: tuple[int, int] = (-1, -1), scale: float | None = None,
               softcap: float = 0.0, alibi_slopes: Array | None = None,
               bias: Array | None = None, mask: Array | None = None,
-              kv_lens: Array | None = None, sinks: Array | None = None,
-              return_lse: bool = False, out: Array | None = None,
+              kv_lens: Array | None = None, q_lens: Array | None = None,
+              sinks: Array | None = None, return_lse: bool = False,
+              out: Array | None = None,
               backend: str = "auto") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
@@ -161,7 +162,14 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     mask : bool array broadcastable to (batch, num_heads, seqlen_q, seqlen_k), optional
         True = may attend.
     kv_lens : int array (batch,), optional
-        Key padding: row ``b`` sees only keys ``j < kv_lens[b]`` (alignment unchanged).
+        Key padding: row ``b`` sees only keys ``j < kv_lens[b]``. Alone it keeps the
+        alignment of the padded shapes (see Notes).
+    q_lens : int array (batch,), optional
+        Query padding (right-padded rows): row ``b`` has ``q_lens[b]`` real queries. With
+        ``q_lens``, every row is aligned to its real lengths (``off = kv_lens[b] -
+        q_lens[b]``, ``kv_lens`` defaulting to seqlen_k), so a padded batch gives, row by
+        row, exactly what each unpadded row gives alone (FlashAttention's padded
+        semantics); padded query rows give out 0 and lse -inf. Host arrays only.
     sinks : array (num_heads,), optional
         Attention-sink logits (natural log, unscaled): an extra ``exp(sink[h])`` in the
         softmax denominator that contributes no value.
@@ -202,10 +210,11 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         1 0 0 0 0
         1 1 0 0 0
 
-    ``kv_lens`` is key padding only: causal masks, windows and ALiBi distances stay
+    ``kv_lens`` alone is key padding only: causal masks, windows and ALiBi distances stay
     aligned to the padded shapes (``off = seqlen_k - seqlen_q``), not to ``kv_lens[b]``.
     To align them to each row's real lengths (as FlashAttention does for padded batches),
-    use :func:`attention_varlen` on the unpadded rows.
+    pass ``q_lens`` too (``np.full(batch, seqlen_q)`` when no query is padded), or use
+    :func:`attention_varlen` on the unpadded rows.
 
     Examples
     --------
@@ -229,15 +238,20 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
     dv = v.shape[3]
     out_ref, out = out, check_out(out, (bsz, sq, h, dv), dt)
-    kl = None
+    kl = ql = None
     if kv_lens is not None:
         kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
+    if q_lens is not None:
+        ql = dp.check_int_vector("q_lens", q_lens, bsz, 0, sq)
+        if device != "cpu":
+            raise AttentionError("q_lens: supported for host arrays only (for now); pack the "
+                                 "rows and use attention_varlen on the device")
     rows = np.zeros((bsz, 5), np.int64)
     rows[:, 0] = np.arange(bsz) * sq
-    rows[:, 1] = sq
+    rows[:, 1] = sq if ql is None else ql
     rows[:, 2] = np.arange(bsz) * sk
     rows[:, 3] = sk if kl is None else kl
-    rows[:, 4] = sk - sq
+    rows[:, 4] = sk - sq if ql is None else rows[:, 3] - ql
     if device != "cpu":
         from .cuda import dispatch_cuda  # device arrays stay on the device
 
@@ -251,8 +265,12 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt, device=device)
+        has_kv_lens=kl is not None or ql is not None, out_dtype=dt, device=device)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
+    if ql is not None and (ql < sq).any():  # padded query rows: out 0, lse -inf
+        pad = np.arange(sq)[None, :] >= ql[:, None]
+        o[pad] = 0
+        lse.reshape(bsz, sq, h)[pad] = -np.inf
     if out is not None:
         o = out_ref
     if not return_lse:
