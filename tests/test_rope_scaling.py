@@ -151,3 +151,47 @@ def test_tables_match_hugging_face(name):
             cos, sin = ours._rope.get(n)
             np.testing.assert_allclose(cos[:n], hc, atol=3e-5, err_msg=f"{name} n={n}")
             np.testing.assert_allclose(sin[:n], hs, atol=3e-5, err_msg=f"{name} n={n}")
+
+
+@pytest.mark.parametrize("name", ["yarn", "dynamic", "longrope"])
+def test_layer_matches_hugging_face_attention(rng, name):
+    """from_hf_config + load_state_dict of HF's own attention module, float64 weights and
+    activations: the same output (HF's rotary tables are float32, hence the tolerance)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sc = dict(CASES[name])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "longrope":
+            from transformers.models.phi3 import modeling_phi3 as mod
+
+            params = {k: v for k, v in sc.items() if k not in (
+                "original_max_position_embeddings", "max_position_embeddings")}
+            cfg = transformers.Phi3Config(
+                hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, original_max_position_embeddings=32,
+                rope_parameters=dict(params, rope_theta=1e4))
+            attn_cls, emb_cls = mod.Phi3Attention, mod.Phi3RotaryEmbedding
+        else:
+            from transformers.models.llama import modeling_llama as mod
+
+            mpe = sc.pop("max_position_embeddings", 128)
+            cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
+                                           num_key_value_heads=2, max_position_embeddings=mpe,
+                                           rope_parameters=dict(sc, rope_theta=1e4))
+            attn_cls, emb_cls = mod.LlamaAttention, mod.LlamaRotaryEmbedding
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        hf = attn_cls(cfg, layer_idx=0).double()
+        emb = emb_cls(cfg)
+        n = 40  # past the original 32 positions
+        x = torch.from_numpy(rng.standard_normal((1, n, 64)))
+        cos, sin = emb(x, torch.arange(n)[None])
+        causal = torch.full((n, n), -torch.inf, dtype=torch.float64).triu(1)[None, None]
+        with torch.no_grad():
+            exp = hf(x, position_embeddings=(cos.double(), sin.double()),
+                     attention_mask=causal)[0].numpy()
+        ours = MultiHeadAttention.from_hf_config(cfg, dtype=np.float64)
+        ours.load_state_dict({k: v.detach() for k, v in hf.state_dict().items()})
+        got = ours(x.numpy())
+    np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-5)
