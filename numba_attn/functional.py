@@ -9,7 +9,7 @@ import numpy as np
 
 from . import dispatch as dp
 from ._jit import parallel_guard
-from .config import AttentionConfig, AttentionError, check_int
+from .config import AttentionConfig, AttentionError, check_flag, check_int
 from .interop import Array, is_torch, like, to_numpy
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
@@ -229,6 +229,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     """
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
                                 "(batch, seqlen_k, num_kv_heads, head_dim)")
+    return_lse = check_flag("return_lse", return_lse)
     bsz, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     dp.same([("q.shape[0]", bsz), ("k.shape[0]", k.shape[0]), ("v.shape[0]", v.shape[0])],
@@ -339,6 +340,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     """
     dt, cdt, device = canon_qkv(q, k, v, 3, "(total_q, num_heads, head_dim)",
                                 "(total_k, num_kv_heads, head_dim)")
+    return_lse = check_flag("return_lse", return_lse)
     tq, h, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     dp.same([("k.shape[0]", tk), ("v.shape[0]", v.shape[0])], "total_k of k and v")

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import dispatch as dp
 from .cache import KVCache, PagedKVCache, _on_device
-from .config import AttentionError
+from .config import AttentionError, check_flag
 from .interop import Array, like, to_numpy
 from .functional import _lse_bhs, build_problem, check_out, run_and_finish
 from .rope import check_tables, rotate, token_positions
@@ -115,6 +115,8 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
     dp.check_rank("q", q, 4, "(batch, seqlen_q, num_heads, head_dim)")
     dt = dp.check_float("q", q)
     q_ref, out_ref = q, out
+    return_lse = check_flag("return_lse", return_lse)
+    rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
     if cache.device != "cuda":  # host arrays (torch CPU tensors: zero-copy numpy views)
         q = to_numpy("q", q) if not _on_device(q) else q
         k_new = None if k_new is None or _on_device(k_new) else to_numpy("k_new", k_new)

@@ -281,6 +281,7 @@ def apply_rotary(x: Array, cos: Array, sin: Array, *, interleaved: bool = False,
     dt = dp.check_float("x", x)
     cdt = dp.compute_dtype(dt)
     check_tables(cos, sin, shape[-1])
+    interleaved = check_flag("interleaved", interleaved)
     tokens = shape[:-2]
     pos = token_positions(positions, tokens, cos.shape[0])
     n_t = int(np.prod(tokens, dtype=np.int64))

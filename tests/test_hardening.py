@@ -335,3 +335,27 @@ def test_torch_out_is_written_in_place(rng):
     res = na.attention(q, k, v, out=out)
     assert res is out
     np.testing.assert_array_equal(out.numpy(), na.attention(q, k, v))
+
+
+def test_flags_must_be_bools(rng):
+    q, k, v = qkv(rng)
+    with pytest.raises(TypeError, match="return_lse"):
+        na.attention(q, k, v, return_lse="yes")
+    cos, sin = na.rotary_cos_sin(8, 8)
+    with pytest.raises(TypeError, match="interleaved"):
+        na.apply_rotary(q, cos, sin, interleaved="no")
+    cache = na.KVCache(2, 8, num_kv_heads=2, head_dim=8)
+    with pytest.raises(TypeError, match="rotary_interleaved"):
+        na.attention_with_kvcache(q, cache, k[:, :1], v[:, :1], rotary_cos=cos,
+                                  rotary_sin=sin, rotary_interleaved="no")
+    assert cache.seqlens.tolist() == [0, 0]
+
+
+def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from numba_attn import dispatch
+
+    monkeypatch.setattr(dispatch, "_bfloat16", lambda: None)
+    t = torch.zeros(1, 2, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="q: bfloat16 needs ml_dtypes"):
+        na.attention(t, t, t)
