@@ -238,6 +238,7 @@ class KVCache(_CacheBase):
 
     @property
     def seqlens(self):
+        """Valid length of each row, int32 (batch,); assignable (checked)."""
         return self._seqlens
 
     @seqlens.setter
@@ -361,6 +362,8 @@ class PagedKVCache(_CacheBase):
     # -- public state --------------------------------------------------------------------
     @property
     def seqlens(self):
+        """Valid length of each row, int32 (batch,), a read-only view; assigning a
+        new vector allocates or releases pages."""
         view = self._seqlens.view()
         view.flags.writeable = False
         return view
@@ -386,6 +389,7 @@ class PagedKVCache(_CacheBase):
 
     @property
     def num_free_blocks(self):
+        """Pages left in the free pool."""
         return len(self._free)
 
     def _nblk(self, n):
@@ -448,6 +452,17 @@ class PagedKVCache(_CacheBase):
         ``dst``'s own pages are released first. Pages stay shared (reference counted) until
         either row writes into one: the partial last page is then copied for the writer
         (copy-on-write), full pages stay shared for good.
+
+        Examples
+        --------
+        >>> import numpy as np, numba_attn
+        >>> cache = numba_attn.PagedKVCache(2, num_blocks=4, block_size=2, num_kv_heads=1,
+        ...                                 head_dim=2)
+        >>> kv = np.ones((2, 3, 1, 2), np.float32)
+        >>> cache.append(kv, kv)
+        >>> cache.fork(0, 1)
+        >>> cache.block_table[1].tolist() == cache.block_table[0].tolist(), cache.num_free_blocks
+        (True, 2)
         """
         s, d = self._row(src), self._row(dst)
         if s == d:

@@ -182,14 +182,17 @@ class AttentionConfig:
     # -- derived ------------------------------------------------------------------------
     @property
     def is_mha(self) -> bool:
+        """One kv head per query head."""
         return self.num_kv_heads == self.num_heads
 
     @property
     def is_mqa(self) -> bool:
+        """A single kv head shared by several query heads."""
         return self.num_kv_heads == 1 and self.num_heads > 1
 
     @property
     def is_gqa(self) -> bool:
+        """Grouped-query attention: 1 < num_kv_heads < num_heads."""
         return 1 < self.num_kv_heads < self.num_heads
 
     @property
@@ -199,6 +202,7 @@ class AttentionConfig:
 
     @property
     def is_causal(self) -> bool:
+        """Any causal mask (bottom-right or top-left)."""
         return self.causal != "none"
 
 

@@ -724,14 +724,17 @@ class MultiHeadAttention(ParameterMixin):
     # -- properties ----------------------------------------------------------------------
     @property
     def is_mha(self):
+        """One kv head per query head."""
         return self.config.is_mha
 
     @property
     def is_gqa(self):
+        """Grouped-query attention: 1 < num_kv_heads < num_heads."""
         return self.config.is_gqa
 
     @property
     def is_mqa(self):
+        """A single kv head shared by every query head."""
         return self.config.is_mqa
 
     def __repr__(self):
@@ -776,6 +779,26 @@ class MultiHeadAttention(ParameterMixin):
         Returns
         -------
         y : ndarray (batch, seqlen, hidden_size), the layer dtype
+            A torch tensor when ``x`` is one.
+
+        Raises
+        ------
+        AttentionError (ValueError), TypeError
+            Shapes, dtypes or options that do not fit (the message names the argument);
+            the cache is left unchanged.
+        BackendUnavailable
+            ``backend="cuda"`` (or a device cache) without a usable GPU.
+
+        Examples
+        --------
+        >>> import numpy as np, numba_attn
+        >>> layer = numba_attn.MultiHeadAttention(32, 4, 2, rope_theta=1e4, seed=0)
+        >>> x = np.random.default_rng(0).standard_normal((1, 5, 32), dtype=np.float32)
+        >>> cache = numba_attn.KVCache(1, 16, num_kv_heads=2, head_dim=8)
+        >>> steps = [layer(x[:, :3], cache=cache)] + [layer(x[:, t:t + 1], cache=cache)
+        ...                                           for t in (3, 4)]   # prefill, decode
+        >>> bool(np.allclose(np.concatenate(steps, 1), layer(x), atol=1e-5))
+        True
         """
         dt = self.dtype
         backend = self.backend if backend is None else backend

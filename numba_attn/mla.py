@@ -92,6 +92,7 @@ class MLACache:
 
     @property
     def bytes_per_token(self):
+        """Cache bytes per token: (kv_lora_rank + qk_rope_head_dim) * itemsize."""
         return self.head_dim * self.dtype.itemsize
 
     @property
@@ -105,6 +106,7 @@ class MLACache:
         return self.kv[:, :, 0, self.kv_lora_rank:]
 
     def reset(self):
+        """Empty every row (storage is kept, not cleared)."""
         self.seqlens[:] = 0
 
     def _reserve(self, n_new):
@@ -289,7 +291,21 @@ class MultiHeadLatentAttention(ParameterMixin):
         """Build from a DeepSeek-V2/V3 ``config.json`` dict (hidden_size,
         num_attention_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
         v_head_dim, attention_bias, rms_norm_eps, rope_theta, rope_scaling,
-        rope_interleave); ``kw`` overrides."""
+        rope_interleave); ``kw`` overrides.
+
+        Accepts a dict or an object with ``to_dict()``; raises ``AttentionError`` naming
+        a missing key or a config without ``kv_lora_rank``.
+
+        Examples
+        --------
+        >>> from numba_attn import MultiHeadLatentAttention
+        >>> cfg = {"model_type": "deepseek_v2", "hidden_size": 64, "num_attention_heads": 4,
+        ...        "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+        ...        "v_head_dim": 8, "q_lora_rank": None}
+        >>> mla = MultiHeadLatentAttention.from_hf_config(cfg, seed=0)
+        >>> mla.new_cache(1, 32).bytes_per_token
+        80
+        """
         c = hf_dict(config)
         if c.get("kv_lora_rank") is None:
             raise AttentionError(f"config: model_type {c.get('model_type')!r} has no "

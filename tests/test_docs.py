@@ -51,3 +51,27 @@ def test_public_functions_are_typed(mod, name):
     hints = typing.get_type_hints(fn)
     params = [p for p in inspect.signature(fn).parameters if p not in ("self", "cls")]
     assert "return" in hints and set(params) <= set(hints), (name, set(params) - set(hints))
+
+
+def test_asv_builds_only_numba_attns_own_wheel():
+    """asv's default build command also drops the dependencies' wheels into the build cache
+    and then cannot pick one ("Found multiple wheels"): ours builds with --no-deps."""
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(numba_attn.__file__).parent.parent / "asv.conf.json"
+    conf = json.loads(re.sub(r"^\s*//.*$", "", path.read_text(), flags=re.M))
+    (cmd,) = conf["build_command"]
+    assert "pip wheel" in cmd and "--no-deps" in cmd and "{build_cache_dir}" in cmd
+
+
+def test_readme_links_resolve():
+    import re
+    from pathlib import Path
+
+    root = Path(numba_attn.__file__).parent.parent
+    links = re.findall(r"\]\(([^)#:]+)\)", (root / "README.md").read_text())
+    assert "docs/DESIGN.md" in links
+    for link in links:
+        assert (root / link).exists(), link
