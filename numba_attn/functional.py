@@ -481,4 +481,5 @@ def merge_states(out_a: Array, lse_a: Array, out_b: Array,
     lse = np.empty_like(la)
     with parallel_guard():
         kernel(oa, la, ob, lb, o, lse)
-    return o.reshape(out_a.shape).astype(dt, copy=False), lse.reshape(want)
+    return (like(out_a, o.reshape(oshape).astype(dt, copy=False)),
+            like(out_a, lse.reshape(want)))

@@ -311,6 +311,10 @@ def test_torch_tensors_everywhere(rng):
     np.testing.assert_array_equal(y.numpy(), layer(x))
     layer.load_state_dict({kk: torch.from_numpy(vv).requires_grad_(True)
                            for kk, vv in layer.state_dict().items()})
+    oa, la = na.attention(tq, tk, tv, return_lse=True)
+    mo, ml = na.merge_states(oa, la, oa, la)
+    assert isinstance(mo, torch.Tensor) and isinstance(ml, torch.Tensor)
+    np.testing.assert_allclose(mo.numpy(), oa.numpy(), atol=1e-6)
 
 
 def test_torch_bfloat16_is_a_zero_copy_view(rng):
