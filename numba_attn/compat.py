@@ -431,7 +431,8 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
     rows[:, 4] = end - pad - sq
     qp = dp.host("q", qh, cdt).reshape(bsz * sq, h, d)
     p = build_problem(  # k, v: shape-only stand-ins until the storage is written
-        q=qp, k=np.empty((0, hkv, d), cdt), v=np.empty((0, hkv, dv), cdt), rows=rows, block_table=table, block_size=block,
+        q=qp, k=np.empty((0, hkv, d), cdt), v=np.empty((0, hkv, dv), cdt), rows=rows,
+        block_table=table, block_size=block,
         max_seqlen_q=sq, max_seqlen_k=int(rows[:, 3].max(initial=0)), batch=bsz,
         causal=causal, window=window_size, scale=softmax_scale,
         softcap=_softcap(softcap), alibi_slopes=alibi_slopes, bias=None, mask=None,
