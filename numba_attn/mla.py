@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from . import dispatch as dp
-from .config import AttentionConfig, AttentionError
+from .config import AttentionConfig, AttentionError, check_real
 from .layers import (
     ParameterMixin,
     RotaryTable,
@@ -138,42 +138,6 @@ def yarn_mscale(factor, mscale=1.0):
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-class YarnRotaryTable(RotaryTable):
-    """DeepSeek's YaRN rotary tables (``rope_scaling`` of type ``"yarn"``).
-
-    Frequencies blend interpolated ``1 / (factor * base ** (2i / d))`` and original ones
-    through a linear ramp between the correction dims of ``beta_fast`` and ``beta_slow``
-    rotations over ``original_max_position_embeddings``; cos/sin are multiplied by
-    ``yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)``.
-    """
-
-    def inv_freq(self):
-        sc, d, base = self.scaling, self.rotary_dim, self.base
-        factor = float(sc["factor"])
-        old = float(sc.get("original_max_position_embeddings", 4096))
-        beta_fast, beta_slow = float(sc.get("beta_fast", 32)), float(sc.get("beta_slow", 1))
-        expo = np.arange(0, d, 2, dtype=np.float64) / d
-        extra, inter = 1.0 / base ** expo, 1.0 / (factor * base ** expo)
-
-        def corr_dim(rot):
-            return d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
-
-        lo = max(math.floor(corr_dim(beta_fast)), 0)
-        hi = min(math.ceil(corr_dim(beta_slow)), d - 1)
-        if lo == hi:
-            hi += 0.001
-        ramp = np.clip((np.arange(d // 2) - lo) / (hi - lo), 0.0, 1.0)
-        keep = 1.0 - ramp  # 1: keep the original frequency
-        return inter * (1.0 - keep) + extra * keep
-
-    def freq_att(self, seq_len):
-        sc = self.scaling
-        factor = float(sc["factor"])
-        m = yarn_mscale(factor, float(sc.get("mscale", 1.0))) / yarn_mscale(
-            factor, float(sc.get("mscale_all_dim", 0.0)))
-        return self.inv_freq(), m
-
-
 def _is_yarn(scaling):
     return bool(scaling) and scaling.get("rope_type", scaling.get("type")) == "yarn"
 
@@ -198,8 +162,8 @@ class MultiHeadLatentAttention(ParameterMixin):
     rope_theta : float, default 10000.0
     rope_scaling : dict, optional
         DeepSeek's ``{"type": "yarn", "factor", "original_max_position_embeddings",
-        "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}`` (tables built here, see
-        :class:`YarnRotaryTable`), or anything :func:`numba_attn.rotary_cos_sin` accepts.
+        "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}`` (Hugging Face's yarn,
+        as :func:`numba_attn.rotary_cos_sin`), or anything else that function accepts.
         A ``mscale_all_dim`` multiplies the softmax scale by
         ``yarn_mscale(factor, mscale_all_dim) ** 2``.
     rotary_interleaved : bool, default True
@@ -264,15 +228,19 @@ class MultiHeadLatentAttention(ParameterMixin):
                                       head_dim=self.qk_head_dim, head_dim_v=self.v_head_dim,
                                       scale=scale, causal=self.causal)
         self.scale = self.config.scale
-        self.rope_theta, self.rope_scaling = float(rope_theta), rope_scaling
-        table = YarnRotaryTable if _is_yarn(rope_scaling) else RotaryTable
-        if _is_yarn(rope_scaling) and "factor" not in rope_scaling:
-            raise AttentionError("rope_scaling: yarn scaling needs a 'factor'")
-        if not _is_yarn(rope_scaling):
-            from .rope import check_scaling
+        self.rope_theta = check_real("rope_theta", rope_theta)
+        self.rope_scaling = rope_scaling
+        from .rope import check_scaling
 
+        if _is_yarn(rope_scaling):  # DeepSeek's default pre-training length
+            rope_scaling = dict(rope_scaling)
+            rope_scaling.setdefault("original_max_position_embeddings", 4096)
+        try:
             rope_scaling = check_scaling(rope_scaling, self.qk_rope_head_dim)
-        self._rope = table(self.qk_rope_head_dim, self.rope_theta, rope_scaling, dt)
+        except AttentionError as e:
+            raise AttentionError(f"rope_scaling: {e}") from None
+        # yarn (DeepSeek) and every other type: Hugging Face's formulas (rope.py)
+        self._rope = RotaryTable(self.qk_rope_head_dim, self.rope_theta, rope_scaling, dt)
         rng = np.random.default_rng(seed)
         for name, attr, shape in self._param_specs():
             if "layernorm" in name:

@@ -195,3 +195,24 @@ def test_layer_matches_hugging_face_attention(rng, name):
         ours.load_state_dict({k: v.detach() for k, v in hf.state_dict().items()})
         got = ours(x.numpy())
     np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_yarn_tables_match_hugging_face_deepseek_v3():
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mod
+
+    sc = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,
+          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.DeepseekV3Config(
+            hidden_size=64, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+            q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=16, v_head_dim=8,
+            max_position_embeddings=2560, rope_parameters=dict(sc, rope_theta=1e4))
+        emb = mod.DeepseekV3RotaryEmbedding(cfg)
+        ours = na.MultiHeadLatentAttention.from_hf_config(cfg, dtype=np.float64)
+        hc, hs = _hf_cos(emb_cls=lambda c: emb, config=cfg, positions=np.arange(50))
+    cos, sin = ours._rope.get(50)
+    np.testing.assert_allclose(cos[:50], hc, atol=3e-5)
+    np.testing.assert_allclose(sin[:50], hs, atol=3e-5)
