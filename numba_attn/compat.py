@@ -21,7 +21,7 @@ import numpy as np
 from . import dispatch as dp
 from .config import AttentionError, check_flag, check_int
 from .functional import attention, attention_varlen, build_problem, run_and_finish
-from .interop import Array, like, to_numpy
+from .interop import Array, is_torch, like, to_numpy
 from .rope import check_tables, rotate, token_positions
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
@@ -244,8 +244,8 @@ def _row_ints(name, x, batch, lo, hi, default):
     """(batch,) int64 from None (default), an int, or an int array; entries in [lo, hi]."""
     if x is None:
         a = np.full(batch, default, np.int64)
-    elif np.ndim(x) == 0 and not isinstance(x, np.ndarray) and not hasattr(x, "shape"):
-        a = np.full(batch, check_int(name, x), np.int64)
+    elif np.ndim(to_numpy(name, x) if is_torch(x) else x) == 0:  # an int for every row
+        a = np.full(batch, check_int(name, to_numpy(name, x) if is_torch(x) else x), np.int64)
     else:
         return dp.check_int_vector(name, x, batch, lo, hi)
     bad = (a < lo) | (a > hi)

@@ -202,6 +202,17 @@ def test_flash_attn_with_kvcache_equals_native_decode(rng):
     np.testing.assert_allclose(kc, cache.k, atol=1e-6)
 
 
+def test_cache_seqlens_as_a_scalar(rng):
+    kc, vc = randn(rng, 2, 8, 2, 8), randn(rng, 2, 8, 2, 8)
+    q = randn(rng, 2, 1, 2, 8)
+    exp = compat.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=np.array([5, 5], np.int32))
+    for scalar in (5, np.int32(5), np.array(5)):
+        got = compat.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=scalar)
+        np.testing.assert_array_equal(got, exp)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        compat.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=5.0)
+
+
 def test_flash_attn_with_kvcache_failure_writes_nothing(rng):
     kc, vc = randn(rng, 2, 8, 2, 8), randn(rng, 2, 8, 2, 8)
     before = kc.copy(), vc.copy()
