@@ -135,6 +135,7 @@ def check_scaling(scaling, rotary_dim):
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind is None:
         kind = "default"
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's early name of longrope
     if kind not in _SCALING_KEYS:
         raise AttentionError(f"scaling: rope_type must be one of {sorted(_SCALING_KEYS)}, "
                              f"got {kind!r}")
@@ -174,7 +175,7 @@ def check_scaling(scaling, rotary_dim):
                                      f"{ext.shape}")
     if "truncate" in scaling:
         check_flag("scaling['truncate']", scaling["truncate"])
-    return dict(scaling)
+    return dict(scaling, rope_type=kind)
 
 
 def check_tables(cos, sin, head_dim):

@@ -216,3 +216,11 @@ def test_mla_yarn_tables_match_hugging_face_deepseek_v3():
     cos, sin = ours._rope.get(50)
     np.testing.assert_allclose(cos[:50], hc, atol=3e-5)
     np.testing.assert_allclose(sin[:50], hs, atol=3e-5)
+
+
+def test_old_key_names():
+    """``type`` for ``rope_type`` and Phi-3's early ``su`` for ``longrope``."""
+    old = {k: v for k, v in LONGROPE.items() if k != "rope_type"}
+    got = na.rotary_cos_sin(40, 16, scaling=dict(old, type="su"), dtype=np.float64)
+    exp = na.rotary_cos_sin(40, 16, scaling=LONGROPE, dtype=np.float64)
+    np.testing.assert_array_equal(got[0], exp[0])
