@@ -363,3 +363,22 @@ def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
     t = torch.zeros(1, 2, 2, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="q: bfloat16 needs ml_dtypes"):
         na.attention(t, t, t)
+
+
+@pytest.mark.parametrize("kw, exc, text", [
+    (dict(mask=np.ones((1, 1, 3, 99), bool)), AttentionError, "mask"),
+    (dict(mask=[[1, 0], [1]]), TypeError, "mask"),
+    (dict(positions=np.array([0.5, 1.5, 2.5])), TypeError, "positions"),
+    (dict(lora={"q": "x"}), TypeError, "lora"),
+    (dict(lora_scale="big"), TypeError, "lora_scale"),
+    (dict(backend="tpu"), AttentionError, "backend"),
+])
+def test_failed_layer_call_leaves_cache_and_layer_unchanged(rng, kw, exc, text):
+    layer = MultiHeadAttention(32, 4, 2, rope_theta=1e4, seed=0)
+    cache = na.KVCache(1, 8, num_kv_heads=2, head_dim=8)
+    layer(rng.standard_normal((1, 2, 32)).astype(F32), cache=cache)
+    state, lstate = cache_state(cache), layer_state(layer)
+    with pytest.raises(exc, match=text):
+        layer(rng.standard_normal((1, 3, 32)).astype(F32), cache=cache, **kw)
+    assert_cache_unchanged(cache, state)
+    assert_layer_unchanged(layer, lstate)
