@@ -519,3 +519,33 @@ def test_projection_gemv_matches_float64_matmul(tokens, dtype):
     assert got.dtype == dtype and got.shape == (1, tokens, 200)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * 10)
+
+
+def test_phi_config_matches_hugging_face_phi_attention(rng):
+    """Phi-2's attention (biases on q/k/v and dense, partial rotary): from_hf_config +
+    load_state_dict of HF's own module give HF's output (float64)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import warnings
+
+    from transformers.models.phi import modeling_phi as mod
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.PhiConfig(hidden_size=64, num_attention_heads=4,
+                                     partial_rotary_factor=0.5, rope_theta=1e4)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        hf = mod.PhiAttention(cfg, layer_idx=0).double()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0, 0.2)  # biases too: non-zero
+        n = 6
+        x = torch.from_numpy(rng.standard_normal((1, n, 64)))
+        cos, sin = mod.PhiRotaryEmbedding(cfg)(x, torch.arange(n)[None])
+        causal = torch.full((n, n), -torch.inf, dtype=torch.float64).triu(1)[None, None]
+        with torch.no_grad():
+            exp = hf(x, (cos.double(), sin.double()), causal)[0].numpy()
+        ours = MultiHeadAttention.from_hf_config(cfg, dtype=np.float64)
+        ours.load_state_dict(hf.state_dict())
+    np.testing.assert_allclose(ours(x.numpy()), exp, rtol=1e-6, atol=1e-6)
