@@ -124,7 +124,7 @@ def _hf_cos(emb_cls, config, positions):
 @pytest.mark.parametrize("name", ["yarn", "yarn-deepseek", "dynamic", "longrope"])
 def test_tables_match_hugging_face(name):
     pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", minversion="5.0")  # rope_parameters API
     sc = dict(CASES[name])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -158,7 +158,7 @@ def test_layer_matches_hugging_face_attention(rng, name):
     """from_hf_config + load_state_dict of HF's own attention module, float64 weights and
     activations: the same output (HF's rotary tables are float32, hence the tolerance)."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", minversion="5.0")  # rope_parameters API
     sc = dict(CASES[name])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -199,7 +199,7 @@ def test_layer_matches_hugging_face_attention(rng, name):
 
 def test_mla_yarn_tables_match_hugging_face_deepseek_v3():
     pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers", minversion="5.0")  # rope_parameters API
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as mod
 
     sc = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64,
