@@ -7,6 +7,7 @@ import os as _os
 # only takes effect if numba_attn is imported before numpy loads OpenBLAS, and never
 # overrides a value the user set.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+from . import compat
 from .cache import KVCache, PagedKVCache
 from .config import AttentionConfig, AttentionError, BackendUnavailable
 from .dispatch import available_backends
@@ -17,7 +18,7 @@ from .mla import MLACache, MultiHeadLatentAttention
 from .norm import rms_norm
 from .rope import apply_rotary, rotary_cos_sin
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "AttentionConfig",

@@ -27,6 +27,13 @@ def _version(dist):
         return "not installed"
 
 
+def cuda_install_hint():
+    """How to install the cuda backend's dependency: the package's own extras."""
+    from .cuda import INSTALL_HINT
+
+    return INSTALL_HINT
+
+
 def _cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -107,6 +114,8 @@ def info(out=None, startup=False):
     for dist in ("numpy", "numba", "llvmlite", "numba-cuda",
                  "ml_dtypes", "torch"):
         note = "  (optional peer, never imported by numba_attn)" if dist == "torch" else ""
+        if dist == "numba-cuda" and _version(dist) == "not installed":
+            note = f"  (for the cuda backend: {cuda_install_hint()})"
         w(f"  {dist:<13} {_version(dist)}{note}\n")
     try:
         affinity = len(os.sched_getaffinity(0))

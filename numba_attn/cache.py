@@ -12,9 +12,11 @@ only then written, so a call that raises leaves the cache as it was.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import dispatch as dp
-from .config import AttentionError
+from .config import AttentionError, _is_int, check_int
+from .interop import Array
 
 __all__ = ["KVCache", "PagedKVCache"]
 
@@ -22,9 +24,9 @@ _DEVICES = ("cpu", "cuda")
 
 
 def _positive(name, x):
-    if isinstance(x, bool) or not hasattr(x, "__index__") or int(x) <= 0:
+    if not _is_int(x) or int(x) <= 0:
         raise AttentionError(f"{name}: expected a positive int, got {x!r}")
-    return int(x)
+    return check_int(name, x, lo=1)
 
 
 def _storage_dtype(dtype, device):
@@ -67,7 +69,7 @@ class _CacheBase:
         self._seqlens = np.zeros(self.batch, np.int32)
 
     def _row(self, row):
-        if isinstance(row, bool) or not hasattr(row, "__index__"):
+        if not _is_int(row):
             raise TypeError(f"row: expected an int, got {row!r}")
         r = int(row)
         if not 0 <= r < self.batch:
@@ -140,16 +142,16 @@ class _CacheBase:
             return
         from .cpu import cache_ops
 
-        kn = np.ascontiguousarray(k_new, dtype=self.dtype).reshape(n, self.num_kv_heads,
-                                                                    self.head_dim)
-        vn = np.ascontiguousarray(v_new, dtype=self.dtype).reshape(n, self.num_kv_heads,
-                                                                    self.head_dim_v)
+        kn = np.ascontiguousarray(dp.host("k_new", k_new), dtype=self.dtype).reshape(
+            n, self.num_kv_heads, self.head_dim)
+        vn = np.ascontiguousarray(dp.host("v_new", v_new), dtype=self.dtype).reshape(
+            n, self.num_kv_heads, self.head_dim_v)
         if self.dtype.itemsize == 2:  # float16/bfloat16: a bit copy (numba has no f16 math)
             ks, vs, kn, vn = (a.view(np.uint16) for a in (ks, vs, kn, vn))
         cache_ops.append_rows(ks, slots, kn)
         cache_ops.append_rows(vs, slots, vn)
 
-    def append(self, k_new, v_new):
+    def append(self, k_new: Array, v_new: Array) -> None:
         """Append ``n_new`` tokens to every row without attending (e.g. after a prefill).
 
         Parameters
@@ -166,6 +168,9 @@ class _CacheBase:
         TypeError
             A dtype other than the cache's.
         """
+        if self.device == "cpu":  # torch CPU tensors, lists: numpy before anything is written
+            k_new = k_new if k_new is None or _on_device(k_new) else dp.host("k_new", k_new)
+            v_new = v_new if v_new is None or _on_device(v_new) else dp.host("v_new", v_new)
         n_new = self.check_new(k_new, v_new)
         plan = self.reserve(n_new, check_all=False)
         self._write(self.commit(plan), k_new, v_new)
@@ -230,8 +235,9 @@ class KVCache(_CacheBase):
 
     kind = "contiguous"
 
-    def __init__(self, batch, max_seqlen, num_kv_heads, head_dim, dtype=np.float32,
-                 device="cpu", head_dim_v=None):
+    def __init__(self, batch: int, max_seqlen: int, num_kv_heads: int, head_dim: int,
+                 dtype: DTypeLike = np.float32, device: str = "cpu",
+                 head_dim_v: int | None = None) -> None:
         self._init_common(batch, num_kv_heads, head_dim, head_dim_v, dtype, device)
         self.max_seqlen = _positive("max_seqlen", max_seqlen)
         self.k = _alloc((self.batch, self.max_seqlen, self.num_kv_heads, self.head_dim),
@@ -241,6 +247,7 @@ class KVCache(_CacheBase):
 
     @property
     def seqlens(self):
+        """Valid length of each row, int32 (batch,); assignable (checked)."""
         return self._seqlens
 
     @seqlens.setter
@@ -345,8 +352,9 @@ class PagedKVCache(_CacheBase):
 
     kind = "paged"
 
-    def __init__(self, batch, num_blocks, block_size, num_kv_heads, head_dim,
-                 dtype=np.float32, device="cpu", max_seqlen=None, head_dim_v=None):
+    def __init__(self, batch: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: DTypeLike = np.float32, device: str = "cpu",
+                 max_seqlen: int | None = None, head_dim_v: int | None = None) -> None:
         self._init_common(batch, num_kv_heads, head_dim, head_dim_v, dtype, device)
         self.num_blocks = _positive("num_blocks", num_blocks)
         self.block_size = _positive("block_size", block_size)
@@ -363,6 +371,8 @@ class PagedKVCache(_CacheBase):
     # -- public state --------------------------------------------------------------------
     @property
     def seqlens(self):
+        """Valid length of each row, int32 (batch,), a read-only view; assigning a
+        new vector allocates or releases pages."""
         view = self._seqlens.view()
         view.flags.writeable = False
         return view
@@ -388,6 +398,7 @@ class PagedKVCache(_CacheBase):
 
     @property
     def num_free_blocks(self):
+        """Pages left in the free pool."""
         return len(self._free)
 
     def _nblk(self, n):
@@ -450,6 +461,17 @@ class PagedKVCache(_CacheBase):
         ``dst``'s own pages are released first. Pages stay shared (reference counted) until
         either row writes into one: the partial last page is then copied for the writer
         (copy-on-write), full pages stay shared for good.
+
+        Examples
+        --------
+        >>> import numpy as np, numba_attn
+        >>> cache = numba_attn.PagedKVCache(2, num_blocks=4, block_size=2, num_kv_heads=1,
+        ...                                 head_dim=2)
+        >>> kv = np.ones((2, 3, 1, 2), np.float32)
+        >>> cache.append(kv, kv)
+        >>> cache.fork(0, 1)
+        >>> cache.block_table[1].tolist() == cache.block_table[0].tolist(), cache.num_free_blocks
+        (True, 2)
         """
         s, d = self._row(src), self._row(dst)
         if s == d:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import AttentionConfig, AttentionError, BackendUnavailable
+from .interop import to_numpy
 
 __all__ = ["Problem", "run", "available_backends", "get_backend", "BACKENDS"]
 
@@ -61,6 +62,9 @@ def as_np_dtype(dt) -> np.dtype:
 
 
 def check_float(name, x):
+    if str(x.dtype).rsplit(".", 1)[-1] == "bfloat16" and _bfloat16() is None:
+        raise TypeError(f"{name}: bfloat16 needs ml_dtypes (pip install ml_dtypes); or pass "
+                        f"float16, float32 or float64")
     try:
         dt = as_np_dtype(x.dtype)
     except TypeError:
@@ -103,7 +107,10 @@ def lse_dtype(dt) -> np.dtype:
 
 
 def host(name, x, dtype=None):
-    """A C-contiguous numpy array of ``dtype`` (copies only when needed).
+    """A C-contiguous, writeable numpy array of ``dtype`` (copies only when needed).
+
+    Read-only inputs (``np.load(mmap_mode="r")``, ``np.frombuffer``) are copied: Numba
+    types read-only arrays apart and would compile a second kernel variant for them.
 
     Small optional inputs (bias, mask, kv_lens, cu_seqlens, ...) given as device arrays
     are copied to the host for validation; q/k/v device mixing is rejected earlier, in
@@ -111,8 +118,29 @@ def host(name, x, dtype=None):
     """
     if array_device(x) != "cpu":
         x = x.copy_to_host() if hasattr(x, "copy_to_host") else (
-            x.get() if hasattr(x, "get") else np.asarray(x.cpu()))
-    return np.ascontiguousarray(x, dtype=dtype)
+            x.get() if hasattr(x, "get") else to_numpy(name, x.cpu()))
+    x = to_numpy(name, x)
+    if dtype is not None and x.dtype.kind not in "biuf" and x.dtype != _bfloat16():
+        raise TypeError(f"{name}: expected a real-valued array, got dtype {x.dtype}")
+    out = np.ascontiguousarray(x, dtype=dtype)
+    if not out.flags.writeable:  # read-only is another Numba type: a second compile
+        out = out.copy()
+    return out
+
+
+_KINDS = {"f": "float", "i": "signed int", "u": "unsigned int", "b": "bool"}
+
+
+def host_operand(name, x, kinds, what):
+    """A host numpy array of an optional input whose dtype kind is in ``kinds``.
+
+    Complex, object, string and other dtypes raise ``TypeError`` naming ``name`` instead
+    of being cast (complex silently losing its imaginary part, objects becoming NaN).
+    """
+    a = host(name, x)
+    if a.dtype.kind not in kinds and not (a.dtype == _bfloat16() and "f" in kinds):
+        raise TypeError(f"{name}: expected {what}, got dtype {a.dtype}")
+    return a
 
 
 def strided_operand(name, x, full_shape, dtype):
@@ -121,7 +149,12 @@ def strided_operand(name, x, full_shape, dtype):
     Returns (flat contiguous array, int64 element strides with 0 on broadcast axes).
     Trailing axes align as numpy broadcasting does.
     """
-    x = host(name, x)
+    if dtype == np.bool_:
+        x = host_operand(name, x, "b", "a boolean array (True = may attend); use "
+                         "mask.astype(bool) or pass it as bias")
+    else:
+        x = host_operand(name, x, "fiu", "a real (float or int) array; pass a boolean "
+                         "mask as mask=")
     if x.ndim > 4:
         raise AttentionError(f"{name}: at most 4-D (batch, heads, seqlen_q, seqlen_k), "
                              f"got shape {x.shape}")
@@ -142,7 +175,7 @@ def strided_operand(name, x, full_shape, dtype):
 def check_sinks(sinks, h, dtype):
     if sinks is None:
         return None
-    s = host("sinks", sinks)
+    s = host_operand("sinks", sinks, "fiu", "a real array")
     if s.shape != (h,):
         raise AttentionError(f"sinks: expected shape (num_heads,) = ({h},), got {s.shape}")
     s = s.astype(dtype)
@@ -154,7 +187,7 @@ def check_sinks(sinks, h, dtype):
 def check_alibi(slopes, batch, h, dtype):
     if slopes is None:
         return None
-    s = host("alibi_slopes", slopes)
+    s = host_operand("alibi_slopes", slopes, "fiu", "a real array")
     if s.shape == (h,):
         s = s.reshape(1, h)
     elif s.shape != (batch, h):
@@ -167,7 +200,7 @@ def check_alibi(slopes, batch, h, dtype):
 
 
 def check_int_vector(name, x, length, lo, hi):
-    a = host(name, x)
+    a = host_operand(name, x, "iu", "an integer array")
     if a.shape != (length,):
         raise AttentionError(f"{name}: expected shape ({length},), got {a.shape}")
     if a.dtype.kind not in "iu":
@@ -286,7 +319,17 @@ def get_backend(name):
 
 
 def available_backends() -> dict:
-    """``{name: None}`` for each usable backend, ``{name: "reason"}`` for the others."""
+    """``{name: None}`` for each usable backend, ``{name: "reason"}`` for the others.
+
+    Examples
+    --------
+    >>> import numba_attn
+    >>> reasons = numba_attn.available_backends()
+    >>> reasons["cpu"] is None and reasons["reference"] is None
+    True
+    >>> sorted(reasons)[:2]
+    ['cpu', 'cuda']
+    """
     _load_optional_backends()
     return {name: b.unavailable_reason() for name, b in BACKENDS.items()}
 

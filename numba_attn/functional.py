@@ -9,22 +9,10 @@ import numpy as np
 
 from . import dispatch as dp
 from ._jit import parallel_guard
-from .config import AttentionConfig, AttentionError
+from .config import AttentionConfig, AttentionError, check_flag, check_int
+from .interop import Array, is_torch, like, to_numpy
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
-
-_MASK_PICTURE = """
-    With seqlen_q = 2 and seqlen_k = 5, ``causal=True`` (bottom-right) gives::
-
-        1 1 1 1 0
-        1 1 1 1 1
-
-    and ``causal="top_left"`` gives::
-
-        1 0 0 0 0
-        1 1 0 0 0
-"""
-
 
 def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_seqlen_k,
                   batch, causal, window, scale, softcap, alibi_slopes, bias, mask, sinks,
@@ -42,14 +30,23 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
         max_seqlen_k=int(max_seqlen_k), out_dtype=np.dtype(out_dtype), device=device,
         slopes=dp.check_alibi(alibi_slopes, batch, h, cdt),
         sinks=dp.check_sinks(sinks, h, cdt))
+    check_representable(cfg, cdt)
     if bias is not None:
         p.bias, p.bias_strides = dp.strided_operand("bias", bias, full, cdt)
     if mask is not None:
-        if dp.as_np_dtype(mask.dtype) != np.bool_:
-            raise TypeError(f"mask: expected a boolean array (True = may attend), got dtype "
-                            f"{mask.dtype}; use mask.astype(bool) or pass it as bias")
         p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
     return p
+
+
+def check_representable(cfg, cdt):
+    """scale and softcap must stay finite (and scale > 0) in the compute dtype ``cdt``:
+    1e39 is a finite Python float but inf in float32, which would make every row NaN."""
+    info = np.finfo(cdt)
+    big, tiny = float(info.max), float(info.tiny)
+    for name, val in (("scale", cfg.scale), ("softcap", cfg.softcap)):
+        if abs(val) > big or (val != 0.0 and abs(val) < tiny):
+            raise AttentionError(f"{name}: {val!r} is not representable in {cdt} (the "
+                                 f"compute dtype, range [{info.tiny:.3g}, {info.max:.3g}])")
 
 
 def _config(h, hkv, d, dv, scale, causal, window, softcap, *flags):
@@ -81,6 +78,8 @@ def check_out(out, shape, dtype):
         from .cuda import dispatch_cuda
 
         return dispatch_cuda.check_out(out, shape, dtype)
+    if is_torch(out):
+        out = to_numpy("out", out)  # a view: writing it writes the tensor
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected a numpy array, got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -130,9 +129,14 @@ def canon_qkv(q, k, v, ndim, layout_q, layout_kv):
     return dt, dp.compute_dtype(dt), devs["q"]
 
 
-def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
-              alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
-              return_lse=False, out=None, backend="auto"):
+def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
+              window: tuple[int, int] = (-1, -1), scale: float | None = None,
+              softcap: float = 0.0, alibi_slopes: Array | None = None,
+              bias: Array | None = None, mask: Array | None = None,
+              kv_lens: Array | None = None, q_lens: Array | None = None,
+              sinks: Array | None = None, return_lse: bool = False,
+              out: Array | None = None,
+              backend: str = "auto") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
     Parameters
@@ -158,7 +162,14 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     mask : bool array broadcastable to (batch, num_heads, seqlen_q, seqlen_k), optional
         True = may attend.
     kv_lens : int array (batch,), optional
-        Key padding: row ``b`` sees only keys ``j < kv_lens[b]`` (alignment unchanged).
+        Key padding: row ``b`` sees only keys ``j < kv_lens[b]``. Alone it keeps the
+        alignment of the padded shapes (see Notes).
+    q_lens : int array (batch,), optional
+        Query padding (right-padded rows): row ``b`` has ``q_lens[b]`` real queries. With
+        ``q_lens``, every row is aligned to its real lengths (``off = kv_lens[b] -
+        q_lens[b]``, ``kv_lens`` defaulting to seqlen_k), so a padded batch gives, row by
+        row, exactly what each unpadded row gives alone (FlashAttention's padded
+        semantics); padded query rows give out 0 and lse -inf. Host arrays only.
     sinks : array (num_heads,), optional
         Attention-sink logits (natural log, unscaled): an extra ``exp(sink[h])`` in the
         softmax denominator that contributes no value.
@@ -188,7 +199,23 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     Notes
     -----
     Order of operations (as FlashAttention-2): scale, softcap, ALiBi and bias, masking.
-""" + _MASK_PICTURE + """
+
+    With seqlen_q = 2 and seqlen_k = 5, ``causal=True`` (bottom-right) gives::
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    and ``causal="top_left"`` gives::
+
+        1 0 0 0 0
+        1 1 0 0 0
+
+    ``kv_lens`` alone is key padding only: causal masks, windows and ALiBi distances stay
+    aligned to the padded shapes (``off = seqlen_k - seqlen_q``), not to ``kv_lens[b]``.
+    To align them to each row's real lengths (as FlashAttention does for padded batches),
+    pass ``q_lens`` too (``np.full(batch, seqlen_q)`` when no query is padded), or use
+    :func:`attention_varlen` on the unpadded rows.
+
     Examples
     --------
     >>> import numpy as np, numba_attn
@@ -202,6 +229,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     """
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
                                 "(batch, seqlen_k, num_kv_heads, head_dim)")
+    return_lse = check_flag("return_lse", return_lse)
     bsz, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     dp.same([("q.shape[0]", bsz), ("k.shape[0]", k.shape[0]), ("v.shape[0]", v.shape[0])],
@@ -210,16 +238,21 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     dp.same([("k.shape[2]", hkv), ("v.shape[2]", v.shape[2])], "num_kv_heads of k and v")
     dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
     dv = v.shape[3]
-    out = check_out(out, (bsz, sq, h, dv), dt)
-    kl = None
+    out_ref, out = out, check_out(out, (bsz, sq, h, dv), dt)
+    kl = ql = None
     if kv_lens is not None:
         kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
+    if q_lens is not None:
+        ql = dp.check_int_vector("q_lens", q_lens, bsz, 0, sq)
+        if device != "cpu":
+            raise AttentionError("q_lens: supported for host arrays only (for now); pack the "
+                                 "rows and use attention_varlen on the device")
     rows = np.zeros((bsz, 5), np.int64)
     rows[:, 0] = np.arange(bsz) * sq
-    rows[:, 1] = sq
+    rows[:, 1] = sq if ql is None else ql
     rows[:, 2] = np.arange(bsz) * sk
     rows[:, 3] = sk if kl is None else kl
-    rows[:, 4] = sk - sq
+    rows[:, 4] = sk - sq if ql is None else rows[:, 3] - ql
     if device != "cpu":
         from .cuda import dispatch_cuda  # device arrays stay on the device
 
@@ -233,20 +266,17 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt, device=device)
+        has_kv_lens=kl is not None or ql is not None, out_dtype=dt, device=device)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
+    if ql is not None and (ql < sq).any():  # padded query rows: out 0, lse -inf
+        pad = np.arange(sq)[None, :] >= ql[:, None]
+        o[pad] = 0
+        lse.reshape(bsz, sq, h)[pad] = -np.inf
+    if out is not None:
+        o = out_ref
     if not return_lse:
-        return _like(q, o)
-    return _like(q, o), _like(q, _lse_bhs(lse, bsz, sq, h))
-
-
-def _like(ref, x):
-    """A device result as the kind of array ``ref`` is (CuPy, torch), zero-copy."""
-    if isinstance(x, np.ndarray) or type(ref).__module__.split(".")[0] not in ("cupy", "torch"):
-        return x
-    from .cuda import dispatch_cuda
-
-    return dispatch_cuda.like(ref, x)
+        return like(q, o)
+    return like(q, o), like(q, _lse_bhs(lse, bsz, sq, h))
 
 
 def _lse_bhs(lse, bsz, sq, h):
@@ -257,10 +287,15 @@ def _lse_bhs(lse, bsz, sq, h):
     return np.ascontiguousarray(lse.reshape(bsz, sq, h).transpose(0, 2, 1))
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
-                     max_seqlen_k=None, causal=False, window=(-1, -1), scale=None,
-                     softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
-                     sinks=None, return_lse=False, out=None, backend="auto"):
+def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
+                     cu_seqlens_k: Array, *, max_seqlen_q: int | None = None,
+                     max_seqlen_k: int | None = None, causal: bool | str = False,
+                     window: tuple[int, int] = (-1, -1), scale: float | None = None,
+                     softcap: float = 0.0, alibi_slopes: Array | None = None,
+                     bias: Array | None = None, mask: Array | None = None,
+                     kv_lens: Array | None = None, sinks: Array | None = None,
+                     return_lse: bool = False, out: Array | None = None,
+                     backend: str = "auto") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
     Parameters
@@ -305,6 +340,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     """
     dt, cdt, device = canon_qkv(q, k, v, 3, "(total_q, num_heads, head_dim)",
                                 "(total_k, num_kv_heads, head_dim)")
+    return_lse = check_flag("return_lse", return_lse)
     tq, h, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     dp.same([("k.shape[0]", tk), ("v.shape[0]", v.shape[0])], "total_k of k and v")
@@ -320,7 +356,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
     lq, lk = np.diff(cq), np.diff(ck)
     mq = _check_max("max_seqlen_q", max_seqlen_q, lq)
     mk = _check_max("max_seqlen_k", max_seqlen_k, lk)
-    out = check_out(out, (tq, h, dv), dt)
+    out_ref, out = out, check_out(out, (tq, h, dv), dt)
     rows = np.zeros((bsz, 5), np.int64)
     rows[:, 0] = cq[:-1]
     rows[:, 1] = lq
@@ -344,13 +380,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
         has_kv_lens=kl is not None, out_dtype=dt, device=device)
     o, lse = run_and_finish(p, backend, out, (tq, h, dv))
+    if out is not None:
+        o = out_ref
     if not return_lse:
-        return _like(q, o)
+        return like(q, o)
     if isinstance(lse, np.ndarray):
-        return o, np.ascontiguousarray(lse.T)
+        return like(q, o), like(q, np.ascontiguousarray(lse.T))
     from .cuda import dispatch_cuda
 
-    return _like(q, o), _like(q, dispatch_cuda.lse_transpose(lse))
+    return like(q, o), like(q, dispatch_cuda.lse_transpose(lse))
 
 
 def _check_cu(name, cu, total):
@@ -375,12 +413,14 @@ def _check_max(name, given, lens):
     real = int(lens.max(initial=0))
     if given is None:
         return real
-    if int(given) < real:
+    given = check_int(name, given, lo=0)
+    if given < real:
         raise AttentionError(f"{name}: {given} is smaller than the longest row ({real})")
     return int(given)
 
 
-def merge_states(out_a, lse_a, out_b, lse_b):
+def merge_states(out_a: Array, lse_a: Array, out_b: Array,
+                 lse_b: Array) -> tuple[Array, Array]:
     """Merge two partial attention results computed over disjoint key sets.
 
     ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse)
@@ -441,4 +481,5 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     lse = np.empty_like(la)
     with parallel_guard():
         kernel(oa, la, ob, lb, o, lse)
-    return o.reshape(out_a.shape).astype(dt, copy=False), lse.reshape(want)
+    return (like(out_a, o.reshape(oshape).astype(dt, copy=False)),
+            like(out_a, lse.reshape(want)))

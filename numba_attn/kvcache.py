@@ -13,18 +13,24 @@ import numpy as np
 
 from . import dispatch as dp
 from .cache import KVCache, PagedKVCache, _on_device
-from .config import AttentionError
-from .functional import _MASK_PICTURE, _lse_bhs, build_problem, check_out, run_and_finish
+from .config import AttentionError, check_flag
+from .interop import Array, like, to_numpy
+from .functional import _lse_bhs, build_problem, check_out, run_and_finish
 from .rope import check_tables, rotate, token_positions
 
 __all__ = ["attention_with_kvcache"]
 
 
-def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
-                           rotary_sin=None, rotary_interleaved=False, causal=False,
-                           window=(-1, -1), scale=None, softcap=0.0, alibi_slopes=None,
-                           bias=None, mask=None, sinks=None, return_lse=False, out=None,
-                           backend="auto"):
+def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
+                           k_new: Array | None = None, v_new: Array | None = None, *,
+                           rotary_cos: Array | None = None, rotary_sin: Array | None = None,
+                           rotary_interleaved: bool = False, causal: bool | str = False,
+                           window: tuple[int, int] = (-1, -1), scale: float | None = None,
+                           softcap: float = 0.0, alibi_slopes: Array | None = None,
+                           bias: Array | None = None, mask: Array | None = None,
+                           sinks: Array | None = None, return_lse: bool = False,
+                           out: Array | None = None,
+                           backend: str = "auto") -> Array | tuple[Array, Array]:
     """Decode / chunked-prefill step: append ``k_new``/``v_new`` to ``cache``, attend ``q``.
 
     For each row ``b`` with ``L = cache.seqlens[b]`` before the call and ``n = seqlen_new``:
@@ -78,7 +84,17 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
     Notes
     -----
     Key padding comes from the cache (``seqlens``), so there is no ``kv_lens`` argument.
-""" + _MASK_PICTURE + """
+
+    With seqlen_q = 2 and L + n = 5 keys, ``causal=True`` (bottom-right) gives::
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    and ``causal="top_left"`` gives::
+
+        1 0 0 0 0
+        1 1 0 0 0
+
     Examples
     --------
     >>> import numpy as np, numba_attn
@@ -98,6 +114,13 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
                         f"{type(cache).__name__}")
     dp.check_rank("q", q, 4, "(batch, seqlen_q, num_heads, head_dim)")
     dt = dp.check_float("q", q)
+    q_ref, out_ref = q, out
+    return_lse = check_flag("return_lse", return_lse)
+    rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
+    if cache.device != "cuda":  # host arrays (torch CPU tensors: zero-copy numpy views)
+        q = to_numpy("q", q) if not _on_device(q) else q
+        k_new = None if k_new is None or _on_device(k_new) else to_numpy("k_new", k_new)
+        v_new = None if v_new is None or _on_device(v_new) else to_numpy("v_new", v_new)
     if dt != cache.dtype and not (dt == np.float32 and cache.mixed_ok()):
         raise TypeError(f"q: dtype {dt} differs from the cache's {cache.dtype}; cast q (a "
                         f"host float16 / bfloat16 cache also takes float32 q)")
@@ -160,16 +183,18 @@ def attention_with_kvcache(q, cache, k_new=None, v_new=None, *, rotary_cos=None,
     if n_new:
         cache._write(slots, k_new, v_new)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
+    if out_ref is not None:
+        o = out_ref
     if not return_lse:
-        return o
-    return o, _lse_bhs(lse, bsz, sq, h)
+        return like(q_ref, o)
+    return like(q_ref, o), like(q_ref, _lse_bhs(lse, bsz, sq, h))
 
 
 def _canonical_q(x, cdt, on_dev):
     """Host: a C-contiguous array of the compute dtype. Device: the C-contiguous numba
     device array as it is (the cuda kernels read float16 storage themselves)."""
     if not on_dev:
-        return np.ascontiguousarray(x, dtype=cdt)
+        return dp.host("q", x, cdt)
     from numba import cuda
 
     xd = cuda.as_cuda_array(x) if not hasattr(x, "copy_to_host") else x

@@ -9,11 +9,15 @@ The multi-head latent attention of DeepSeek-V2/V3 lives in :mod:`numba_attn.mla`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import dispatch as dp
-from .config import AttentionConfig, AttentionError
+from .config import (AttentionConfig, AttentionError, BackendUnavailable, check_flag,
+                     check_int, check_real)
+from .interop import Array, like, to_numpy
 
 __all__ = ["MultiHeadAttention"]
 
@@ -47,6 +51,7 @@ def _few_token_gemv(x, w):
     """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None."""
     if (type(x) is not np.ndarray or type(w) is not np.ndarray or x.dtype != w.dtype
             or x.dtype not in (np.float32, np.float64) or not w.flags.c_contiguous
+            or not w.flags.writeable
             or x.ndim < 1 or x.size // max(x.shape[-1], 1) > GEMV_MAX_TOKENS):
         return None
     from ._jit import parallel_guard
@@ -131,7 +136,10 @@ class ParameterMixin:
         """
         specs = {name: (attr, shape) for name, attr, shape in self._param_specs()}
         staged, unexpected, misshaped, duplicate, seen = {}, [], [], [], set()
-        for key, value in params.items():
+        for key, value in _param_items(params):
+            if not isinstance(key, str):
+                raise TypeError(f"params: keys must be str names like 'q_proj.weight', got "
+                                f"{key!r}")
             if not key.startswith(prefix):
                 continue
             local = key[len(prefix):]
@@ -144,9 +152,13 @@ class ParameterMixin:
                 if name not in specs:
                     unexpected.append(key)
                     continue
-                arr = np.asarray(arr)
-                want = specs[name][1]
                 seen.add(name)
+                try:  # every conversion happens here, before the first assignment
+                    arr = _weight(f"{prefix}{name}", arr, self.dtype)
+                except (TypeError, AttentionError) as e:
+                    misshaped.append(str(e))
+                    continue
+                want = specs[name][1]
                 if arr.shape != want:
                     misshaped.append(f"{prefix}{name}: expected {want}, got {arr.shape}")
                 elif name in staged:
@@ -163,7 +175,28 @@ class ParameterMixin:
             raise AttentionError(f"load_state_dict({type(self).__name__}): nothing loaded; "
                                  + "; ".join(problems))
         for name, arr in staged.items():
-            setattr(self, specs[name][0], np.array(arr, dtype=self.dtype))
+            setattr(self, specs[name][0], arr)
+
+
+def _param_items(params):
+    """(name, value) pairs of a mapping or of an iterable of pairs."""
+    if hasattr(params, "items"):
+        return list(params.items())
+    try:
+        return list(dict(params).items())
+    except (TypeError, ValueError):
+        raise TypeError(f"params: expected a mapping of names to arrays (or (name, array) "
+                        f"pairs), got {type(params).__name__}") from None
+
+
+def _weight(name, value, dtype):
+    """A C-contiguous copy of ``value`` in ``dtype``: real and finite, else an error."""
+    a = dp.host_operand(name, value, "fiu", "a real (float or int) array")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.array(a, dtype=dtype)
+    if out.size and not np.isfinite(out).all():
+        raise AttentionError(f"{name}: non-finite values (after the cast to {dtype})")
+    return out
 
 
 def check_hidden(name, x, hidden, dtype):
@@ -176,14 +209,14 @@ def check_hidden(name, x, hidden, dtype):
     if x.shape[2] != hidden:
         raise AttentionError(f"{name}: last axis must be hidden_size={hidden}, got shape "
                              f"{tuple(x.shape)}")
-    return np.ascontiguousarray(x, dtype=dtype)
+    return dp.host(name, x, dtype)
 
 
 def check_positions(positions, batch, seq):
     """(batch, seq) int64 positions from None-free (seq,) or (batch, seq) input."""
-    p = np.asarray(positions)
-    if p.dtype.kind not in "iu":
-        raise TypeError(f"positions: expected an integer array, got dtype {p.dtype}")
+    p = dp.host_operand("positions", positions, "iu", "an integer array")
+    if p.dtype == np.uint64 and p.size and p.max() > 2**62:
+        raise AttentionError(f"positions: must be < 2**62, got {int(p.max())}")
     if p.shape == (seq,):
         p = np.broadcast_to(p, (batch, seq))
     if p.shape != (batch, seq):
@@ -195,22 +228,64 @@ def check_positions(positions, batch, seq):
 
 
 class RotaryTable:
-    """cos/sin tables grown geometrically on demand (no per-call work once large enough)."""
+    """cos/sin tables grown geometrically on demand (no per-call work once large enough).
+
+    Length-dependent rope types follow Hugging Face's per-call rule, with ``n`` the
+    call's largest position + 1: ``longrope`` serves ``n`` with the long factors when
+    ``n > original_max_position_embeddings``, else the short ones; ``dynamic`` rebuilds
+    for ``n`` whenever ``n`` exceeds the longest length served so far, and returns to the
+    original frequencies when ``n`` falls below ``max_position_embeddings``
+    (``dynamic_rope_update``). Positions past :attr:`ROWS_MAX` are rotated with angles
+    computed at those positions only (no table of that many rows).
+    """
+
+    ROWS_MAX = 1 << 20
 
     def __init__(self, rotary_dim, base, scaling, dtype):
+        from .rope import scaling_kind
+
         self.rotary_dim, self.base, self.scaling, self.dtype = rotary_dim, base, scaling, dtype
         self.cos = self.sin = None
+        self.kind = scaling_kind(scaling)
+        self._served = None
+        if self.kind == "dynamic":
+            self._dyn_max = int(scaling.get("max_position_embeddings")
+                                or scaling["original_max_position_embeddings"])
+            self._dyn_len = self._dyn_max
+
+    def _seq_len(self, n):
+        """(seq_len to build tables for, key of the tables' content) for largest pos n - 1."""
+        if self.kind == "longrope":
+            return n, n > float(self.scaling["original_max_position_embeddings"])
+        if self.kind == "dynamic":
+            prev = self._dyn_len
+            if n > prev:  # growth
+                self._dyn_len = n
+            if n < self._dyn_max and prev > self._dyn_max:  # reset
+                self._dyn_len = self._dyn_max
+            return self._dyn_len, self._dyn_len
+        return None, None
+
+    def freq_att(self, seq_len):
+        """(inv_freq float64, attention factor) for tables serving ``seq_len``."""
+        from .reference_rope import rope_parameters
+
+        return rope_parameters(self.rotary_dim, self.base, self.scaling, seq_len)
+
+    def _tables(self, positions, seq_len):
+        freq, att = self.freq_att(seq_len)
+        ang = np.outer(np.asarray(positions, dtype=np.float64), freq)
+        return (np.ascontiguousarray(np.cos(ang) * att, dtype=self.dtype),
+                np.ascontiguousarray(np.sin(ang) * att, dtype=self.dtype))
 
     def get(self, n):
         """(cos, sin), each (>= n, rotary_dim // 2)."""
-        if self.cos is None or self.cos.shape[0] < n:
-            from .rope import rotary_cos_sin
-
-            size = max(int(n), 256, 2 * (0 if self.cos is None else self.cos.shape[0]))
-            cos, sin = rotary_cos_sin(size, self.rotary_dim, base=self.base,
-                                      scaling=self.scaling, dtype=np.float64)
-            self.cos = np.ascontiguousarray(cos, dtype=self.dtype)
-            self.sin = np.ascontiguousarray(sin, dtype=self.dtype)
+        seq_len, key = self._seq_len(int(n))
+        if self.cos is None or self.cos.shape[0] < n or key != self._served:
+            old = 0 if self.cos is None else self.cos.shape[0]
+            size = max(int(n), 256, 2 * old if old < n else old)
+            self.cos, self.sin = self._tables(np.arange(size), seq_len)
+            self._served = key
         return self.cos, self.sin
 
     def get_device(self):
@@ -226,33 +301,119 @@ class RotaryTable:
         """x (batch, seq, heads, dim) rotated at positions (batch, seq) int64."""
         from .rope import apply_rotary
 
-        cos, sin = self.get(int(positions.max(initial=0)) + 1)
-        return apply_rotary(x, cos, sin, interleaved=interleaved, positions=positions)
+        n = int(positions.max(initial=0)) + 1
+        if n <= self.ROWS_MAX:
+            cos, sin = self.get(n)
+            return apply_rotary(x, cos, sin, interleaved=interleaved, positions=positions)
+        cos, sin = self._tables(positions.reshape(-1), self._seq_len(n)[0])
+        idx = np.arange(positions.size, dtype=np.int64).reshape(positions.shape)
+        return apply_rotary(x, cos, sin, interleaved=interleaved, positions=idx)
 
 
 def to_device_if(backend, *arrays):
     """Host arrays -> CUDA device arrays when ``backend == "cuda"`` (else unchanged)."""
     if backend != "cuda":
         return arrays
+    require_cuda()
     from numba import cuda
 
     return tuple(None if a is None else cuda.to_device(np.ascontiguousarray(a))
                  for a in arrays)
 
 
+def require_cuda():
+    """Raise BackendUnavailable (with the reason) when the CUDA backend cannot serve."""
+    reason = dp.available_backends().get("cuda", "the CUDA backend is not registered")
+    if reason:
+        raise BackendUnavailable(f"backend 'cuda' cannot serve this call: {reason}")
+
+
 def to_host(a):
     return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
 
 
+def hf_dict(config):
+    """A plain dict of a Hugging Face config: a ``config.json`` dict, or any object with
+    ``to_dict()`` (``transformers.PretrainedConfig``)."""
+    if hasattr(config, "to_dict") and callable(config.to_dict):
+        config = config.to_dict()
+    if not hasattr(config, "keys") or isinstance(config, (str, bytes)):
+        raise TypeError(f"config: expected a config.json dict or an object with to_dict() "
+                        f"(transformers.PretrainedConfig), got {type(config).__name__}")
+    return dict(config)
+
+
+_REQUIRED = object()
+
+
+def hf_get(c, key, kind, default=_REQUIRED, lo=None):
+    """``c[key]`` checked as ``kind`` ("int", "real", "flag"); errors name the key."""
+    val = c.get(key)
+    if val is None:
+        if default is _REQUIRED:
+            raise AttentionError(f"config: missing key {key!r} (model_type "
+                                 f"{c.get('model_type')!r})")
+        return default
+    name = f"config[{key!r}]"
+    if kind == "int":
+        return check_int(name, val, lo=lo)
+    if kind == "flag":
+        return check_flag(name, val)
+    v = check_real(name, val)
+    if lo is not None and v < lo:
+        raise AttentionError(f"{name}: must be >= {lo}, got {val!r}")
+    return v
+
+
 def hf_rope(config):
-    """(rope_theta, rope_scaling) from a Hugging Face config (old or new key layout)."""
+    """(rope_theta, rope_scaling) from a Hugging Face config (old or new key layout).
+
+    The lengths Hugging Face reads from the config itself are copied into the scaling
+    dict: ``original_max_position_embeddings`` (llama3, yarn, longrope; a top-level value
+    wins, as for Phi-3) and ``max_position_embeddings`` (dynamic, yarn, longrope).
+    """
     params = config.get("rope_parameters") or {}
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
-    scaling = config.get("rope_scaling") or (params if params.get("rope_type") not in
-                                             (None, "default") else None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) in ("default", None):
-        scaling = None
-    return float(theta), scaling
+    if not isinstance(params, dict):
+        raise TypeError(f"config['rope_parameters']: expected a dict, got {params!r}")
+    theta = config.get("rope_theta")
+    if theta is None:
+        theta = params.get("rope_theta", 10000.0)
+    theta = check_real("config['rope_theta']", theta)
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", params.get(
+        "type")) not in (None, "default") else None)
+    if scaling is not None and not isinstance(scaling, dict):
+        raise TypeError(f"config['rope_scaling']: expected a dict, got {scaling!r}")
+    if not scaling or scaling.get("rope_type", scaling.get("type")) in ("default", None):
+        return theta, None
+    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta",
+                                                             "partial_rotary_factor")}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    top_orig = config.get("original_max_position_embeddings")
+    mpe = config.get("max_position_embeddings")
+    if kind in ("llama3", "yarn", "longrope"):
+        if top_orig is not None:
+            scaling["original_max_position_embeddings"] = top_orig
+        elif mpe is not None:
+            scaling.setdefault("original_max_position_embeddings", mpe)
+    if kind in ("dynamic", "yarn", "longrope") and mpe is not None:
+        scaling.setdefault("max_position_embeddings", mpe)
+    return theta, scaling
+
+
+# model types whose attention MultiHeadAttention computes exactly (rope, biases, norms)
+_HF_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                  "gemma", "gemma2", "phi", "phi3", "bert", "roberta", "xlm-roberta")
+_HF_OTHER = {
+    "deepseek_v2": "multi-head latent attention: use "
+                   "MultiHeadLatentAttention.from_hf_config",
+    "deepseek_v3": "multi-head latent attention: use "
+                   "MultiHeadLatentAttention.from_hf_config",
+    "gpt2": "Conv1D weights stored (in, out) under c_attn/c_proj and n_embd/n_head keys: "
+            "build MultiHeadAttention(n_embd, n_head, qkv_bias=True, out_bias=True) and "
+            "load c_attn.weight.T as qkv_proj.weight, c_proj.weight.T as o_proj.weight",
+    "gemma3_text": "(1 + w) RMSNorm on q/k and per-layer local rope bases: not represented",
+    "gemma3": "(1 + w) RMSNorm on q/k and per-layer local rope bases: not represented",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,60 +479,87 @@ class MultiHeadAttention(ParameterMixin):
     ((2, 5, 64), True)
     """
 
-    _aliases = {"out_proj.weight": "o_proj.weight", "out_proj.bias": "o_proj.bias"}
+    _aliases = {"out_proj.weight": "o_proj.weight", "out_proj.bias": "o_proj.bias",
+                "dense.weight": "o_proj.weight", "dense.bias": "o_proj.bias"}  # dense: Phi
 
-    def __init__(self, hidden_size, num_heads, num_kv_heads=None, head_dim=None, *,
-                 qkv_bias=False, out_bias=False, qk_norm=False, norm_eps=1e-6,
-                 rope_theta=None, rope_scaling=None, partial_rotary_factor=1.0,
-                 rotary_interleaved=False, causal=True, sliding_window=None, softcap=0.0,
-                 scale=None, dtype=np.float32, seed=None, backend="auto"):
-        for name, v in (("hidden_size", hidden_size), ("num_heads", num_heads)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-                raise AttentionError(f"{name}: expected a positive int, got {v!r}")
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, *, qkv_bias: bool = False,
+                 out_bias: bool = False, qk_norm: bool = False, norm_eps: float = 1e-6,
+                 rope_theta: float | None = None, rope_scaling: dict | None = None,
+                 partial_rotary_factor: float = 1.0, rotary_interleaved: bool = False,
+                 causal: bool = True, sliding_window: int | None = None,
+                 softcap: float = 0.0, scale: float | None = None,
+                 dtype: DTypeLike = np.float32, seed: int | None = None,
+                 backend: str = "auto") -> None:
+        hidden_size = check_int("hidden_size", hidden_size, lo=1)
+        num_heads = check_int("num_heads", num_heads, lo=1)
+        if num_kv_heads is not None:
+            num_kv_heads = check_int("num_kv_heads", num_kv_heads, lo=1)
         if head_dim is None:
             if hidden_size % num_heads:
                 raise AttentionError(f"head_dim: hidden_size={hidden_size} is not divisible "
                                      f"by num_heads={num_heads}; give head_dim explicitly")
             head_dim = hidden_size // num_heads
-        dtype = np.dtype(dtype)
+        head_dim = check_int("head_dim", head_dim, lo=1)
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
         if dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
-        if sliding_window is not None and (int(sliding_window) < 1):
-            raise AttentionError(f"sliding_window: must be >= 1 or None, got {sliding_window!r}")
-        self.hidden_size = int(hidden_size)
-        self.causal = bool(causal)
-        self.sliding_window = None if sliding_window is None else int(sliding_window)
+        if sliding_window is not None:
+            sliding_window = check_int("sliding_window", sliding_window, lo=1, hi=None)
+        self.hidden_size = hidden_size
+        self.causal = check_flag("causal", causal)
+        self.sliding_window = sliding_window
         if self.sliding_window is None:
             window = (-1, -1)
         else:
             w = self.sliding_window - 1
             window = (w, 0) if self.causal else (w, w)
         # validates heads, head_dim, scale, softcap, window in one place
-        self.config = AttentionConfig(num_heads=int(num_heads), num_kv_heads=num_kv_heads,
-                                      head_dim=int(head_dim), scale=scale,
+        self.config = AttentionConfig(num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                      head_dim=head_dim, scale=scale,
                                       causal=self.causal, window=window, softcap=softcap)
         self.num_heads = self.config.num_heads
         self.num_kv_heads = self.config.num_kv_heads
         self.head_dim = self.config.head_dim
         self.scale = self.config.scale
         self.softcap = self.config.softcap
-        self.qkv_bias, self.out_bias, self.qk_norm = bool(qkv_bias), bool(out_bias), bool(qk_norm)
-        self.norm_eps = float(norm_eps)
+        self.qkv_bias = check_flag("qkv_bias", qkv_bias)
+        self.out_bias = check_flag("out_bias", out_bias)
+        self.qk_norm = check_flag("qk_norm", qk_norm)
+        self.norm_eps = check_real("norm_eps", norm_eps)
+        if self.norm_eps < 0:
+            raise AttentionError(f"norm_eps: must be >= 0, got {norm_eps!r}")
         self.dtype = dtype
         self.backend = backend
-        self.rotary_interleaved = bool(rotary_interleaved)
-        self.rope_theta = None if rope_theta is None else float(rope_theta)
-        self.rope_scaling = rope_scaling
-        self.partial_rotary_factor = float(partial_rotary_factor)
+        self.rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
+        self.rope_theta = None if rope_theta is None else check_real("rope_theta", rope_theta)
+        if self.rope_theta is not None and self.rope_theta <= 1.0:
+            raise AttentionError(f"rope_theta: must be > 1, got {rope_theta!r}")
+        self.partial_rotary_factor = check_real("partial_rotary_factor",
+                                                partial_rotary_factor)
         self.rotary_dim = 0
         self._rope = None
+        self.rope_scaling = rope_scaling
         if self.rope_theta is not None:
             self.rotary_dim = int(self.head_dim * self.partial_rotary_factor)
             if self.rotary_dim <= 0 or self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
                 raise AttentionError(
                     f"partial_rotary_factor: head_dim * factor = {self.rotary_dim} must be an "
                     f"even number in [2, head_dim={self.head_dim}]")
-            self._rope = RotaryTable(self.rotary_dim, self.rope_theta, rope_scaling, dtype)
+            from .rope import check_scaling
+
+            try:
+                self.rope_scaling = check_scaling(rope_scaling, self.rotary_dim)
+            except AttentionError as e:
+                raise AttentionError(f"rope_scaling: {e}") from None
+            self._rope = RotaryTable(self.rotary_dim, self.rope_theta, self.rope_scaling,
+                                     dtype)
+        elif rope_scaling:
+            raise AttentionError("rope_scaling: given without rope_theta (no rotary "
+                                 "embeddings); pass rope_theta too")
         self._init_weights(seed)
 
     # -- construction --------------------------------------------------------------------
@@ -391,15 +579,39 @@ class MultiHeadAttention(ParameterMixin):
         return cls(hidden_size, num_heads, 1, **kw)
 
     @classmethod
-    def from_hf_config(cls, config, *, layer_idx=0, **kw):
-        """Build from a Hugging Face ``config.json`` dict (Llama, Mistral, Qwen2/3, Gemma).
+    def from_hf_config(cls, config: Any, *, layer_idx: int = 0,
+                       **kw: Any) -> "MultiHeadAttention":
+        """Build from a Hugging Face config: a ``config.json`` dict or an object with
+        ``to_dict()`` (``transformers.PretrainedConfig``).
 
         Reads hidden_size, num_attention_heads, num_key_value_heads, head_dim,
         attention_bias (Qwen2: q/k/v bias, no output bias), rope_theta / rope_parameters,
-        rope_scaling, partial_rotary_factor, sliding_window (honouring use_sliding_window,
-        layer_types and Gemma 2's every-other-layer rule for ``layer_idx``),
-        attn_logit_softcapping, query_pre_attn_scalar (scale = its ** -0.5), rms_norm_eps;
-        Qwen3 (model_type ``qwen3*``) turns on qk_norm. ``kw`` overrides (dtype, seed, ...).
+        rope_scaling (default, linear, llama3, dynamic, yarn, longrope; the lengths they
+        need are taken from max_position_embeddings / original_max_position_embeddings),
+        partial_rotary_factor, sliding_window (honouring use_sliding_window, layer_types
+        and Gemma 2's every-other-layer rule for ``layer_idx``), attn_logit_softcapping,
+        query_pre_attn_scalar (scale = its ** -0.5), rms_norm_eps; Qwen3 (model_type
+        ``qwen3*``) turns on qk_norm; Phi (``phi``) has biases on q/k/v and ``dense``;
+        BERT/RoBERTa become bidirectional layers with biases and no rotary (their absolute
+        positions are added before attention). ``kw`` overrides (dtype, seed, ...).
+
+        Parameters
+        ----------
+        config : dict or object with ``to_dict()``
+        layer_idx : int, default 0
+            Which layer (per-layer sliding windows).
+        **kw
+            Overrides of the constructor's arguments.
+
+        Raises
+        ------
+        AttentionError (ValueError)
+            A missing key, a value out of range (``num_key_value_heads: 0``), or a
+            ``model_type`` this class does not represent faithfully (DeepSeek MLA, GPT-2,
+            Gemma 3, unknown types): the message names it and what to use instead.
+        TypeError
+            ``config`` is not a dict / config object; a value of the wrong type (the
+            message names the key).
 
         Examples
         --------
@@ -410,15 +622,38 @@ class MultiHeadAttention(ParameterMixin):
         >>> layer.num_kv_heads, layer.head_dim
         (8, 128)
         """
-        c = dict(config)
-        mt = str(c.get("model_type", ""))
-        h = int(c["num_attention_heads"])
-        theta, scaling = hf_rope(c)
-        bias = bool(c.get("attention_bias", False))
-        qkv_bias = bias or mt == "qwen2" or mt.startswith("qwen2_")
-        window = c.get("sliding_window")
+        c = hf_dict(config)
+        mt = str(c.get("model_type") or "")
+        if mt in _HF_OTHER or (c.get("kv_lora_rank") is not None and not mt):
+            why = _HF_OTHER.get(mt, _HF_OTHER["deepseek_v3"])
+            raise AttentionError(f"config: model_type {mt!r} is not a MultiHeadAttention "
+                                 f"model ({why})")
+        if mt and mt not in _HF_LLAMA_LIKE:
+            raise AttentionError(
+                f"config: model_type {mt!r} is not one MultiHeadAttention is known to "
+                f"represent faithfully (known: {', '.join(_HF_LLAMA_LIKE)}); build "
+                f"MultiHeadAttention(...) with its arguments directly")
+        bert = mt in ("bert", "roberta", "xlm-roberta")
+        if bert and c.get("position_embedding_type", "absolute") != "absolute":
+            raise AttentionError(f"config: model_type {mt!r} with position_embedding_type "
+                                 f"{c['position_embedding_type']!r} (relative position "
+                                 f"scores) is not represented")
+        if mt == "phi" and c.get("qk_layernorm"):
+            raise AttentionError("config: model_type 'phi' with qk_layernorm (LayerNorm, "
+                                 "not RMSNorm, on q and k) is not represented")
+        h = hf_get(c, "num_attention_heads", "int", lo=1)
+        hidden = hf_get(c, "hidden_size", "int", lo=1)
+        bias = hf_get(c, "attention_bias", "flag", False)
+        qkv_bias = bias or mt == "qwen2" or mt.startswith("qwen2_") or mt == "phi" or bert
+        out_bias = bias or mt == "phi" or bert
+        if bert:
+            theta, scaling = None, None  # absolute positions: added before the layer
+        else:
+            theta, scaling = hf_rope(c)
+        window = hf_get(c, "sliding_window", "int", None, lo=1)
         if c.get("use_sliding_window") is False:
             window = None
+        layer_idx = check_int("layer_idx", layer_idx, lo=0)
         layer_types = c.get("layer_types")
         if layer_types is not None and layer_idx < len(layer_types):
             if layer_types[layer_idx] != "sliding_attention":
@@ -427,17 +662,22 @@ class MultiHeadAttention(ParameterMixin):
             window = None
         scale = None
         if c.get("query_pre_attn_scalar") is not None:
-            scale = float(c["query_pre_attn_scalar"]) ** -0.5
+            scale = hf_get(c, "query_pre_attn_scalar", "real") ** -0.5
+        prf = c.get("partial_rotary_factor")
+        if prf is None:
+            prf = (c.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
+        eps_key = "layer_norm_eps" if bert else "rms_norm_eps"
         args = dict(
-            num_kv_heads=int(c.get("num_key_value_heads") or h),
-            head_dim=c.get("head_dim"), qkv_bias=qkv_bias, out_bias=bias,
-            qk_norm=mt.startswith("qwen3"), norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta, rope_scaling=scaling,
-            partial_rotary_factor=float(c.get("partial_rotary_factor", 1.0)),
-            sliding_window=window, softcap=float(c.get("attn_logit_softcapping") or 0.0),
-            scale=scale)
+            num_kv_heads=hf_get(c, "num_key_value_heads", "int", h, lo=1),
+            head_dim=hf_get(c, "head_dim", "int", None, lo=1), qkv_bias=qkv_bias,
+            out_bias=out_bias, qk_norm=mt.startswith("qwen3"),
+            norm_eps=hf_get(c, eps_key, "real", 1e-6), rope_theta=theta,
+            rope_scaling=scaling,
+            partial_rotary_factor=check_real("config['partial_rotary_factor']", prf),
+            sliding_window=window, causal=not bert,
+            softcap=hf_get(c, "attn_logit_softcapping", "real", 0.0), scale=scale)
         args.update(kw)
-        return cls(int(c["hidden_size"]), h, **args)
+        return cls(hidden, h, **args)
 
     def _init_weights(self, seed):
         rng = np.random.default_rng(seed)
@@ -472,7 +712,7 @@ class MultiHeadAttention(ParameterMixin):
         if name in ("qkv_proj.weight", "qkv_proj.bias"):
             nq = self.num_heads * self.head_dim
             nkv = self.num_kv_heads * self.head_dim
-            arr = np.asarray(value)
+            arr = to_numpy(name, value)
             if arr.ndim < 1 or arr.shape[0] != nq + 2 * nkv:
                 raise AttentionError(f"merged projection must have {nq} + 2 * {nkv} = "
                                      f"{nq + 2 * nkv} rows, got shape {arr.shape}")
@@ -484,14 +724,17 @@ class MultiHeadAttention(ParameterMixin):
     # -- properties ----------------------------------------------------------------------
     @property
     def is_mha(self):
+        """One kv head per query head."""
         return self.config.is_mha
 
     @property
     def is_gqa(self):
+        """Grouped-query attention: 1 < num_kv_heads < num_heads."""
         return self.config.is_gqa
 
     @property
     def is_mqa(self):
+        """A single kv head shared by every query head."""
         return self.config.is_mqa
 
     def __repr__(self):
@@ -503,8 +746,11 @@ class MultiHeadAttention(ParameterMixin):
     def __call__(self, x, **kw):
         return self.forward(x, **kw)
 
-    def forward(self, x, *, context=None, positions=None, cache=None, kv_lens=None,
-                mask=None, lora=None, lora_scale=1.0, backend=None):
+    def forward(self, x: Array, *, context: Array | None = None,
+                positions: Array | None = None, cache: Any = None,
+                kv_lens: Array | None = None, mask: Array | None = None,
+                lora: dict | None = None, lora_scale: float = 1.0,
+                backend: str | None = None) -> Array:
         """Run the layer.
 
         Parameters
@@ -533,10 +779,30 @@ class MultiHeadAttention(ParameterMixin):
         Returns
         -------
         y : ndarray (batch, seqlen, hidden_size), the layer dtype
+            A torch tensor when ``x`` is one.
+
+        Raises
+        ------
+        AttentionError (ValueError), TypeError
+            Shapes, dtypes or options that do not fit (the message names the argument);
+            the cache is left unchanged.
+        BackendUnavailable
+            ``backend="cuda"`` (or a device cache) without a usable GPU.
+
+        Examples
+        --------
+        >>> import numpy as np, numba_attn
+        >>> layer = numba_attn.MultiHeadAttention(32, 4, 2, rope_theta=1e4, seed=0)
+        >>> x = np.random.default_rng(0).standard_normal((1, 5, 32), dtype=np.float32)
+        >>> cache = numba_attn.KVCache(1, 16, num_kv_heads=2, head_dim=8)
+        >>> steps = [layer(x[:, :3], cache=cache)] + [layer(x[:, t:t + 1], cache=cache)
+        ...                                           for t in (3, 4)]   # prefill, decode
+        >>> bool(np.allclose(np.concatenate(steps, 1), layer(x), atol=1e-5))
+        True
         """
         dt = self.dtype
         backend = self.backend if backend is None else backend
-        x = check_hidden("x", x, self.hidden_size, dt)
+        x_ref, x = x, check_hidden("x", x, self.hidden_size, dt)
         bsz, sq, _ = x.shape
         src = x if context is None else check_hidden("context", context, self.hidden_size, dt)
         if src.shape[0] != bsz:
@@ -550,7 +816,7 @@ class MultiHeadAttention(ParameterMixin):
         e, hd, h, hkv = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads
         lo = check_lora(lora, {"q": (h * hd, e), "k": (hkv * hd, e), "v": (hkv * hd, e),
                                "o": (e, h * hd)}, dt)
-        lora_scale = float(lora_scale)
+        lora_scale = check_real("lora_scale", lora_scale)
         if positions is not None:
             positions = check_positions(positions, bsz, sq)
         q = linear(x, self.w_q, self.b_q, lo.get("q"), lora_scale).reshape(bsz, sq, h, hd)
@@ -583,7 +849,7 @@ class MultiHeadAttention(ParameterMixin):
                           kv_lens=kv_lens, backend=backend)
             o = to_host(o)
         o = o.reshape(bsz, sq, h * hd)
-        return linear(o, self.w_o, self.b_o, lo.get("o"), lora_scale)
+        return like(x_ref, linear(o, self.w_o, self.b_o, lo.get("o"), lora_scale))
 
     def _attend_cache(self, q, k, v, cache, positions, rot, mask, backend):
         """Append k/v to ``cache`` and attend; rotary inside the kernel call when the
@@ -603,6 +869,7 @@ class MultiHeadAttention(ParameterMixin):
             kw.update(rotary_cos=cos, rotary_sin=sin,
                       rotary_interleaved=self.rotary_interleaved)
         if getattr(cache, "device", "cpu") == "cuda":  # a device cache: activations follow
+            require_cuda()
             q, k, v = to_device_if("cuda", q, k, v)
             if "rotary_cos" in kw:
                 kw["rotary_cos"], kw["rotary_sin"] = self._rope.get_device()

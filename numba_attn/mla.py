@@ -25,12 +25,14 @@ import math
 import numpy as np
 
 from . import dispatch as dp
-from .config import AttentionConfig, AttentionError
+from .config import AttentionConfig, AttentionError, check_real
 from .layers import (
     ParameterMixin,
     RotaryTable,
     check_hidden,
     check_positions,
+    hf_dict,
+    hf_get,
     hf_rope,
     linear,
     to_device_if,
@@ -90,6 +92,7 @@ class MLACache:
 
     @property
     def bytes_per_token(self):
+        """Cache bytes per token: (kv_lora_rank + qk_rope_head_dim) * itemsize."""
         return self.head_dim * self.dtype.itemsize
 
     @property
@@ -103,6 +106,7 @@ class MLACache:
         return self.kv[:, :, 0, self.kv_lora_rank:]
 
     def reset(self):
+        """Empty every row (storage is kept, not cleared)."""
         self.seqlens[:] = 0
 
     def _reserve(self, n_new):
@@ -134,47 +138,6 @@ def yarn_mscale(factor, mscale=1.0):
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-class YarnRotaryTable(RotaryTable):
-    """DeepSeek's YaRN rotary tables (``rope_scaling`` of type ``"yarn"``).
-
-    Frequencies blend interpolated ``1 / (factor * base ** (2i / d))`` and original ones
-    through a linear ramp between the correction dims of ``beta_fast`` and ``beta_slow``
-    rotations over ``original_max_position_embeddings``; cos/sin are multiplied by
-    ``yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)``.
-    """
-
-    def inv_freq(self):
-        sc, d, base = self.scaling, self.rotary_dim, self.base
-        factor = float(sc["factor"])
-        old = float(sc.get("original_max_position_embeddings", 4096))
-        beta_fast, beta_slow = float(sc.get("beta_fast", 32)), float(sc.get("beta_slow", 1))
-        expo = np.arange(0, d, 2, dtype=np.float64) / d
-        extra, inter = 1.0 / base ** expo, 1.0 / (factor * base ** expo)
-
-        def corr_dim(rot):
-            return d * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(base))
-
-        lo = max(math.floor(corr_dim(beta_fast)), 0)
-        hi = min(math.ceil(corr_dim(beta_slow)), d - 1)
-        if lo == hi:
-            hi += 0.001
-        ramp = np.clip((np.arange(d // 2) - lo) / (hi - lo), 0.0, 1.0)
-        keep = 1.0 - ramp  # 1: keep the original frequency
-        return inter * (1.0 - keep) + extra * keep
-
-    def get(self, n):
-        if self.cos is None or self.cos.shape[0] < n:
-            size = max(int(n), 256, 2 * (0 if self.cos is None else self.cos.shape[0]))
-            sc = self.scaling
-            factor = float(sc["factor"])
-            m = yarn_mscale(factor, float(sc.get("mscale", 1.0))) / yarn_mscale(
-                factor, float(sc.get("mscale_all_dim", 0.0)))
-            ang = np.outer(np.arange(size, dtype=np.float64), self.inv_freq())
-            self.cos = np.ascontiguousarray(np.cos(ang) * m, dtype=self.dtype)
-            self.sin = np.ascontiguousarray(np.sin(ang) * m, dtype=self.dtype)
-        return self.cos, self.sin
-
-
 def _is_yarn(scaling):
     return bool(scaling) and scaling.get("rope_type", scaling.get("type")) == "yarn"
 
@@ -199,8 +162,8 @@ class MultiHeadLatentAttention(ParameterMixin):
     rope_theta : float, default 10000.0
     rope_scaling : dict, optional
         DeepSeek's ``{"type": "yarn", "factor", "original_max_position_embeddings",
-        "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}`` (tables built here, see
-        :class:`YarnRotaryTable`), or anything :func:`numba_attn.rotary_cos_sin` accepts.
+        "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}`` (Hugging Face's yarn,
+        as :func:`numba_attn.rotary_cos_sin`), or anything else that function accepts.
         A ``mscale_all_dim`` multiplies the softmax scale by
         ``yarn_mscale(factor, mscale_all_dim) ** 2``.
     rotary_interleaved : bool, default True
@@ -265,11 +228,19 @@ class MultiHeadLatentAttention(ParameterMixin):
                                       head_dim=self.qk_head_dim, head_dim_v=self.v_head_dim,
                                       scale=scale, causal=self.causal)
         self.scale = self.config.scale
-        self.rope_theta, self.rope_scaling = float(rope_theta), rope_scaling
-        table = YarnRotaryTable if _is_yarn(rope_scaling) else RotaryTable
-        if _is_yarn(rope_scaling) and "factor" not in rope_scaling:
-            raise AttentionError("rope_scaling: yarn scaling needs a 'factor'")
-        self._rope = table(self.qk_rope_head_dim, self.rope_theta, rope_scaling, dt)
+        self.rope_theta = check_real("rope_theta", rope_theta)
+        self.rope_scaling = rope_scaling
+        from .rope import check_scaling
+
+        if _is_yarn(rope_scaling):  # DeepSeek's default pre-training length
+            rope_scaling = dict(rope_scaling)
+            rope_scaling.setdefault("original_max_position_embeddings", 4096)
+        try:
+            rope_scaling = check_scaling(rope_scaling, self.qk_rope_head_dim)
+        except AttentionError as e:
+            raise AttentionError(f"rope_scaling: {e}") from None
+        # yarn (DeepSeek) and every other type: Hugging Face's formulas (rope.py)
+        self._rope = RotaryTable(self.qk_rope_head_dim, self.rope_theta, rope_scaling, dt)
         rng = np.random.default_rng(seed)
         for name, attr, shape in self._param_specs():
             if "layernorm" in name:
@@ -288,19 +259,39 @@ class MultiHeadLatentAttention(ParameterMixin):
         """Build from a DeepSeek-V2/V3 ``config.json`` dict (hidden_size,
         num_attention_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
         v_head_dim, attention_bias, rms_norm_eps, rope_theta, rope_scaling,
-        rope_interleave); ``kw`` overrides."""
-        c = dict(config)
+        rope_interleave); ``kw`` overrides.
+
+        Accepts a dict or an object with ``to_dict()``; raises ``AttentionError`` naming
+        a missing key or a config without ``kv_lora_rank``.
+
+        Examples
+        --------
+        >>> from numba_attn import MultiHeadLatentAttention
+        >>> cfg = {"model_type": "deepseek_v2", "hidden_size": 64, "num_attention_heads": 4,
+        ...        "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+        ...        "v_head_dim": 8, "q_lora_rank": None}
+        >>> mla = MultiHeadLatentAttention.from_hf_config(cfg, seed=0)
+        >>> mla.new_cache(1, 32).bytes_per_token
+        80
+        """
+        c = hf_dict(config)
+        if c.get("kv_lora_rank") is None:
+            raise AttentionError(f"config: model_type {c.get('model_type')!r} has no "
+                                 f"kv_lora_rank: not a latent-attention (DeepSeek) config; "
+                                 f"use MultiHeadAttention.from_hf_config")
         theta, scaling = hf_rope(c)
-        args = dict(kv_lora_rank=int(c["kv_lora_rank"]),
-                    qk_nope_head_dim=int(c["qk_nope_head_dim"]),
-                    qk_rope_head_dim=int(c["qk_rope_head_dim"]),
-                    v_head_dim=int(c["v_head_dim"]), q_lora_rank=c.get("q_lora_rank"),
-                    attention_bias=bool(c.get("attention_bias", False)),
-                    norm_eps=float(c.get("rms_norm_eps", 1e-6)), rope_theta=theta,
+        args = dict(kv_lora_rank=hf_get(c, "kv_lora_rank", "int", lo=1),
+                    qk_nope_head_dim=hf_get(c, "qk_nope_head_dim", "int", lo=1),
+                    qk_rope_head_dim=hf_get(c, "qk_rope_head_dim", "int", lo=1),
+                    v_head_dim=hf_get(c, "v_head_dim", "int", lo=1),
+                    q_lora_rank=hf_get(c, "q_lora_rank", "int", None, lo=1),
+                    attention_bias=hf_get(c, "attention_bias", "flag", False),
+                    norm_eps=hf_get(c, "rms_norm_eps", "real", 1e-6), rope_theta=theta,
                     rope_scaling=scaling,
-                    rotary_interleaved=bool(c.get("rope_interleave", True)))
+                    rotary_interleaved=hf_get(c, "rope_interleave", "flag", True))
         args.update(kw)
-        return cls(int(c["hidden_size"]), int(c["num_attention_heads"]), **args)
+        return cls(hf_get(c, "hidden_size", "int", lo=1),
+                   hf_get(c, "num_attention_heads", "int", lo=1), **args)
 
     def _param_specs(self):
         e, h, r = self.hidden_size, self.num_heads, self.kv_lora_rank

@@ -2,17 +2,17 @@
 over one CPU kernel (:mod:`numba_attn.cpu.norm`) and its CUDA twin."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import dispatch as dp
-from .config import AttentionError
+from .config import AttentionError, check_real
+from .interop import Array, is_torch, like, to_numpy
 
 __all__ = ["rms_norm"]
 
 
-def rms_norm(x, weight, eps=1e-6, *, out=None):
+def rms_norm(x: Array, weight: Array, eps: float = 1e-6, *,
+             out: Array | None = None) -> Array:
     """Root-mean-square normalisation over the last axis.
 
     ``y = x / sqrt(mean(x ** 2, axis=-1) + eps) * weight`` (Zhang & Sennrich 2019; Hugging
@@ -61,19 +61,21 @@ def rms_norm(x, weight, eps=1e-6, *, out=None):
         got = tuple(weight.shape) if hasattr(weight, "shape") else type(weight).__name__
         raise AttentionError(f"weight: expected shape (dim,) = ({dim},), got {got}")
     dp.check_float("weight", weight)
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise AttentionError(f"eps: expected a float, got {eps!r}") from None
-    if not math.isfinite(eps) or eps < 0.0:
+    eps = check_real("eps", eps)
+    if eps < 0.0:
         raise AttentionError(f"eps: must be finite and >= 0, got {eps!r}")
     cdt = dp.compute_dtype(dt)
     if dp.array_device(x) != "cpu" or getattr(x, "__cuda_ndarray__", False):  # simulator
         return _rms_norm_cuda(x, weight, eps, cdt)
+    out_ref = out
     if out is not None:
+        if is_torch(out):
+            out = to_numpy("out", out)  # a view: writing it writes the tensor
         if not isinstance(out, np.ndarray) or out.shape != tuple(x.shape) or out.dtype != dt:
             raise TypeError(f"out: expected a numpy array of shape {tuple(x.shape)} and dtype "
                             f"{dt}")
+        if not out.flags.writeable:
+            raise AttentionError("out: array is read-only; pass a writeable array or no out")
     from .cpu.norm import launch
 
     x2 = dp.host("x", x, cdt).reshape(-1, dim)
@@ -82,12 +84,12 @@ def rms_norm(x, weight, eps=1e-6, *, out=None):
     y = out.reshape(-1, dim) if direct else np.empty_like(x2)
     launch(x2, w, cdt.type(eps), y)
     if direct:
-        return out
+        return out_ref
     y = y.reshape(x.shape)
     if out is not None:
         out[...] = y
-        return out
-    return y if y.dtype == dt else y.astype(dt)
+        return out_ref
+    return like(x, y if y.dtype == dt else y.astype(dt))
 
 
 def _rms_norm_cuda(x, weight, eps, cdt):

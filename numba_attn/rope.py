@@ -8,21 +8,23 @@ smaller than ``head_dim`` the remaining channels pass through unchanged (partial
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import dispatch as dp
 from ._jit import parallel_guard, serial_if
-from .config import AttentionError
+from .interop import Array, like, to_numpy
+from .config import AttentionError, _is_int, check_flag, check_int, check_real
 
 SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
 
 __all__ = ["apply_rotary", "rotary_cos_sin"]
 
 
-def rotary_cos_sin(max_position, rotary_dim, *, base=10000.0, scaling=None,
-                   dtype=np.float32):
+def rotary_cos_sin(max_position: int, rotary_dim: int, *, base: float = 10000.0,
+                   scaling: dict | None = None, dtype: DTypeLike = np.float32,
+                   seq_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cos/sin tables of rotary embeddings, Hugging Face ``rope_scaling`` semantics.
 
     Parameters
@@ -39,9 +41,24 @@ def rotary_cos_sin(max_position, rotary_dim, *, base=10000.0, scaling=None,
         ``{"rope_type": "llama3", "factor": f, "low_freq_factor": lo, "high_freq_factor":
         hi, "original_max_position_embeddings": n}``: wavelengths above ``n / lo`` are
         divided by ``f``, those below ``n / hi`` kept, a smooth blend in between.
-        The key ``"type"`` is accepted for ``"rope_type"``.
+        ``{"rope_type": "dynamic", "factor": f, "max_position_embeddings": m}`` (NTK):
+        the base grows with ``seq_len`` past ``m``.
+        ``{"rope_type": "yarn", "factor": f, "original_max_position_embeddings": n,
+        "beta_fast"?, "beta_slow"?, "mscale"?, "mscale_all_dim"?, "attention_factor"?,
+        "truncate"?}``: YaRN (Qwen3 long context, DeepSeek).
+        ``{"rope_type": "longrope", "long_factor": [...], "short_factor": [...],
+        "original_max_position_embeddings": n, "factor"? or "max_position_embeddings"?,
+        "attention_factor"?}``: LongRoPE (Phi-3 128k); the long factors serve
+        ``seq_len > n``.
+        The formulas, attention factor included (it multiplies cos and sin), are Hugging
+        Face's (``transformers.modeling_rope_utils``); see
+        :func:`numba_attn.reference_rope.rope_parameters`. The key ``"type"`` is accepted
+        for ``"rope_type"``.
     dtype : numpy dtype, default float32
         Dtype of the tables (computed in float64, then cast).
+    seq_len : int, default max_position
+        The sequence length the tables serve (Hugging Face's ``max(position_ids) + 1``);
+        matters for ``dynamic`` and ``longrope`` only.
 
     Returns
     -------
@@ -50,8 +67,10 @@ def rotary_cos_sin(max_position, rotary_dim, *, base=10000.0, scaling=None,
     Raises
     ------
     AttentionError (ValueError)
-        Non-positive sizes, odd ``rotary_dim``, ``base <= 1``, an unknown scaling type or
-        missing scaling keys.
+        Non-positive sizes, odd ``rotary_dim``, ``base <= 1``, an unknown scaling type,
+        missing scaling keys, values out of range.
+    TypeError
+        Strings or other non-numbers where numbers belong (the message names the key).
 
     Examples
     --------
@@ -69,45 +88,94 @@ def rotary_cos_sin(max_position, rotary_dim, *, base=10000.0, scaling=None,
     if rotary_dim % 2:
         raise AttentionError(f"rotary_dim: must be even (channels rotate in pairs), got "
                              f"{rotary_dim}")
-    base = float(base)
-    if not math.isfinite(base) or base <= 1.0:
+    base = check_real("base", base)
+    if base <= 1.0:
         raise AttentionError(f"base: must be finite and > 1, got {base!r}")
-    _check_scaling(scaling)
-    cos, sin = table(max_position, rotary_dim, base, scaling)
+    scaling = check_scaling(scaling, rotary_dim)
+    seq_len = max_position if seq_len is None else _positive_int("seq_len", seq_len)
+    cos, sin = table(max_position, rotary_dim, base, scaling, seq_len)
     return cos.astype(dtype), sin.astype(dtype)
 
 
 def _positive_int(name, x):
-    if isinstance(x, bool) or not hasattr(x, "__index__") or int(x) <= 0:
+    if not _is_int(x) or int(x) <= 0:
         raise AttentionError(f"{name}: expected a positive int, got {x!r}")
-    return int(x)
+    return check_int(name, x, lo=1)
 
 
-_SCALING_KEYS = {"default": (), "linear": ("factor",),
-                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                            "original_max_position_embeddings")}
+_SCALING_KEYS = {  # required keys; "factor" of yarn/longrope may come from the lengths
+    "default": (), "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+    "dynamic": ("factor",),
+    "yarn": ("original_max_position_embeddings",),
+    "longrope": ("long_factor", "short_factor", "original_max_position_embeddings"),
+}
+_SCALING_REALS = ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                  "mscale", "mscale_all_dim", "attention_factor",
+                  "original_max_position_embeddings", "max_position_embeddings")
+LENGTH_DEPENDENT = ("dynamic", "longrope")  # tables depend on the sequence length served
 
 
-def _check_scaling(scaling):
+def scaling_kind(scaling):
+    """``"default"``, ``"linear"``, ... of a (checked) scaling dict or None."""
     if not scaling:
-        return
+        return "default"
+    return scaling.get("rope_type", scaling.get("type")) or "default"
+
+
+def check_scaling(scaling, rotary_dim):
+    """Validate a Hugging Face ``rope_scaling`` dict for ``rotary_dim``; returns a plain
+    dict (or None). Every error names the offending key."""
+    if not scaling:
+        return None
     if not isinstance(scaling, dict):
         raise AttentionError(f"scaling: expected None or a dict like {{'rope_type': "
                              f"'linear', 'factor': 2.0}}, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type"))
+    if kind is None:
+        kind = "default"
+    kind = {"su": "longrope"}.get(kind, kind)  # Phi-3's early name of longrope
     if kind not in _SCALING_KEYS:
         raise AttentionError(f"scaling: rope_type must be one of {sorted(_SCALING_KEYS)}, "
                              f"got {kind!r}")
     missing = [key for key in _SCALING_KEYS[kind] if key not in scaling]
+    if kind in ("yarn", "longrope") and scaling.get("factor") is None and (
+            scaling.get("max_position_embeddings") is None):
+        missing.append("factor (or max_position_embeddings)")
+    if kind == "dynamic" and not (scaling.get("max_position_embeddings") or
+                                  scaling.get("original_max_position_embeddings")):
+        missing.append("max_position_embeddings")
     if missing:
         raise AttentionError(f"scaling: {kind!r} scaling needs keys {missing}")
-    for key in _SCALING_KEYS[kind]:
-        val = float(scaling[key])
-        if not math.isfinite(val) or val <= 0:
-            raise AttentionError(f"scaling: {key} must be finite and > 0, got {val!r}")
+    for key in _SCALING_REALS:
+        if scaling.get(key) is None:
+            continue
+        val = check_real(f"scaling[{key!r}]", scaling[key])
+        lo_ok = val >= 0 if key in ("mscale", "mscale_all_dim") else val > 0
+        if not lo_ok:
+            raise AttentionError(f"scaling[{key!r}]: must be > 0, got {val!r}")
     if kind == "llama3" and float(scaling["high_freq_factor"]) <= float(
             scaling["low_freq_factor"]):
         raise AttentionError("scaling: high_freq_factor must exceed low_freq_factor")
+    if kind == "dynamic" and rotary_dim <= 2:
+        raise AttentionError("scaling: 'dynamic' needs rotary_dim > 2 (its exponent is "
+                             "d / (d - 2))")
+    if kind == "longrope":
+        for key in ("long_factor", "short_factor"):
+            try:
+                ext = np.asarray(scaling[key], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(f"scaling[{key!r}]: expected a list of "
+                                f"{rotary_dim // 2} floats") from None
+            if ext.shape != (rotary_dim // 2,) or not np.all(np.isfinite(ext)) or (
+                    ext <= 0).any():
+                raise AttentionError(f"scaling[{key!r}]: expected {rotary_dim // 2} finite "
+                                     f"positive floats (rotary_dim // 2), got shape "
+                                     f"{ext.shape}")
+    if "truncate" in scaling:
+        check_flag("scaling['truncate']", scaling["truncate"])
+    return dict(scaling, rope_type=kind)
 
 
 def check_tables(cos, sin, head_dim):
@@ -140,8 +208,11 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
     from .cpu import cache_ops
 
     cdt = x.dtype
-    cos_h, sin_h = (dp.host(n, t) for n, t in (("rotary_cos", cos), ("rotary_sin", sin)))
-    if cos_h.dtype != cdt:  # gather the rows needed: O(T), not O(table)
+    cos_h, sin_h = (to_numpy(n, t) if dp.array_device(t) == "cpu" else dp.host(n, t)
+                    for n, t in (("rotary_cos", cos), ("rotary_sin", sin)))
+    if (cos_h.dtype != cdt or not (cos_h.flags.writeable and sin_h.flags.writeable)
+            or not (cos_h.flags.c_contiguous and sin_h.flags.c_contiguous)):
+        # gather the rows needed: O(T), not O(table) (read-only tables included)
         cos_h = np.ascontiguousarray(cos_h[pos], dtype=cdt)
         sin_h = np.ascontiguousarray(sin_h[pos], dtype=cdt)
         pos = np.arange(len(pos), dtype=np.int64)
@@ -155,7 +226,8 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
     return out
 
 
-def apply_rotary(x, cos, sin, *, interleaved=False, positions=None):
+def apply_rotary(x: Array, cos: Array, sin: Array, *, interleaved: bool = False,
+                 positions: int | Array | None = None) -> Array:
     """Apply rotary position embeddings to a (..., seqlen, heads, head_dim) array.
 
     Each channel pair ``(a, b)`` of token ``t`` becomes ``(a cos - b sin, b cos + a sin)``
@@ -210,6 +282,7 @@ def apply_rotary(x, cos, sin, *, interleaved=False, positions=None):
     dt = dp.check_float("x", x)
     cdt = dp.compute_dtype(dt)
     check_tables(cos, sin, shape[-1])
+    interleaved = check_flag("interleaved", interleaved)
     tokens = shape[:-2]
     pos = token_positions(positions, tokens, cos.shape[0])
     n_t = int(np.prod(tokens, dtype=np.int64))
@@ -220,9 +293,9 @@ def apply_rotary(x, cos, sin, *, interleaved=False, positions=None):
         x3 = cuda_rope.canonical(x, cdt).reshape(n_t, h, d)
         y = rotate(x3, cos, sin, pos, interleaved)
         return cuda_rope.finish(y, dt).reshape(shape)
-    x3 = np.ascontiguousarray(x, dtype=cdt).reshape(n_t, h, d)
+    x3 = dp.host("x", x, cdt).reshape(n_t, h, d)
     y = rotate(x3, cos, sin, pos, interleaved)
-    return y.reshape(shape).astype(dt, copy=False)
+    return like(x, y.reshape(shape).astype(dt, copy=False))
 
 
 def token_positions(positions, tokens, max_position):
@@ -232,13 +305,15 @@ def token_positions(positions, tokens, max_position):
         positions = 0
     if np.ndim(positions) == 0 and not isinstance(positions, np.ndarray) or (
             isinstance(positions, np.ndarray) and positions.ndim == 0):
-        if isinstance(positions, bool) or not hasattr(positions, "__index__"):
+        if not _is_int(positions):
             raise TypeError(f"positions: expected an int or an int array, got {positions!r}")
-        pos = int(positions) + np.arange(seqlen, dtype=np.int64)
+        p0 = check_int("positions", positions, lo=0, hi=2**62)
+        pos = p0 + np.arange(seqlen, dtype=np.int64)
     else:
-        p = dp.host("positions", positions)
-        if p.dtype.kind not in "iu":
-            raise TypeError(f"positions: expected an integer array, got dtype {p.dtype}")
+        p = dp.host_operand("positions", positions, "iu", "an integer array")
+        if p.dtype == np.uint64 and p.size and p.max() > 2**62:
+            raise AttentionError(f"positions: {int(p.max())} lies outside the rotary table "
+                                 f"[0, {max_position})")
         pos = p.astype(np.int64)
     try:
         pos = np.broadcast_to(pos, tokens)

@@ -47,3 +47,45 @@ def expected_inv_freq(rotary_dim, base, scaling):
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
     return np.where(medium, smoothed, scaled)
+
+
+def expected_rope(rotary_dim, base, scaling, seq_len):
+    """(inv_freq, attention_factor) of Hugging Face's ``dynamic``, ``yarn`` and ``longrope``
+    types, written from transformers' documentation of ``_compute_*_parameters``
+    (vectorised, independent of numba_attn.reference_rope)."""
+    d = rotary_dim
+    kind = scaling["rope_type"]
+    expo = np.arange(0, d, 2, dtype=np.float64) / d
+    if kind == "dynamic":
+        m = scaling["max_position_embeddings"]
+        length = max(seq_len, m)
+        new_base = base * (scaling["factor"] * length / m - (scaling["factor"] - 1)) ** (
+            d / (d - 2))
+        return new_base ** -expo, 1.0
+    orig = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or scaling["max_position_embeddings"] / orig
+    if kind == "longrope":
+        ext = np.asarray(scaling["long_factor"] if seq_len > orig else scaling["short_factor"])
+        att = scaling.get("attention_factor")
+        if att is None:
+            att = math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0
+        return 1.0 / (ext * base ** expo), att
+    assert kind == "yarn", kind
+
+    def mscale(s, m=1.0):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+
+    att = scaling.get("attention_factor")
+    if att is None:
+        ms, msa = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        att = mscale(factor, ms) / mscale(factor, msa) if ms and msa else mscale(factor)
+    # dimension index i at which a wavelength completes r rotations over orig positions
+    dim_of = lambda r: d * math.log(orig / (2 * math.pi * r)) / (2 * math.log(base))  # noqa
+    low, high = dim_of(scaling.get("beta_fast", 32)), dim_of(scaling.get("beta_slow", 1))
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    high = high + 0.001 if low == high else high
+    interp_weight = np.clip((np.arange(d // 2) - low) / (high - low), 0, 1)
+    extrap, interp = base ** -expo, base ** -expo / factor
+    return interp * interp_weight + extrap * (1 - interp_weight), att

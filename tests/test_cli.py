@@ -149,3 +149,26 @@ def test_time_call_warms_up_then_takes_the_median():
     med, warm, n = bench.time_call(lambda: calls.append(1), min_repeats=3, max_repeats=5,
                                    target_s=0.0)
     assert n == 3 and len(calls) == 4 and med >= 0.0 and warm >= 0.0
+
+
+def test_info_names_the_cuda_extras_when_numba_cuda_is_missing(monkeypatch):
+    import io
+
+    from numba_attn import _cli
+
+    real = _cli._version
+    monkeypatch.setattr(_cli, "_version",
+                        lambda dist: "not installed" if dist == "numba-cuda" else real(dist))
+    buf = io.StringIO()
+    _cli.info(out=buf)
+    line = next(ln for ln in buf.getvalue().splitlines() if ln.split()[:1] == ["numba-cuda"])
+    assert "numba_attn[cuda12]" in line and "numba_attn[cuda13]" in line
+    assert "NUMBA_CUDA_DRIVER" not in line
+
+
+def test_cuda_reason_names_the_extras_without_numba_cuda(monkeypatch):
+    from numba_attn import cuda as cuda_pkg
+
+    monkeypatch.setattr(cuda_pkg, "numba_cuda_installed", lambda: False)
+    why = cuda_pkg._find_reason()
+    assert "numba_attn[cuda12]" in why and "numba_attn[cuda13]" in why

@@ -121,3 +121,45 @@ def test_thread_count_does_not_change_results(rng, sq, sk):
         numba.set_num_threads(n)
     many = na.attention(q, k, v, causal=True)
     assert_close(one, many, np.float32)
+
+
+def _readonly(x):
+    """``x``'s values in read-only memory, as np.frombuffer / np.load(mmap_mode='r') give."""
+    y = np.frombuffer(x.tobytes(), dtype=x.dtype).reshape(x.shape)
+    assert not y.flags.writeable
+    return y
+
+
+def test_read_only_inputs_compile_no_second_variant(rng):
+    """Read-only q/k/v, tables, weights and caches' inputs: no new kernel signature."""
+    from numba_attn.cpu import cache_ops, linear, norm
+    from numba_attn.cpu import decode as dk
+
+    q, k, v = _qkv(rng)
+    qd = q[:, :1].copy()
+    cos, sin = na.rotary_cos_sin(80, 16)
+    w = np.ones(16, np.float32)
+    layer = na.MultiHeadAttention(64, 4, 2, rope_theta=1e4, seed=0)
+    x1 = rng.standard_normal((1, 1, 64)).astype(np.float32)
+    cache = na.KVCache(2, 80, num_kv_heads=2, head_dim=16)
+    cache.append(k, v)
+
+    def calls(ro):
+        f = _readonly if ro else (lambda a: a)
+        na.attention(f(q), f(k), f(v), causal=True)
+        na.attention(f(qd), f(k), f(v))  # decode-sized
+        na.apply_rotary(f(q), f(cos), f(sin))
+        na.rms_norm(f(q), f(w))
+        c = na.KVCache(2, 80, num_kv_heads=2, head_dim=16)
+        na.attention_with_kvcache(f(qd), c, f(k[:, :1]), f(v[:, :1]), rotary_cos=f(cos),
+                                  rotary_sin=f(sin), causal=True)
+        layer.load_state_dict({n: f(a) for n, a in layer.state_dict().items()})
+        layer(f(x1))
+
+    kernels = (fk.flash_forward, dk.flash_decode, cache_ops.rotary, cache_ops.append_rows,
+               norm.rms_norm_rows, norm.rms_norm_rows_serial, linear.gemv)
+    calls(False)
+    before = [len(kern.signatures) for kern in kernels]
+    calls(True)
+    after = [len(kern.signatures) for kern in kernels]
+    assert after == before, dict(zip([kk.__name__ for kk in kernels], zip(before, after)))

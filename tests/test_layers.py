@@ -519,3 +519,86 @@ def test_projection_gemv_matches_float64_matmul(tokens, dtype):
     assert got.dtype == dtype and got.shape == (1, tokens, 200)
     tol = 1e-12 if dtype == np.float64 else 2e-5
     np.testing.assert_allclose(got, expected, rtol=tol, atol=tol * 10)
+
+
+def test_phi_config_matches_hugging_face_phi_attention(rng):
+    """Phi-2's attention (biases on q/k/v and dense, partial rotary): from_hf_config +
+    load_state_dict of HF's own module give HF's output (float64)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers", minversion="5.0")  # rope_parameters API
+    import warnings
+
+    from transformers.models.phi import modeling_phi as mod
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = transformers.PhiConfig(hidden_size=64, num_attention_heads=4,
+                                     partial_rotary_factor=0.5, rope_theta=1e4)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        hf = mod.PhiAttention(cfg, layer_idx=0).double()
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.normal_(0, 0.2)  # biases too: non-zero
+        n = 6
+        x = torch.from_numpy(rng.standard_normal((1, n, 64)))
+        cos, sin = mod.PhiRotaryEmbedding(cfg)(x, torch.arange(n)[None])
+        causal = torch.full((n, n), -torch.inf, dtype=torch.float64).triu(1)[None, None]
+        with torch.no_grad():
+            exp = hf(x, (cos.double(), sin.double()), causal)[0].numpy()
+        ours = MultiHeadAttention.from_hf_config(cfg, dtype=np.float64)
+        ours.load_state_dict(hf.state_dict())
+    np.testing.assert_allclose(ours(x.numpy()), exp, rtol=1e-6, atol=1e-6)
+
+
+HF_FAMILIES = {
+    "llama3": ("llama", "Llama", dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8, "rope_theta": 5e5})),
+    "qwen2-bias": ("qwen2", "Qwen2", dict(num_key_value_heads=2)),
+    "qwen3-qknorm": ("qwen3", "Qwen3", dict(num_key_value_heads=2, head_dim=32)),
+    "mistral-window": ("mistral", "Mistral", dict(num_key_value_heads=1, sliding_window=3)),
+    "gemma2-softcap": ("gemma2", "Gemma2", dict(num_key_value_heads=2, head_dim=16,
+                                                query_pre_attn_scalar=24,
+                                                attn_logit_softcapping=5.0,
+                                                sliding_window=4)),
+}
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILIES))
+def test_from_hf_config_matches_hugging_face_attention(rng, family):
+    """Each family's HF attention module (float64, eager, its own weights with non-zero
+    biases and norms) against from_hf_config(config object) + load_state_dict."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers", minversion="5.0")  # rope_parameters API
+    import importlib
+    import warnings
+
+    pkg, prefix, extra = HF_FAMILIES[family]
+    mod = importlib.import_module(f"transformers.models.{pkg}.modeling_{pkg}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = getattr(transformers, f"{prefix}Config")(hidden_size=64, num_attention_heads=4,
+                                                       **extra)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        hf = getattr(mod, f"{prefix}Attention")(cfg, layer_idx=0).double()
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name
+                        else 0.2 * torch.randn_like(p))
+        n = 7
+        x = torch.from_numpy(rng.standard_normal((1, n, 64)))
+        cos, sin = getattr(mod, f"{prefix}RotaryEmbedding")(cfg)(x, torch.arange(n)[None])
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        visible = j <= i
+        window = extra.get("sliding_window")
+        if window:
+            visible &= j > i - window  # HF: a token sees itself and window - 1 before it
+        mask = torch.from_numpy(np.where(visible, 0.0, -np.inf))[None, None]
+        with torch.no_grad():
+            exp = hf(x, position_embeddings=(cos.double(), sin.double()),
+                     attention_mask=mask)[0].numpy()
+        ours = MultiHeadAttention.from_hf_config(cfg, layer_idx=0, dtype=np.float64)
+        ours.load_state_dict(hf.state_dict())
+    np.testing.assert_allclose(ours(x.numpy()), exp, rtol=1e-6, atol=1e-6)

@@ -27,11 +27,28 @@ def _probe():
         return _probe_result[0]
 
 
+INSTALL_HINT = ("pip install 'numba_attn[cuda12]' or 'numba_attn[cuda13]' (the CUDA major "
+                "version of your driver; '[cuda]' to use your own CUDA toolkit)")
+
+
+def numba_cuda_installed():
+    """Whether the numba-cuda distribution is installed (numba's own numba.cuda is not it)."""
+    from importlib import metadata
+
+    try:
+        metadata.version("numba-cuda")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _find_reason():
+    if not numba_cuda_installed():
+        return f"numba-cuda is not installed; {INSTALL_HINT}"
     try:
         from numba import config, cuda
     except Exception as e:  # ImportError, or a broken install
-        return f"numba-cuda not installed ({type(e).__name__}: {e}); pip install numba-cuda"
+        return f"numba-cuda cannot be imported ({type(e).__name__}: {e}); {INSTALL_HINT}"
     if getattr(config, "ENABLE_CUDASIM", 0):
         return None
     try:
