@@ -5,6 +5,7 @@ Shapes come from numba_attn.bench (the same table as ``python -m numba_attn benc
 * ``gpt2_prefill_2k`` / ``gpt2_prefill_2k_causal``: B=1, H=16, S=2048, D=64
 * ``llama3_8b_prefill_4k_gqa``: B=1, H=32, Hkv=8, S=4096, D=128, causal
 * ``long_16k``: B=1, H=8, S=16384, D=64, causal (numpy skipped: S x S does not fit)
+* ``gpt2_prefill_1k_float64``: B=1, H=16, S=1024, D=64, float64 (torch in float64 too)
 
 ``track_peak_over_io`` is (inputs + the peak memory a call adds) / (inputs + output): it
 stays near 1 for a flash kernel and grows with S x S for the numpy peer.
@@ -16,8 +17,7 @@ from numba_attn import bench as nb
 from .common import Benchmark, nbytes, peak_rss_increase, require_torch
 
 _SHAPES = {s.name: s for s in nb.SHAPES}
-PREFILL = ["gpt2_prefill_2k", "gpt2_prefill_2k_causal", "llama3_8b_prefill_4k_gqa",
-           "long_16k"]
+PREFILL = [s.name for s in nb.SHAPES if s.kind == "prefill"]
 IMPLS = ["numba_attn", "numpy", "torch"]
 
 

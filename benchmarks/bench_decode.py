@@ -1,16 +1,17 @@
 """Decoding over a KV cache, and the cost of appending one token.
 
-Shapes are Llama-3-8B attention (H=32, Hkv=8, D=128, float32), one query per sequence:
-
-* ``llama3_8b_decode_4k`` / ``llama3_8b_decode_16k``: batch 1, cache of 4096 / 16384 keys
-* ``llama3_8b_decode_4k_b8`` / ``llama3_8b_decode_16k_b8``: the same for 8 sequences
+Shapes are the decode rows of :data:`numba_attn.bench.SHAPES` (the table of ``python -m
+numba_attn bench``): Llama-3-8B attention (H=32, Hkv=8, D=128), one float32 query over a
+cache of 4096 or 16384 keys, float32 or float16 / bfloat16 storage, and the 4k step right
+after a numpy matmul (``..._after_matmul``: the matmul runs in asv's ``setup`` of each
+sample, so numpy's BLAS workers are still spinning when the sample starts).
 
 ``cache`` is a contiguous :class:`numba_attn.KVCache` or a :class:`numba_attn.PagedKVCache`
 with 16-token pages. The torch peer is ``scaled_dot_product_attention(enable_gqa=True)``
-on the valid prefix as BHSD arrays (contiguous only; numba's thread count for both).
-``track_kv_gbs`` is bytes of K and V read per second; ``track_fraction_of_read_bandwidth``
-divides it by the machine's streaming read bandwidth measured in the same setup
-(:func:`numba_attn.bench.read_bandwidth_gbs`).
+on the valid prefix as BHSD arrays (contiguous float32 only; numba's thread count for
+both). ``track_kv_gbs`` is bytes of K and V read per second; ``track_time_over_stream``
+divides the decode time by the time to stream-read the same bytes with the same vector
+loads and threads (:func:`numba_attn.bench.stream_read_seconds`): 1 is the memory limit.
 
 ``Append`` times :meth:`KVCache.append` of one token at cache lengths 1k and 64k: it
 should not depend on the length (O(num_kv_heads x head_dim) per token).
@@ -25,18 +26,17 @@ from numba_attn import bench as nb
 from .common import Benchmark, require_torch
 
 H, HKV, D = 32, 8, 128
-SHAPES = {"llama3_8b_decode_4k": (1, 4096), "llama3_8b_decode_4k_b8": (8, 4096),
-          "llama3_8b_decode_16k": (1, 16384), "llama3_8b_decode_16k_b8": (8, 16384)}
+SHAPES = {s.name: s for s in nb.SHAPES if s.kind == "decode"}
 CACHES = ["contiguous", "paged16"]
 
 
 def make_cache(kind, batch, length, k, v):
     """A cache of ``kind`` holding k, v (batch, length, HKV, D) in every row."""
     if kind == "contiguous":
-        cache = numba_attn.KVCache(batch, length, HKV, D)
+        cache = numba_attn.KVCache(batch, length, HKV, D, dtype=k.dtype)
     else:
         cache = numba_attn.PagedKVCache(batch, batch * -(-length // 16), 16, HKV, D,
-                                        max_seqlen=length)
+                                        k.dtype, max_seqlen=length)
     cache.append(k, v)
     return cache
 
@@ -46,22 +46,28 @@ class Decode(Benchmark):
 
     params = [list(SHAPES), CACHES, ["numba_attn", "torch"]]
     param_names = ["shape", "cache", "impl"]
+    number = 1  # one call per sample, right after setup (and its matmul, where asked)
 
     def make(self, shape, cache_kind, impl):
-        batch, length = SHAPES[shape]
-        self.q = self.rng.standard_normal((batch, 1, H, D), dtype=np.float32)
-        k = self.rng.standard_normal((batch, length, HKV, D), dtype=np.float32)
-        v = self.rng.standard_normal((batch, length, HKV, D), dtype=np.float32)
+        s = SHAPES[shape]
+        self.q, k, v = nb.make_inputs(s, seed=self.rng)
+        self.k, self.v = k, v
         self.kv_bytes = k.nbytes + v.nbytes
+        self.before = nb.numba_attn_call(s, self.q, k, v).before
         if impl == "torch":
             require_torch()
-            if cache_kind != "contiguous":
-                raise NotImplementedError("torch peer: reads a contiguous prefix only")
-            return nb.torch_peer(nb.Shape(shape, batch, 1, length, H, HKV, D, False,
-                                          "decode"), self.q, k, v)
-        cache = make_cache(cache_kind, batch, length, k, v)
+            why = nb.peer_shape_reason(s)
+            if why or cache_kind != "contiguous":
+                raise NotImplementedError(why or "torch peer: reads a contiguous prefix only")
+            return nb.torch_peer(s, self.q, k, v)
+        cache = make_cache(cache_kind, s.batch, s.seqlen_k, k, v)
         q = self.q
         return lambda: numba_attn.attention_with_kvcache(q, cache)
+
+    def setup(self, *params):
+        super().setup(*params)
+        if self.before is not None:
+            self.before()
 
     def time_decode(self, shape, cache_kind, impl):
         self.fn()
@@ -74,11 +80,10 @@ class Decode(Benchmark):
 
     track_kv_gbs.unit = "GB/s"
 
-    def track_fraction_of_read_bandwidth(self, shape, cache_kind, impl):
-        gbs = self.kv_bytes / nb.best_seconds(self.fn) / 1e9
-        return gbs / nb.read_bandwidth_gbs(nbytes=256 * 2**20)
+    def track_time_over_stream(self, shape, cache_kind, impl):
+        return nb.best_seconds(self.fn) / nb.stream_read_seconds(self.k, self.v)
 
-    track_fraction_of_read_bandwidth.unit = "ratio"
+    track_time_over_stream.unit = "ratio"
 
 
 class Append(Benchmark):

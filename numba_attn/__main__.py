@@ -27,6 +27,10 @@ def parser():
     be.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     be.add_argument("--filter", metavar="NAME", help="only shapes whose name contains NAME")
     be.add_argument("--no-peers", action="store_true", help="time numba_attn only")
+    be.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': "
+                    "stdout), for tracking and plotting without asv")
+    be.add_argument("--plot", metavar="FILE", help="draw the peer ratios to FILE (PNG, SVG, "
+                    "...; needs matplotlib: the 'plot' extra)")
     return p
 
 
@@ -41,7 +45,8 @@ def main(argv=None):
         return _cli.selftest(quick=args.quick, backends=args.backend)
     if args.command == "bench":
         bench.run_bench(quick=args.quick, name_filter=args.filter,
-                        peers=() if args.no_peers else ("numpy", "torch"))
+                        peers=() if args.no_peers else ("numpy", "torch"),
+                        json_path=args.json, plot_path=args.plot)
         return 0
     _cli.info()
     print()

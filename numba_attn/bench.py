@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Shape", "SHAPES", "QUICK_SHAPES", "visible_pairs", "flops", "make_inputs",
-           "numba_attn_call", "numpy_peer", "numpy_peer_reason", "torch_peer",
-           "torch_peer_reason", "time_call", "sgemm_gflops", "read_bandwidth_gbs",
-           "run_bench"]
+__all__ = ["Shape", "SHAPES", "QUICK_SHAPES", "visible_pairs", "flops", "kv_bytes",
+           "storage_dtype", "make_inputs", "numba_attn_call", "numpy_peer",
+           "numpy_peer_reason", "peer_shape_reason", "torch_peer", "torch_peer_reason",
+           "time_call", "best_seconds", "fma_peak_gflops", "stream_read_seconds",
+           "sgemm_gflops", "run_bench"]
 
 SEED = 20240601
 NUMPY_SCORES_LIMIT = 256 * 2**20  # bytes of one head's (Sq, Sk) float32 score matrix
@@ -40,17 +41,22 @@ class Shape:
     head_dim: int
     causal: bool
     kind: str = "prefill"  # "prefill" (compute bound) or "decode" (bandwidth bound)
+    dtype: str = "float32"  # of q, k, v (prefill) or of the KV cache (decode: q float32)
+    after_matmul: bool = False  # a 512 x 512 numpy matmul (untimed) before every call
 
     @property
     def label(self):
         hk = "" if self.num_kv_heads == self.num_heads else f"/{self.num_kv_heads}"
         c = " causal" if self.causal else ""
+        dt = "" if self.dtype == "float32" else (
+            f" {self.dtype} cache" if self.kind == "decode" else f" {self.dtype}")
+        mm = " after matmul" if self.after_matmul else ""
         return (f"B{self.batch} H{self.num_heads}{hk} Sq{self.seqlen_q} Sk{self.seqlen_k} "
-                f"D{self.head_dim}{c}")
+                f"D{self.head_dim}{c}{dt}{mm}")
 
 
-def _decode(name, sk):
-    return Shape(name, 1, 1, sk, 32, 8, 128, False, "decode")
+def _decode(name, sk, **kw):
+    return Shape(name, 1, 1, sk, 32, 8, 128, False, "decode", **kw)
 
 
 SHAPES = (
@@ -58,8 +64,12 @@ SHAPES = (
     Shape("gpt2_prefill_2k_causal", 1, 2048, 2048, 16, 16, 64, True),
     Shape("llama3_8b_prefill_4k_gqa", 1, 4096, 4096, 32, 8, 128, True),
     Shape("long_16k", 1, 16384, 16384, 8, 8, 64, True),
+    Shape("gpt2_prefill_1k_float64", 1, 1024, 1024, 16, 16, 64, False, dtype="float64"),
     _decode("llama3_8b_decode_4k", 4096),
+    _decode("llama3_8b_decode_4k_after_matmul", 4096, after_matmul=True),
     _decode("llama3_8b_decode_16k", 16384),
+    _decode("llama3_8b_decode_16k_float16", 16384, dtype="float16"),
+    _decode("llama3_8b_decode_16k_bfloat16", 16384, dtype="bfloat16"),
 )
 
 QUICK_SHAPES = (
@@ -67,7 +77,11 @@ QUICK_SHAPES = (
     Shape("gpt2_prefill_512_causal", 1, 512, 512, 16, 16, 64, True),
     Shape("llama3_8b_prefill_1k_gqa", 1, 1024, 1024, 32, 8, 128, True),
     Shape("long_4k", 1, 4096, 4096, 8, 8, 64, True),
+    Shape("gpt2_prefill_512_float64", 1, 512, 512, 16, 16, 64, False, dtype="float64"),
     _decode("llama3_8b_decode_4k", 4096),
+    _decode("llama3_8b_decode_4k_after_matmul", 4096, after_matmul=True),
+    _decode("llama3_8b_decode_4k_float16", 4096, dtype="float16"),
+    _decode("llama3_8b_decode_4k_bfloat16", 4096, dtype="bfloat16"),
 )
 
 
@@ -89,20 +103,53 @@ def flops(shape: Shape):
     return 4 * shape.batch * shape.num_heads * shape.head_dim * pairs
 
 
+def storage_dtype(shape: Shape):
+    """numpy dtype of the shape's K/V (bfloat16 through ml_dtypes)."""
+    if shape.dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(shape.dtype)
+
+
 def kv_bytes(shape: Shape):
-    """Bytes of K and V read by one call (float32): the floor of a decode step's traffic."""
-    return 2 * shape.batch * shape.seqlen_k * shape.num_kv_heads * shape.head_dim * 4
+    """Bytes of K and V read by one call: the floor of a decode step's traffic."""
+    return (2 * shape.batch * shape.seqlen_k * shape.num_kv_heads * shape.head_dim
+            * storage_dtype(shape).itemsize)
 
 
-def make_inputs(shape: Shape, seed=SEED, dtype=np.float32):
-    """Seeded q (B, Sq, H, D), k and v (B, Sk, Hkv, D)."""
+def make_inputs(shape: Shape, seed=SEED, dtype=None):
+    """Seeded q (B, Sq, H, D), k and v (B, Sk, Hkv, D): the shape's dtype (decode: q stays
+    float32 over a half-precision cache, the usual CPU inference setup)."""
     rng = np.random.default_rng(seed)
+    kvdt = np.dtype(dtype) if dtype is not None else storage_dtype(shape)
+    qdt = np.float32 if shape.kind == "decode" and kvdt.itemsize == 2 else kvdt
     q = rng.standard_normal((shape.batch, shape.seqlen_q, shape.num_heads, shape.head_dim),
-                            dtype=np.float32).astype(dtype, copy=False)
+                            dtype=np.float32).astype(qdt, copy=False)
     kv = (shape.batch, shape.seqlen_k, shape.num_kv_heads, shape.head_dim)
-    k = rng.standard_normal(kv, dtype=np.float32).astype(dtype, copy=False)
-    v = rng.standard_normal(kv, dtype=np.float32).astype(dtype, copy=False)
+    k = rng.standard_normal(kv, dtype=np.float32).astype(kvdt, copy=False)
+    v = rng.standard_normal(kv, dtype=np.float32).astype(kvdt, copy=False)
     return q, k, v
+
+
+class _Timed:
+    """A benchmark callable with an untimed ``before()`` run ahead of every timed call."""
+
+    def __init__(self, fn, before=None):
+        self.fn = fn
+        self.before = before
+
+    def __call__(self):
+        return self.fn()
+
+
+def _matmul_before(n=512):
+    """A numpy float32 ``n x n`` matmul: leaves numpy's BLAS workers spinning (as a
+    scientific script would just before its attention call)."""
+    rng = np.random.default_rng(SEED)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    c = np.empty_like(a)
+    return lambda: np.matmul(a, a, out=c)
 
 
 def numba_attn_call(shape: Shape, q, k, v):
@@ -116,6 +163,7 @@ def numba_attn_call(shape: Shape, q, k, v):
     import numba_attn
 
     causal = shape.causal
+    before = _matmul_before() if shape.after_matmul else None
     if shape.kind == "decode" and hasattr(numba_attn, "attention_with_kvcache"):
         b, sk, hkv, d = k.shape
         cache = numba_attn.KVCache(b, sk, hkv, d, dtype=k.dtype)
@@ -125,18 +173,32 @@ def numba_attn_call(shape: Shape, q, k, v):
 
         def decode():
             return numba_attn.attention_with_kvcache(q, cache, causal=causal)
-        return decode
+        return _Timed(decode, before)
 
     def call():
         return numba_attn.attention(q, k, v, causal=causal)
-    return call
+    return _Timed(call, before)
 
 
 # ---------------------------------------------------------------------------------------
 # peers
 # ---------------------------------------------------------------------------------------
+def peer_shape_reason(shape: Shape):
+    """Why no peer runs ``shape`` at all (None when they do): rows that are compared with
+    numba_attn's own float32 / undisturbed row instead."""
+    if shape.after_matmul:
+        return "compared with the same decode without the matmul (derived ratios below)"
+    if shape.kind == "decode" and storage_dtype(shape).itemsize == 2:
+        return ("float32 q over a half cache has no peer; compared with the float32 cache "
+                "(derived ratios below)")
+    return None
+
+
 def numpy_peer_reason(shape: Shape):
     """Why the numpy peer is skipped for ``shape`` (None when it runs)."""
+    why = peer_shape_reason(shape)
+    if why:
+        return why
     nbytes = shape.seqlen_q * shape.seqlen_k * 4
     if nbytes > NUMPY_SCORES_LIMIT:
         return (f"numpy peer skipped: one head's {shape.seqlen_q} x {shape.seqlen_k} score "
@@ -222,13 +284,17 @@ def time_call(fn, *, min_repeats=3, max_repeats=20, target_s=1.0, budget_s=15.0)
 
     Repeats until ``min_repeats`` and ``target_s`` of samples are reached, at most
     ``max_repeats`` samples, and stops early (with at least one sample) past ``budget_s``.
+    ``fn.before()``, where present, runs untimed before each sample.
     Returns (median seconds, warm-up seconds, number of samples).
     """
+    before = getattr(fn, "before", None)
     t0 = time.perf_counter()
     fn()  # warm-up: JIT compile / cache load, thread pools, first-touch pages
     warm = time.perf_counter() - t0
     samples = []
     while len(samples) < max_repeats:
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
@@ -251,6 +317,41 @@ def best_seconds(fn, repeats=7):
     return best
 
 
+def fma_peak_gflops(seconds=0.3):
+    """Register-only vector-FMA throughput of numba_attn's SIMD layer (GFLOP/s, float32,
+    numba's threads, best of 3): the compute ceiling of the prefill micro-kernels."""
+    import numba
+
+    from .cpu import machine
+
+    lanes = numba.get_num_threads()
+    out = np.zeros(lanes, np.float32)
+    machine.fma_peak(10, lanes, out)
+    n_iter = 1_000_000
+    t0 = time.perf_counter()
+    machine.fma_peak(n_iter, lanes, out)
+    n_iter = max(10_000, int(n_iter * seconds / max(time.perf_counter() - t0, 1e-6)))
+    best = np.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fmas = machine.fma_peak(n_iter, lanes, out)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * fmas / best / 1e9
+
+
+def stream_read_seconds(k, v, repeats=7):
+    """Best time to read every byte of K and V storage once with the decode kernel's vector
+    loads (half types converted in registers) on numba's threads: the limit of a decode step
+    over that cache."""
+    from .cpu import machine
+    from .cpu.simd import kernel_storage
+
+    ks, vs = (np.ascontiguousarray(kernel_storage(x)).reshape(x.shape[0] * x.shape[1], -1)
+              for x in (k, v))
+    out = np.zeros(16, np.float32)
+    return best_seconds(lambda: machine.stream_read(ks, vs, 16, out), repeats)
+
+
 def sgemm_gflops(n=4096, repeats=3):
     """numpy float32 ``n^3`` matmul throughput (GFLOP/s, best of ``repeats``), all BLAS
     threads: the machine's sgemm peak."""
@@ -259,17 +360,6 @@ def sgemm_gflops(n=4096, repeats=3):
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
     return 2.0 * n**3 / best_seconds(lambda: np.matmul(a, b, out=c), repeats) / 1e9
-
-
-def read_bandwidth_gbs(nbytes=512 * 2**20, repeats=5):
-    """Streaming read bandwidth (GB/s, best of ``repeats``): a float32 matrix-vector
-    product (BLAS sgemv, all threads) over ``nbytes`` of matrix, which is memory bound."""
-    cols = 1024
-    rows = nbytes // (4 * cols)
-    a = np.ones((rows, cols), np.float32)
-    x = np.ones(cols, np.float32)
-    y = np.empty(rows, np.float32)
-    return a.nbytes / best_seconds(lambda: np.matmul(a, x, out=y), repeats) / 1e9
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,11 +399,15 @@ def _fmt_ratio(peer_ms, ms):
 
 
 def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
-              err=None):
+              err=None, json_path=None, plot_path=None):
     """Time every selected shape for numba_attn and each peer; print a table.
 
-    Returns a list of result dicts (one per shape). ``ratio`` columns are
-    ``peer ms / numba_attn ms``: above 1 means numba_attn is faster.
+    Returns a dict: ``machine`` (CPU, SIMD target, threads, same-run limits) and ``rows``,
+    one per shape (``ms``, ``gflops``, ``gbs``, ``limit_fraction``, ``peers`` ms, ``ratios``
+    = peer ms / numba_attn ms: above 1 means numba_attn is faster), plus ``derived`` ratios
+    (half caches against float32, decode after a matmul against alone, decode against the
+    stream-read time). ``json_path`` writes it as JSON (``-``: stdout); ``plot_path`` draws
+    the peer ratios (needs matplotlib).
     """
     import numba
 
@@ -336,26 +430,30 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
         else:
             peer_list.append("torch")
     if any(s.kind == "decode" for s in shapes):
-        import numba_attn
-
-        how = ("numba_attn.attention_with_kvcache over a filled KVCache (no append)"
-               if hasattr(numba_attn, "attention_with_kvcache") else
-               "numba_attn.attention with seqlen_q = 1")
-        notes.append(f"decode rows: {how}; peers get the same K/V as plain arrays")
+        notes.append("decode rows: numba_attn.attention_with_kvcache over a filled KVCache "
+                     "(no append); peers get the same K/V as plain arrays")
     threads = numba.get_num_threads()
-    prog = Progress(2 + len(shapes) * (1 + len(peer_list)), stream=err)
-    prog.step("sgemm peak (numpy float32 matmul)")
+    n_decode = sum(s.kind == "decode" for s in shapes)
+    prog = Progress(2 + n_decode + len(shapes) * (1 + len(peer_list)), stream=err)
+    prog.step("vector FMA peak (numba_attn's SIMD layer)")
+    fma_peak = fma_peak_gflops(0.1 if quick else 0.3)
+    prog.step("sgemm (numpy float32 matmul)")
     n = 2048 if quick else 4096
-    peak = sgemm_gflops(n)
-    prog.step("read bandwidth (float32 sgemv)")
-    bw = read_bandwidth_gbs(256 * 2**20 if quick else 1024 * 2**20)
-    results = []
+    sgemm = sgemm_gflops(n)
+    rows = []
     for shape in shapes:
         q, k, v = make_inputs(shape)
+        row = {"name": shape.name, "label": shape.label, "kind": shape.kind,
+               "dtype": shape.dtype, "peers": {}, "ratios": {}}
+        if shape.kind == "decode":
+            prog.step(f"{shape.name}: stream-read of the same K/V bytes")
+            row["stream_ms"] = stream_read_seconds(k, v) * 1e3
         prog.step(f"{shape.name}: numba_attn")
         ms, warm, nrep = time_call(numba_attn_call(shape, q, k, v), **timing)
-        row = {"shape": shape, "ms": ms * 1e3, "first_call_s": warm, "repeats": nrep,
-               "gflops": flops(shape) / ms / 1e9, "peers": {}}
+        row.update(ms=ms * 1e3, first_call_s=warm, repeats=nrep,
+                   gflops=flops(shape) / ms / 1e9, gbs=kv_bytes(shape) / ms / 1e9)
+        row["limit_fraction"] = (row["stream_ms"] / row["ms"] if shape.kind == "decode"
+                                 else row["gflops"] / fma_peak)
         for peer in peer_list:
             prog.step(f"{shape.name}: {peer}")
             try:
@@ -366,57 +464,148 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
                         continue
                     fn = numpy_peer(shape, q, k, v)
                 else:
+                    why = peer_shape_reason(shape)
+                    if why:
+                        continue  # (noted once, for numpy)
                     fn = torch_peer(shape, q, k, v, threads)
             except NotImplementedError as e:
                 notes.append(f"{shape.name}: {e}")
                 continue
             pms, _, _ = time_call(fn, **timing)
             row["peers"][peer] = pms * 1e3
-        results.append(row)
+            row["ratios"][peer] = pms * 1e3 / row["ms"]
+        rows.append(row)
     prog.close()
-    _print_table(results, peer_list, peak, bw, threads, n, quick, notes, out)
-    return results
+    result = {"machine": machine_info(threads, fma_peak, sgemm, n), "quick": quick,
+              "rows": rows, "derived": derived_ratios(rows), "notes": notes}
+    _print_table(result, peer_list, out)
+    if json_path:
+        _write_json(result, json_path, out)
+    if plot_path:
+        plot_ratios(result, plot_path)
+    return result
 
 
-def _print_table(results, peer_list, peak, bw, threads, n, quick, notes, out):
+def machine_info(threads, fma_peak, sgemm, n):
+    import platform
+
     import numba
 
-    w = out.write
+    from ._cli import _cpu_model
+    from .cpu import simd
+
     try:
         layer = numba.threading_layer()
     except ValueError:  # no parallel region ran
         layer = f"{numba.config.THREADING_LAYER} requested"
-    w(f"\nbench ({'quick' if quick else 'full'}): float32, numba threads = {threads} "
-      f"(layer {layer}), median of repeats after a warm-up call\n")
-    w(f"machine: sgemm peak {peak:.1f} GFLOP/s (numpy {n}^3 float32 matmul, best of 3); "
-      f"read bandwidth {bw:.1f} GB/s (float32 sgemv, best of 5)\n\n")
-    head = ["shape", "problem", "ms", "GFLOP/s", "of peak"]
+    return {"cpu": _cpu_model(), "machine": platform.machine(), "simd": simd.ISA,
+            "threads": threads, "threading_layer": layer,
+            "fma_peak_gflops": fma_peak, "sgemm_gflops": sgemm, "sgemm_n": n}
+
+
+def derived_ratios(rows):
+    """Same-run ratios between rows: half caches vs float32, after a matmul vs alone,
+    decode vs stream-read."""
+    by = {r["name"]: r for r in rows}
+    out = {}
+    for r in rows:
+        if r["kind"] != "decode":
+            continue
+        out[f"{r['name']}: time / stream-read time"] = r["ms"] / r["stream_ms"]
+        base = r["name"]
+        for suffix in ("_float16", "_bfloat16", "_after_matmul"):
+            base = base.replace(suffix, "")
+        if base == r["name"] or base not in by:
+            continue
+        if r["name"].endswith("_after_matmul"):
+            out[f"{r['name']}: time / alone"] = r["ms"] / by[base]["ms"]
+        else:
+            out[f"{r['name']}: speed / float32 cache speed"] = by[base]["ms"] / r["ms"]
+    return out
+
+
+def _write_json(result, path, out):
+    import json
+
+    text = json.dumps(result, indent=1, default=float)
+    if path == "-":
+        out.write(text + "\n")
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
+def plot_ratios(result, path):
+    """Bar chart of peer ms / numba_attn ms per shape (the ``plot`` extra: matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("bench --plot needs matplotlib: pip install 'numba_attn[plot]'") \
+            from None
+    rows = [r for r in result["rows"] if r["ratios"]]
+    peers = sorted({p for r in rows for p in r["ratios"]})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    width = 0.8 / max(len(peers), 1)
+    for i, peer in enumerate(peers):
+        xs = [j + i * width for j in range(len(rows))]
+        ax.bar(xs, [r["ratios"].get(peer, 0) for r in rows], width, label=f"vs {peer}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + width * (len(peers) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([r["name"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("peer time / numba_attn time")
+    m = result["machine"]
+    ax.set_title(f"numba_attn on {m['cpu']} ({m['simd']}, {m['threads']} threads)",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt_ratio(ratio):
+    return f"{ratio:.2f}x" if ratio else "-"
+
+
+def _print_table(result, peer_list, out):
+    w = out.write
+    m = result["machine"]
+    w(f"\nbench ({'quick' if result['quick'] else 'full'}): {m['cpu']}, SIMD {m['simd']}, "
+      f"numba threads = {m['threads']} (layer {m['threading_layer']}), median of repeats "
+      "after a warm-up call\n")
+    w(f"same-run limits: vector FMA peak {m['fma_peak_gflops']:.1f} GFLOP/s (numba_attn's "
+      f"SIMD layer, registers only); numpy sgemm {m['sgemm_gflops']:.1f} GFLOP/s "
+      f"({m['sgemm_n']}^3 float32); decode rows: stream-read of the same K/V bytes\n\n")
+    head = ["shape", "problem", "ms", "GFLOP/s", "of limit"]
     for p in peer_list:
         head += [f"{p} ms", f"vs {p}"]
-    rows = []
-    for r in results:
-        s = r["shape"]
-        if s.kind == "decode":
-            frac = f"{kv_bytes(s) / (r['ms'] / 1e3) / 1e9 / bw:.0%} bw"
+    table = []
+    for r in result["rows"]:
+        if r["kind"] == "decode":
+            frac = f"{r['limit_fraction']:.0%} stream"
         else:
-            frac = f"{r['gflops'] / peak:.0%} sgemm"
-        line = [s.name, s.label, f"{r['ms']:.2f}", f"{r['gflops']:.1f}", frac]
+            frac = f"{r['limit_fraction']:.0%} fma"
+        line = [r["name"], r["label"], f"{r['ms']:.2f}", f"{r['gflops']:.1f}", frac]
         for p in peer_list:
             pm = r["peers"].get(p)
-            line += [f"{pm:.2f}" if pm else "skip", _fmt_ratio(pm, r["ms"])]
-        rows.append(line)
-    widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(head)]
+            line += [f"{pm:.2f}" if pm else "skip", _fmt_ratio(r["ratios"].get(p))]
+        table.append(line)
+    widths = [max(len(h), *(len(x[i]) for x in table)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{wd}}}" for i, wd in enumerate(widths))
     w(fmt.format(*head) + "\n")
     w("  ".join("-" * wd for wd in widths) + "\n")
-    for line in rows:
+    for line in table:
         w(fmt.format(*line) + "\n")
-    w("\n'vs <peer>' = peer ms / numba_attn ms (above 1: numba_attn is faster). 'of peak': "
-      "prefill GFLOP/s over the sgemm peak; decode K+V bytes/s over the read bandwidth.\n")
-    over = [(r["first_call_s"] - r["ms"] / 1e3, r["shape"].name) for r in results]
+    w("\n'vs <peer>' = peer ms / numba_attn ms (above 1: numba_attn is faster). 'of limit': "
+      "prefill GFLOP/s over the vector FMA peak; decode: stream-read time over decode time.\n")
+    for name, ratio in result["derived"].items():
+        w(f"derived: {name} = {ratio:.2f}\n")
+    over = [(r["first_call_s"] - r["ms"] / 1e3, r["name"]) for r in result["rows"]]
     extra, name = max(over)
     w(f"first-call overhead (JIT compile or cache load; first call minus median): "
       f"{max(extra, 0.0):.2f}s at most ({name})\n")
-    for note in notes:
+    for note in dict.fromkeys(result["notes"]):
         w(f"note: {note}\n")
     out.flush()

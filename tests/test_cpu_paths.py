@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -147,6 +146,8 @@ import sys, numpy as np
 sys.path.insert(0, {here!r})
 from numba_attn.cpu import simd
 assert simd.ISA == {isa!r}, simd.ISA
+import test_simd
+test_simd.test_every_half_bit_pattern(None)
 import test_cpu_paths as t
 rng = np.random.default_rng(5)
 for d in (1, 17, 40, 64, 129):
@@ -172,11 +173,12 @@ TARGETS = {
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("isa", list(TARGETS))
-def test_forced_lowering(isa):
-    """The AVX2 and generic code paths, on this machine, in a child with its own cache."""
+def test_forced_lowering(isa, tmp_path):
+    """The AVX2 and generic code paths, on this machine, in a child with a fresh cache
+    (Numba's cache keys on the kernel's own file, not on simd.py: never reuse one)."""
     name, feats = TARGETS[isa]
     env = dict(os.environ, NUMBA_CPU_NAME=name, NUMBA_CPU_FEATURES=feats,
-               NUMBA_CACHE_DIR=os.path.join(tempfile.gettempdir(), f"numba_attn_{isa}"))
+               NUMBA_CACHE_DIR=str(tmp_path))
     r = subprocess.run([sys.executable, "-c", FORCED.format(here=HERE, isa=isa)], env=env,
                        cwd=ROOT, capture_output=True, text=True, timeout=880)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.stdout + r.stderr)[-3000:]

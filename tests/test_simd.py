@@ -110,6 +110,17 @@ def _out_dtype(kind):
     return F64 if kind == "float64" else F32
 
 
+def test_every_half_bit_pattern(rng):
+    """All 65536 float16 bit patterns (subnormals, infinities, NaN) convert exactly."""
+    bits = np.arange(2**16, dtype=np.uint16)
+    out = np.empty(bits.size, F32)
+    _copy(bits, out, np.int64(bits.size))
+    want = bits.view(np.float16).astype(F32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(out), nan)
+    np.testing.assert_array_equal(out[~nan], want[~nan])
+
+
 def test_isa_matches_lanes():
     assert S.ISA in ("avx512", "avx2", "generic")
     assert S.LANES32 * 4 == S.VECTOR_BYTES == S.LANES64 * 8

@@ -55,6 +55,9 @@ def _vector_bytes(features: str) -> int:
 
 
 VECTOR_BYTES = _vector_bytes(_target_features())
+# F16C converts half to float in one instruction; without it LLVM would call compiler-rt's
+# __extendhfsf2, which Numba's JIT does not link: convert with integer operations instead
+HAS_F16C = "+f16c" in _target_features().split(",")
 ISA = {64: "avx512", 32: "avx2", 16: "generic"}[VECTOR_BYTES]
 LANES32 = VECTOR_BYTES // 4
 LANES64 = VECTOR_BYTES // 8
@@ -115,9 +118,38 @@ def _raw_type(dtype, lanes):
     return ir.VectorType(ir.DoubleType(), lanes)
 
 
+def _half_bits_ir(builder, h, fty):
+    """IEEE binary16 bits (i16 or <N x i16>) -> float32 with integer operations: normal
+    numbers rebias the exponent, 31 (inf / NaN) maps to 255, subnormals are mant * 2**-24."""
+    vec = isinstance(h.type, ir.VectorType)
+    n = h.type.count if vec else 1
+    ity = ir.VectorType(_I32, n) if vec else _I32
+
+    def k(x):
+        return ir.Constant(ity, [x] * n) if vec else ir.Constant(_I32, x)
+
+    def kf(x):
+        return ir.Constant(fty, [x] * n) if vec else ir.Constant(fty, x)
+
+    x = builder.zext(h, ity)
+    sign = builder.shl(builder.and_(x, k(0x8000)), k(16))
+    ex = builder.and_(builder.lshr(x, k(10)), k(0x1F))
+    mant = builder.and_(x, k(0x3FF))
+    m13 = builder.shl(mant, k(13))
+    normal = builder.or_(sign, builder.or_(builder.shl(builder.add(ex, k(112)), k(23)), m13))
+    special = builder.or_(sign, builder.or_(k(0x7F800000), m13))
+    sub = builder.fmul(builder.sitofp(mant, fty), kf(5.960464477539063e-08))  # mant * 2**-24
+    sub = builder.or_(builder.bitcast(sub, ity), sign)
+    bits = builder.select(builder.icmp_unsigned("==", ex, k(31)), special, normal)
+    bits = builder.select(builder.icmp_unsigned("==", ex, k(0)), sub, bits)
+    return builder.bitcast(bits, fty)
+
+
 def _to_compute(builder, raw, dtype, vt):
     """Storage vector -> compute vector (half: fpext; bfloat16 bits: shift into a float)."""
     if dtype == types.uint16:
+        if not HAS_F16C:
+            return _half_bits_ir(builder, raw, _llty(vt))
         return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), vt.lanes)),
                              _llty(vt))
     if dtype == types.int16:
@@ -129,6 +161,8 @@ def _to_compute(builder, raw, dtype, vt):
 
 def _scalar_to_compute(builder, raw, dtype):
     if dtype == types.uint16:
+        if not HAS_F16C:
+            return _half_bits_ir(builder, raw, ir.FloatType())
         return builder.fpext(builder.bitcast(raw, ir.HalfType()), ir.FloatType())
     if dtype == types.int16:
         wide = builder.shl(builder.zext(raw, _I32), ir.Constant(_I32, 16))
