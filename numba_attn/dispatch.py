@@ -20,13 +20,25 @@ __all__ = ["Problem", "run", "available_backends", "get_backend", "BACKENDS"]
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _bfloat16():
-    try:
-        import ml_dtypes
+_BF16 = []
 
-        return np.dtype(ml_dtypes.bfloat16)
-    except ImportError:  # optional
-        return None
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 dtype, or None without ml_dtypes. Imported on first need only
+    (the import costs ~0.1-0.5 s: never on a float32 call)."""
+    if not _BF16:
+        try:
+            import ml_dtypes
+
+            _BF16.append(np.dtype(ml_dtypes.bfloat16))
+        except ImportError:  # optional
+            _BF16.append(None)
+    return _BF16[0]
+
+
+def _is_bfloat16(dt) -> bool:
+    """Whether a dtype (numpy, ml_dtypes, torch) is bfloat16, without importing ml_dtypes."""
+    return str(dt).rsplit(".", 1)[-1] == "bfloat16"
 
 
 # ---------------------------------------------------------------------------------------
@@ -70,8 +82,7 @@ def check_float(name, x):
     except TypeError:
         raise TypeError(f"{name}: unsupported dtype {x.dtype}; expected float16, bfloat16, "
                         "float32 or float64") from None
-    ok = _FLOATS + ((_bfloat16(),) if _bfloat16() is not None else ())
-    if dt not in ok:
+    if dt not in _FLOATS and not (_is_bfloat16(dt) and dt == _bfloat16()):
         raise TypeError(
             f"{name}: unsupported dtype {dt}; expected float16, bfloat16, float32 or float64"
         )
@@ -120,7 +131,7 @@ def host(name, x, dtype=None):
         x = x.copy_to_host() if hasattr(x, "copy_to_host") else (
             x.get() if hasattr(x, "get") else to_numpy(name, x.cpu()))
     x = to_numpy(name, x)
-    if dtype is not None and x.dtype.kind not in "biuf" and x.dtype != _bfloat16():
+    if dtype is not None and x.dtype.kind not in "biuf" and not _is_bfloat16(x.dtype):
         raise TypeError(f"{name}: expected a real-valued array, got dtype {x.dtype}")
     out = np.ascontiguousarray(x, dtype=dtype)
     if not out.flags.writeable:  # read-only is another Numba type: a second compile
@@ -138,7 +149,7 @@ def host_operand(name, x, kinds, what):
     of being cast (complex silently losing its imaginary part, objects becoming NaN).
     """
     a = host(name, x)
-    if a.dtype.kind not in kinds and not (a.dtype == _bfloat16() and "f" in kinds):
+    if a.dtype.kind not in kinds and not (_is_bfloat16(a.dtype) and "f" in kinds):
         raise TypeError(f"{name}: expected {what}, got dtype {a.dtype}")
     return a
 
