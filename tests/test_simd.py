@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from numba_attn.cpu import simd as S
-from numba_attn.cpu.microkernels import pv6, pv8, qk6, qk8
+from numba_attn.cpu.microkernels import pv6, pv8, qk4, qk6, qk8, qk12
 
 F32, F64 = np.float32, np.float64
 
@@ -218,6 +218,10 @@ def _qk(kind, kt, kb, qt, ldq, s0, d, st, nk):
     for u in range(0, nk, kind):
         if kind == 8:
             qk8(kt, kb, u, qt, ldq, s0, d, st)
+        elif kind == 12:
+            qk12(kt, kb, u, qt, ldq, s0, d, st)
+        elif kind == 4:
+            qk4(kt, kb, u, qt, ldq, s0, d, st)
         else:
             qk6(kt, kb, u, qt, ldq, s0, d, st)
 
@@ -231,7 +235,7 @@ def _pv(kind, vt, vb, nk, st, ot, ldo, s0, dv, a0, a1):
             pv6(vt, vb, nk, st, ot, ldo, s0, c0, dv, S.vbcast(a0, 0), S.vbcast(a1, 0))
 
 
-@pytest.mark.parametrize("mr", [8, 6])
+@pytest.mark.parametrize("mr", [8, 6, 12, 4])
 @pytest.mark.parametrize("dt", [F32, F64])
 @pytest.mark.parametrize("d,nk", [(64, 24), (3, 48), (1, 8), (17, 6)], ids=lambda x: str(x))
 def test_micro_kernels(mr, dt, d, nk, rng):
@@ -251,6 +255,8 @@ def test_micro_kernels(mr, dt, d, nk, rng):
     expected = k.astype(F64) @ qt[:, s0:s0 + nrs].astype(F64)
     rtol = 1e-5 if dt == F32 else 1e-12
     np.testing.assert_allclose(st.reshape(nk, nrs), expected, rtol=rtol, atol=rtol * 10)
+    if mr not in (8, 6):  # 12 and 4 are QK-only shapes
+        return
     # pv: ot^T (dv, rows) = alpha * ot + V^T P
     dv = (d + mr - 1) // mr * mr
     v = rng.standard_normal((nk, dv)).astype(dt)

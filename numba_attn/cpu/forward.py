@@ -28,7 +28,7 @@ from .. import masking
 from .._jit import inline, jit
 from .atomics import fetch_add
 from .expmath import exp_diff_acc
-from .microkernels import pv6, pv8, qk6, qk8
+from .microkernels import pv6, pv8, qk4, qk6, qk8, qk12
 from .simd import (
     block_rows,
     lanes,
@@ -248,6 +248,27 @@ def strip_softmax(st, ne, m, l, s0):
 
 
 @inline
+def strip_scores(k, kb, nep, qt, ldq, s0, d, st, mr):
+    """Scores of keys [0, nep) (nep a multiple of mr) of a tile against a strip: 12-key
+    micro-kernels for the bulk on 32-register targets (mr = 8), then 8 / 4; mr = 6 else."""
+    u = 0
+    if mr == 8:
+        while u + 12 <= nep:
+            qk12(k, kb, u, qt, ldq, s0, d, st)
+            u += 12
+        while u + 8 <= nep:
+            qk8(k, kb, u, qt, ldq, s0, d, st)
+            u += 8
+        while u < nep:
+            qk4(k, kb, u, qt, ldq, s0, d, st)
+            u += 4
+    else:
+        while u < nep:
+            qk6(k, kb, u, qt, ldq, s0, d, st)
+            u += 6
+
+
+@inline
 def strip_softcap(st, ne, softcap):
     """st = softcap * tanh(st / softcap) over ``ne`` keys of a strip (vector tanh)."""
     w = lanes(st)
@@ -424,16 +445,10 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                     if ne <= 0 or slo >= j1:
                         continue
                     nep = (ne + mr - 1) // mr * mr
-                    for u in range(0, nep, mr):
-                        if packed:
-                            if mr == 8:
-                                qk8(kh, kb, u, qt, nrp, s0, d, st)
-                            else:
-                                qk6(kh, kb, u, qt, nrp, s0, d, st)
-                        elif mr == 8:
-                            qk8(kt, kb, u, qt, nrp, s0, d, st)
-                        else:
-                            qk6(kt, kb, u, qt, nrp, s0, d, st)
+                    if packed:
+                        strip_scores(kh, kb, nep, qt, nrp, s0, d, st, mr)
+                    else:
+                        strip_scores(kt, kb, nep, qt, nrp, s0, d, st, mr)
                     if softcap > 0.0:
                         strip_softcap(st, ne, softcap)
                     needs = slo > j0

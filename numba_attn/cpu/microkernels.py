@@ -291,3 +291,155 @@ def pv6(v, vb, nk, st, ot, ldo, s0, c0, dv, alpha0, alpha1):
     vstore(ot, o4 + w, c4_1)
     vstore(ot, o5, c5_0)
     vstore(ot, o5 + w, c5_1)
+
+
+@inline
+def qk12(k, kb, j, qt, ldq, s0, d, st):
+    """Scores of 12 keys (storage offsets kb[j .. j+12-1]) against the strip of
+    2 * lanes query rows at column s0 of qt (D, ldq); written to st[(j + kk) * 2W ..]."""
+    w = lanes(qt)
+    zero = vzero(qt)
+    b0 = kb[j + 0]
+    c0_0 = zero
+    c0_1 = zero
+    b1 = kb[j + 1]
+    c1_0 = zero
+    c1_1 = zero
+    b2 = kb[j + 2]
+    c2_0 = zero
+    c2_1 = zero
+    b3 = kb[j + 3]
+    c3_0 = zero
+    c3_1 = zero
+    b4 = kb[j + 4]
+    c4_0 = zero
+    c4_1 = zero
+    b5 = kb[j + 5]
+    c5_0 = zero
+    c5_1 = zero
+    b6 = kb[j + 6]
+    c6_0 = zero
+    c6_1 = zero
+    b7 = kb[j + 7]
+    c7_0 = zero
+    c7_1 = zero
+    b8 = kb[j + 8]
+    c8_0 = zero
+    c8_1 = zero
+    b9 = kb[j + 9]
+    c9_0 = zero
+    c9_1 = zero
+    b10 = kb[j + 10]
+    c10_0 = zero
+    c10_1 = zero
+    b11 = kb[j + 11]
+    c11_0 = zero
+    c11_1 = zero
+    for c in range(d):
+        qo = c * ldq + s0
+        q0 = vload(qt, qo)
+        q1 = vload(qt, qo + w)
+        x = vbcast(k, b0 + c)
+        c0_0 = vfma(x, q0, c0_0)
+        c0_1 = vfma(x, q1, c0_1)
+        x = vbcast(k, b1 + c)
+        c1_0 = vfma(x, q0, c1_0)
+        c1_1 = vfma(x, q1, c1_1)
+        x = vbcast(k, b2 + c)
+        c2_0 = vfma(x, q0, c2_0)
+        c2_1 = vfma(x, q1, c2_1)
+        x = vbcast(k, b3 + c)
+        c3_0 = vfma(x, q0, c3_0)
+        c3_1 = vfma(x, q1, c3_1)
+        x = vbcast(k, b4 + c)
+        c4_0 = vfma(x, q0, c4_0)
+        c4_1 = vfma(x, q1, c4_1)
+        x = vbcast(k, b5 + c)
+        c5_0 = vfma(x, q0, c5_0)
+        c5_1 = vfma(x, q1, c5_1)
+        x = vbcast(k, b6 + c)
+        c6_0 = vfma(x, q0, c6_0)
+        c6_1 = vfma(x, q1, c6_1)
+        x = vbcast(k, b7 + c)
+        c7_0 = vfma(x, q0, c7_0)
+        c7_1 = vfma(x, q1, c7_1)
+        x = vbcast(k, b8 + c)
+        c8_0 = vfma(x, q0, c8_0)
+        c8_1 = vfma(x, q1, c8_1)
+        x = vbcast(k, b9 + c)
+        c9_0 = vfma(x, q0, c9_0)
+        c9_1 = vfma(x, q1, c9_1)
+        x = vbcast(k, b10 + c)
+        c10_0 = vfma(x, q0, c10_0)
+        c10_1 = vfma(x, q1, c10_1)
+        x = vbcast(k, b11 + c)
+        c11_0 = vfma(x, q0, c11_0)
+        c11_1 = vfma(x, q1, c11_1)
+    vstore(st, (j + 0) * 2 * w, c0_0)
+    vstore(st, (j + 0) * 2 * w + w, c0_1)
+    vstore(st, (j + 1) * 2 * w, c1_0)
+    vstore(st, (j + 1) * 2 * w + w, c1_1)
+    vstore(st, (j + 2) * 2 * w, c2_0)
+    vstore(st, (j + 2) * 2 * w + w, c2_1)
+    vstore(st, (j + 3) * 2 * w, c3_0)
+    vstore(st, (j + 3) * 2 * w + w, c3_1)
+    vstore(st, (j + 4) * 2 * w, c4_0)
+    vstore(st, (j + 4) * 2 * w + w, c4_1)
+    vstore(st, (j + 5) * 2 * w, c5_0)
+    vstore(st, (j + 5) * 2 * w + w, c5_1)
+    vstore(st, (j + 6) * 2 * w, c6_0)
+    vstore(st, (j + 6) * 2 * w + w, c6_1)
+    vstore(st, (j + 7) * 2 * w, c7_0)
+    vstore(st, (j + 7) * 2 * w + w, c7_1)
+    vstore(st, (j + 8) * 2 * w, c8_0)
+    vstore(st, (j + 8) * 2 * w + w, c8_1)
+    vstore(st, (j + 9) * 2 * w, c9_0)
+    vstore(st, (j + 9) * 2 * w + w, c9_1)
+    vstore(st, (j + 10) * 2 * w, c10_0)
+    vstore(st, (j + 10) * 2 * w + w, c10_1)
+    vstore(st, (j + 11) * 2 * w, c11_0)
+    vstore(st, (j + 11) * 2 * w + w, c11_1)
+
+
+@inline
+def qk4(k, kb, j, qt, ldq, s0, d, st):
+    """Scores of 4 keys (storage offsets kb[j .. j+4-1]) against the strip of
+    2 * lanes query rows at column s0 of qt (D, ldq); written to st[(j + kk) * 2W ..]."""
+    w = lanes(qt)
+    zero = vzero(qt)
+    b0 = kb[j + 0]
+    c0_0 = zero
+    c0_1 = zero
+    b1 = kb[j + 1]
+    c1_0 = zero
+    c1_1 = zero
+    b2 = kb[j + 2]
+    c2_0 = zero
+    c2_1 = zero
+    b3 = kb[j + 3]
+    c3_0 = zero
+    c3_1 = zero
+    for c in range(d):
+        qo = c * ldq + s0
+        q0 = vload(qt, qo)
+        q1 = vload(qt, qo + w)
+        x = vbcast(k, b0 + c)
+        c0_0 = vfma(x, q0, c0_0)
+        c0_1 = vfma(x, q1, c0_1)
+        x = vbcast(k, b1 + c)
+        c1_0 = vfma(x, q0, c1_0)
+        c1_1 = vfma(x, q1, c1_1)
+        x = vbcast(k, b2 + c)
+        c2_0 = vfma(x, q0, c2_0)
+        c2_1 = vfma(x, q1, c2_1)
+        x = vbcast(k, b3 + c)
+        c3_0 = vfma(x, q0, c3_0)
+        c3_1 = vfma(x, q1, c3_1)
+    vstore(st, (j + 0) * 2 * w, c0_0)
+    vstore(st, (j + 0) * 2 * w + w, c0_1)
+    vstore(st, (j + 1) * 2 * w, c1_0)
+    vstore(st, (j + 1) * 2 * w + w, c1_1)
+    vstore(st, (j + 2) * 2 * w, c2_0)
+    vstore(st, (j + 2) * 2 * w + w, c2_1)
+    vstore(st, (j + 3) * 2 * w, c3_0)
+    vstore(st, (j + 3) * 2 * w + w, c3_1)
