@@ -3,9 +3,9 @@ import os as _os
 
 # OpenBLAS worker threads (numpy's, SciPy's) spin for ~0.1 s after every call, and a Numba
 # kernel that follows a numpy matmul then shares the cores with them: attention right
-# after a projection ran 1.3-1.8x slower (measured, 2 cores). A short spin fixes it. This
-# only takes effect if numba_attn is imported before numpy loads OpenBLAS, and never
-# overrides a value the user set.
+# after a projection ran 1.3-1.8x slower (measured, 2 cores). A short spin avoids it where
+# numba_attn is imported before numpy loads OpenBLAS (never overriding a value the user
+# set); in every import order, _blas_quiet stops the workers before a parallel kernel.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from . import compat
 from .cache import KVCache, PagedKVCache
