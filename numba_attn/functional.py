@@ -132,7 +132,7 @@ def canon_qkv(q, k, v, ndim, layout_q, layout_kv):
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
               alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
-              return_lse=False, out=None, backend="auto"):
+              return_lse=False, out=None, backend="auto", q_offset=None):
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
     Parameters
@@ -168,6 +168,12 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
         Written in place and returned.
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
         "auto" runs where the data lives.
+    q_offset : int, default seqlen_k - seqlen_q
+        Key position of query 0: query ``i`` sits at key position ``i + q_offset``. It
+        replaces ``seqlen_k - seqlen_q`` in ``causal=True``, ``window`` and ALiBi (any int;
+        ``causal="top_left"`` stays ``j <= i``). For a block of a longer sequence, e.g.
+        queries ``qa:qb`` against keys ``ka:kb`` of a bottom-right call, pass
+        ``qa + seqlen_k - seqlen_q - ka`` (chunked prefill, key-split context parallelism).
 
     Returns
     -------
@@ -199,6 +205,12 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     >>> out, lse = numba_attn.attention(q, k, v, causal=True, return_lse=True)
     >>> out.shape, lse.shape
     ((1, 4, 8, 16), (1, 8, 4))
+
+    The last two queries alone, against all keys, with their positions kept:
+
+    >>> tail = numba_attn.attention(q[:, 2:], k, v, causal=True, q_offset=2 + 6 - 4)
+    >>> bool(np.allclose(tail, out[:, 2:], atol=1e-6))
+    True
     """
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
                                 "(batch, seqlen_k, num_kv_heads, head_dim)")
@@ -219,7 +231,7 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     rows[:, 1] = sq
     rows[:, 2] = np.arange(bsz) * sk
     rows[:, 3] = sk if kl is None else kl
-    rows[:, 4] = sk - sq
+    rows[:, 4] = sk - sq if q_offset is None else check_offset("q_offset", q_offset)
     if device != "cpu":
         from .cuda import dispatch_cuda  # device arrays stay on the device
 
@@ -238,6 +250,18 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     if not return_lse:
         return _like(q, o)
     return _like(q, o), _like(q, _lse_bhs(lse, bsz, sq, h))
+
+
+def check_offset(name, x):
+    """An int alignment offset (no bool, no float), bounded so position arithmetic is exact."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int (key position of query 0), got {x!r}")
+    if abs(int(x)) > _MAX_OFFSET:
+        raise AttentionError(f"{name}: |{name}| must be <= 2**40, got {x}")
+    return int(x)
+
+
+_MAX_OFFSET = 1 << 40
 
 
 def _like(ref, x):
