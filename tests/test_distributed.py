@@ -249,3 +249,46 @@ def test_embed_corpus_matches_single_process(client, tmp_path):
     expected = _load("minilm_embeddings").embed(sentences)  # one batch, here
     assert got.shape == (23, 384)
     np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), expected, atol=2e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------
+# attention_varlen: whole rows per task
+# ---------------------------------------------------------------------------------------
+VARLEN = {
+    "gqa-causal-kv_lens-alibi-float32": (
+        np.float32, lambda r, b, h: dict(causal=True, kv_lens=r.integers(0, 6, b),
+                                         alibi_slopes=r.uniform(0.05, 0.5, (b, h)))),
+    "window-sinks-bias-float64": (
+        np.float64, lambda r, b, h: dict(window=(3, 1), sinks=r.standard_normal(h),
+                                         bias=r.standard_normal((b, 1, 1, 14)))),
+}
+
+
+@pytest.mark.parametrize("name", list(VARLEN))
+def test_varlen_matches_whole_array_call(client, rng, name):
+    dtype, options = VARLEN[name]
+    lq = np.array([5, 0, 9, 1, 12, 3, 7])
+    lk = np.array([6, 4, 14, 1, 9, 0, 7])
+    cq, ck = (np.concatenate([[0], np.cumsum(x)]) for x in (lq, lk))
+    h, hkv, d = 4, 2, 8
+    q = rng.standard_normal((cq[-1], h, d)).astype(dtype)
+    k = rng.standard_normal((ck[-1], hkv, d)).astype(dtype)
+    v = rng.standard_normal((ck[-1], hkv, d)).astype(dtype)
+    kw = options(rng, len(lq), h)
+    dk, dv = (da.from_array(x, chunks=tuple(random_chunks(rng, n, 5) for n in x.shape))
+              for x in (k, v))
+    dq = da.from_array(q, chunks=((10, 11, 16),) + tuple(random_chunks(rng, n) for n in (h, d)))
+    out, lse = nd.attention_varlen(dq, dk, dv, cq, ck, return_lse=True, **kw)
+    assert out.chunks[0] == (5, 10, 22)  # edges 10, 21 moved to the starts of rows 2 and 4
+    got, got_lse = client.compute([out, lse], sync=True)
+    expected, expected_lse = ref.attention_varlen(q, k, v, cq, ck, return_lse=True, **kw)
+    single, single_lse = na.attention_varlen(q, k, v, cq, ck, return_lse=True, **kw)
+    for want, want_lse in ((expected, expected_lse), (single, single_lse)):
+        assert_close(got, want, dtype)
+        assert_close(got_lse, want_lse, dtype, "lse")
+
+
+def test_varlen_bad_cu_seqlens_rejected():
+    q = da.zeros((9, 2, 8))
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        nd.attention_varlen(q, q, q, np.array([0, 4, 9]), np.array([0, 5, 4]))
