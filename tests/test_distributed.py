@@ -18,6 +18,8 @@ pytest.importorskip("dask.distributed", reason="needs the extra: pip install "
 import dask  # noqa: E402
 import dask.array as da  # noqa: E402
 from dask.distributed import Client, LocalCluster  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import numba_attn as na  # noqa: E402
 from numba_attn import distributed as nd  # noqa: E402
@@ -116,6 +118,44 @@ def test_without_lse_returns_out_only(client, rng):
     assert isinstance(out, da.Array)
     assert_close(client.compute(out, sync=True), ref.attention(q, k, v, causal=True),
                  np.float32)
+
+
+@st.composite
+def _problems(draw):
+    """Small shapes, random chunks of every axis, a random mix of the positional options."""
+    b, sq, sk = draw(st.integers(1, 3)), draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    hkv = draw(st.sampled_from([1, 2]))
+    h = hkv * draw(st.sampled_from([1, 2, 3]))
+    causal = draw(st.sampled_from([False, True, "top_left"]))
+    window = (draw(st.sampled_from([-1, 0, 3, 9])), draw(st.sampled_from([-1, 0, 2])))
+    kw = dict(causal=causal, window=window, softcap=draw(st.sampled_from([0.0, 1.5])))
+    if draw(st.booleans()):
+        kw["alibi_slopes"] = np.linspace(0.1, 0.6, h)
+    if draw(st.booleans()):
+        kw["kv_lens"] = np.array(draw(st.lists(st.integers(0, sk), min_size=b, max_size=b)))
+    if draw(st.booleans()):
+        kw["sinks"] = np.linspace(-1.0, 1.0, h)
+    if draw(st.booleans()):
+        kw["q_offset"] = draw(st.integers(-sq - 2, sk + 2))
+    seed = draw(st.integers(0, 2**16))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    return (b, sq, sk, h, hkv, 8, 8), kw, seed, draw(st.sampled_from([2, 3])), dtype
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_problems())
+def test_random_problems_match_reference(problem):
+    """Chunk planning (pruning, offsets, kv_lens per block, merge tree) over random cases;
+    the synchronous scheduler runs the same tasks in this process."""
+    shape, kw, seed, split_every, dtype = problem
+    rng = np.random.default_rng(seed)
+    (q, k, v), (dq, dk, dv) = make_inputs(rng, shape, dtype)
+    with dask.config.set(scheduler="synchronous"):
+        got, got_lse = da.compute(*nd.attention(dq, dk, dv, return_lse=True,
+                                                split_every=split_every, **kw))
+    expected, expected_lse = ref.attention(q, k, v, return_lse=True, **kw)
+    assert_close(got, expected, dtype)
+    assert_close(got_lse, expected_lse, dtype, "lse")
 
 
 # ---------------------------------------------------------------------------------------
