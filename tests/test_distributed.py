@@ -138,6 +138,13 @@ def _problems(draw):
     if draw(st.booleans()):
         kw["q_offset"] = draw(st.integers(-sq - 2, sk + 2))
     seed = draw(st.integers(0, 2**16))
+    full = (b, h, sq, sk)
+    for name in ("bias", "mask"):  # numpy, any broadcast form (trailing axes kept)
+        if draw(st.booleans()):
+            keep = draw(st.lists(st.booleans(), min_size=4, max_size=4))
+            shape = tuple(n if kp else 1 for n, kp in zip(full, keep))
+            x = np.random.default_rng(seed + 1).standard_normal(shape)
+            kw[name] = x[(0,) * draw(st.integers(0, 2))] if name == "bias" else x > -0.5
     dtype = draw(st.sampled_from([np.float32, np.float64]))
     return (b, sq, sk, h, hkv, 8, 8), kw, seed, draw(st.sampled_from([2, 3])), dtype
 
