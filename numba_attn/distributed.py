@@ -432,8 +432,8 @@ def _empty(shape, cdt):
 
 def _merge(*parts):
     out, lse = parts[0]
-    for o, l in parts[1:]:
-        out, lse = _merge_states(out, lse, o, l)
+    for part_out, part_lse in parts[1:]:
+        out, lse = _merge_states(out, lse, part_out, part_lse)
     return out, lse
 
 
