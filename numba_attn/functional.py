@@ -136,7 +136,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               kv_lens: Array | None = None, q_lens: Array | None = None,
               sinks: Array | None = None, return_lse: bool = False,
               out: Array | None = None,
-              backend: str = "auto") -> Array | tuple[Array, Array]:
+              backend: str = "auto",
+              q_offset: int | None = None) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
     Parameters
@@ -179,6 +180,12 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         Written in place and returned.
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
         "auto" runs where the data lives.
+    q_offset : int, default seqlen_k - seqlen_q
+        Key position of query 0: query ``i`` sits at key position ``i + q_offset``. It
+        replaces ``seqlen_k - seqlen_q`` in ``causal=True``, ``window`` and ALiBi (any int;
+        ``causal="top_left"`` stays ``j <= i``). For a block of a longer sequence, e.g.
+        queries ``qa:qb`` against keys ``ka:kb`` of a bottom-right call, pass
+        ``qa + seqlen_k - seqlen_q - ka`` (chunked prefill, key-split context parallelism).
 
     Returns
     -------
@@ -226,6 +233,12 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     >>> out, lse = numba_attn.attention(q, k, v, causal=True, return_lse=True)
     >>> out.shape, lse.shape
     ((1, 4, 8, 16), (1, 8, 4))
+
+    The last two queries alone, against all keys, with their positions kept:
+
+    >>> tail = numba_attn.attention(q[:, 2:], k, v, causal=True, q_offset=2 + 6 - 4)
+    >>> bool(np.allclose(tail, out[:, 2:], atol=1e-6))
+    True
     """
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
                                 "(batch, seqlen_k, num_kv_heads, head_dim)")
@@ -252,7 +265,10 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     rows[:, 1] = sq if ql is None else ql
     rows[:, 2] = np.arange(bsz) * sk
     rows[:, 3] = sk if kl is None else kl
-    rows[:, 4] = sk - sq if ql is None else rows[:, 3] - ql
+    if q_offset is not None:  # chunked calls: query i sits at key position i + q_offset
+        rows[:, 4] = check_offset("q_offset", q_offset)
+    else:
+        rows[:, 4] = sk - sq if ql is None else rows[:, 3] - ql
     if device != "cpu":
         from .cuda import dispatch_cuda  # device arrays stay on the device
 
@@ -277,6 +293,18 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     if not return_lse:
         return like(q, o)
     return like(q, o), like(q, _lse_bhs(lse, bsz, sq, h))
+
+
+def check_offset(name, x):
+    """An int alignment offset (no bool, no float), bounded so position arithmetic is exact."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int (key position of query 0), got {x!r}")
+    if abs(int(x)) > _MAX_OFFSET:
+        raise AttentionError(f"{name}: |{name}| must be <= 2**40, got {x}")
+    return int(x)
+
+
+_MAX_OFFSET = 1 << 40
 
 
 def _lse_bhs(lse, bsz, sq, h):

@@ -89,9 +89,10 @@ def _slopes_row(slopes, b, h):
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
               alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
-              return_lse=False):
+              return_lse=False, q_offset=None):
     """Reference of :func:`numba_attn.attention`; q (B, Sq, H, D), k/v (B, Sk, Hkv, D[v]).
 
+    Query ``i`` sits at key position ``i + q_offset`` (default ``Sk - Sq``).
     Returns out (B, Sq, H, Dv) float64 and, with ``return_lse``, lse (B, H, Sq).
     """
     from .config import normalize_causal
@@ -100,13 +101,14 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     bsz, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    off = sk - sq if q_offset is None else int(q_offset)
     out = np.zeros((bsz, sq, h, v.shape[3]))
     lse = np.full((bsz, h, sq), -np.inf)
     for b in range(bsz):
         bias_b = _batch_slice(bias, b, bsz)
         mask_b = _batch_slice(mask, b, bsz)
         out[b], lse[b] = attention_rows(
-            q[b], k[b], v[b], off=sk - sq, klen=sk if kv_lens is None else int(kv_lens[b]),
+            q[b], k[b], v[b], off=off, klen=sk if kv_lens is None else int(kv_lens[b]),
             scale=scale, causal=causal, window=tuple(window), softcap=float(softcap),
             slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk)),
