@@ -31,7 +31,7 @@ def linear(x, w, b=None, lora=None, lora_scale=1.0):
     """
     y = _few_token_gemv(x, w)
     if y is None:
-        y = x @ w.T
+        y = x @ (widen(w, x.dtype) if w.dtype != x.dtype else w).T
     if b is not None:
         y += b
     if lora is not None:
@@ -43,19 +43,35 @@ def linear(x, w, b=None, lora=None, lora_scale=1.0):
 GEMV_MAX_TOKENS = 4
 
 
+def widen(w, dtype):
+    """Weights ``w`` as ``dtype``; bfloat16 is widened exactly by a 16-bit shift."""
+    if w.dtype.name == "bfloat16" and np.dtype(dtype) in (np.float32, np.float64):
+        wide = (w.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return wide.astype(dtype, copy=False)
+    return w.astype(dtype)
+
+
 def _few_token_gemv(x, w):
-    """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None."""
-    if (type(x) is not np.ndarray or type(w) is not np.ndarray or x.dtype != w.dtype
+    """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None.
+
+    bfloat16 weights with float32 ``x`` go to cpu.linear.gemv_bf16 (widened in registers).
+    """
+    bf16 = w.dtype.name == "bfloat16" and x.dtype == np.float32
+    if (type(x) is not np.ndarray or type(w) is not np.ndarray
+            or (x.dtype != w.dtype and not bf16)
             or x.dtype not in (np.float32, np.float64) or not w.flags.c_contiguous
             or x.ndim < 1 or x.size // max(x.shape[-1], 1) > GEMV_MAX_TOKENS):
         return None
     from ._jit import parallel_guard
-    from .cpu.linear import gemv
+    from .cpu.linear import gemv, gemv_bf16
 
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     out = np.empty((x2.shape[0], w.shape[0]), x.dtype)
     with parallel_guard():
-        gemv(x2, w, out)
+        if bf16:
+            gemv_bf16(x2, w.view(np.uint16), out)
+        else:
+            gemv(x2, w, out)
     return out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
@@ -149,6 +165,9 @@ class ParameterMixin:
                 seen.add(name)
                 if arr.shape != want:
                     misshaped.append(f"{prefix}{name}: expected {want}, got {arr.shape}")
+                elif arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+                    misshaped.append(f"{prefix}{name}: expected a floating dtype, got "
+                                     f"{arr.dtype}")
                 elif name in staged:
                     duplicate.append(f"{prefix}{name} (given twice, e.g. by an alias)")
                 else:
@@ -163,7 +182,12 @@ class ParameterMixin:
             raise AttentionError(f"load_state_dict({type(self).__name__}): nothing loaded; "
                                  + "; ".join(problems))
         for name, arr in staged.items():
-            setattr(self, specs[name][0], np.array(arr, dtype=self.dtype))
+            setattr(self, specs[name][0], np.array(arr, dtype=self._dtype_of(arr.ndim)))
+
+    def _dtype_of(self, ndim):
+        """Matrices are kept in ``weight_dtype`` (where a layer has one), the rest in
+        ``dtype``."""
+        return getattr(self, "weight_dtype", self.dtype) if ndim == 2 else self.dtype
 
 
 def check_hidden(name, x, hidden, dtype):
@@ -293,6 +317,10 @@ class MultiHeadAttention(ParameterMixin):
     scale : float, default head_dim ** -0.5
     dtype : numpy dtype, default float32
         Weights and compute dtype.
+    weight_dtype : numpy dtype, default dtype
+        Dtype the projection matrices are kept in: ``dtype``, or ``ml_dtypes.bfloat16``
+        with float32 ``dtype`` (half the memory; decode steps widen the weights in
+        registers, longer inputs one matrix at a time).
     seed : int, optional
         Seed of the random initial weights (normal, std ``in_features ** -0.5``).
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
@@ -324,7 +352,8 @@ class MultiHeadAttention(ParameterMixin):
                  qkv_bias=False, out_bias=False, qk_norm=False, norm_eps=1e-6,
                  rope_theta=None, rope_scaling=None, partial_rotary_factor=1.0,
                  rotary_interleaved=False, causal=True, sliding_window=None, softcap=0.0,
-                 scale=None, dtype=np.float32, seed=None, backend="auto"):
+                 scale=None, dtype=np.float32, weight_dtype=None, seed=None,
+                 backend="auto"):
         for name, v in (("hidden_size", hidden_size), ("num_heads", num_heads)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise AttentionError(f"{name}: expected a positive int, got {v!r}")
@@ -336,6 +365,11 @@ class MultiHeadAttention(ParameterMixin):
         dtype = np.dtype(dtype)
         if dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
+        weight_dtype = dtype if weight_dtype is None else np.dtype(weight_dtype)
+        if weight_dtype != dtype and not (weight_dtype.name == "bfloat16"
+                                          and dtype == np.float32):
+            raise TypeError(f"weight_dtype: expected {dtype} (the dtype) or bfloat16 with "
+                            f"float32 dtype, got {weight_dtype}")
         if sliding_window is not None and (int(sliding_window) < 1):
             raise AttentionError(f"sliding_window: must be >= 1 or None, got {sliding_window!r}")
         self.hidden_size = int(hidden_size)
@@ -358,6 +392,7 @@ class MultiHeadAttention(ParameterMixin):
         self.qkv_bias, self.out_bias, self.qk_norm = bool(qkv_bias), bool(out_bias), bool(qk_norm)
         self.norm_eps = float(norm_eps)
         self.dtype = dtype
+        self.weight_dtype = weight_dtype
         self.backend = backend
         self.rotary_interleaved = bool(rotary_interleaved)
         self.rope_theta = None if rope_theta is None else float(rope_theta)
@@ -448,7 +483,8 @@ class MultiHeadAttention(ParameterMixin):
             elif attr.startswith("b_"):
                 val = np.zeros(shape, dt)
             else:
-                val = (rng.standard_normal(shape) / math.sqrt(shape[1])).astype(dt)
+                val = (rng.standard_normal(shape) / math.sqrt(shape[1])).astype(
+                    self._dtype_of(2))
             setattr(self, attr, val)
         for attr in ("b_q", "b_k", "b_v", "b_o", "q_norm", "k_norm"):
             if not hasattr(self, attr):

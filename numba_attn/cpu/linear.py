@@ -12,6 +12,7 @@ import numpy as np
 from numba import prange
 
 from .._jit import jit
+from .expmath import _i32_as_f32
 
 ROWS_PER_ITEM = 32  # output features per work item
 
@@ -30,4 +31,22 @@ def gemv(x, w, out):
                 acc = zero
                 for i in range(n_in):
                     acc += x[t, i] * wrow[i]
+                out[t, o] = acc
+
+
+@jit(parallel=True)
+def gemv_bf16(x, w_bits, out):
+    """As :func:`gemv` for float32 ``x`` and bfloat16 weights given as their uint16 bits
+    ``w_bits`` (out, in): each weight is widened in registers (``bits << 16`` reinterpreted
+    as float32, exact), so the weights are read at 2 bytes each and never copied."""
+    n_t, n_in = x.shape
+    n_out = w_bits.shape[0]
+    n_items = (n_out + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    for it in prange(n_items):
+        for o in range(it * ROWS_PER_ITEM, min(n_out, (it + 1) * ROWS_PER_ITEM)):
+            wrow = w_bits[o]
+            for t in range(n_t):
+                acc = np.float32(0.0)
+                for i in range(n_in):
+                    acc += x[t, i] * _i32_as_f32(np.uint32(wrow[i]) << np.uint32(16))
                 out[t, o] = acc
