@@ -41,6 +41,7 @@ def linear(x, w, b=None, lora=None, lora_scale=1.0):
 
 
 GEMV_MAX_TOKENS = 4
+GEMV_BF16_MAX_TOKENS = 16  # bfloat16 weights: past this, widen the matrix and use BLAS
 
 
 def widen(w, dtype):
@@ -60,7 +61,8 @@ def _few_token_gemv(x, w):
     if (type(x) is not np.ndarray or type(w) is not np.ndarray
             or (x.dtype != w.dtype and not bf16)
             or x.dtype not in (np.float32, np.float64) or not w.flags.c_contiguous
-            or x.ndim < 1 or x.size // max(x.shape[-1], 1) > GEMV_MAX_TOKENS):
+            or x.ndim < 1 or x.size // max(x.shape[-1], 1)
+            > (GEMV_BF16_MAX_TOKENS if bf16 else GEMV_MAX_TOKENS)):
         return None
     from ._jit import parallel_guard
     from .cpu.linear import gemv, gemv_bf16
@@ -135,8 +137,9 @@ class ParameterMixin:
         Parameters
         ----------
         params : mapping of str to array
-            Keys outside ``prefix`` are ignored (so a whole model's state dict can be
-            given with ``prefix="model.layers.0.self_attn."``).
+            Keys outside ``prefix`` are ignored (so a whole model's state dict, or a
+            :class:`numba_attn.Checkpoint`, can be given with
+            ``prefix="model.layers.0.self_attn."``); only values under ``prefix`` are read.
         prefix : str, default ""
 
         Raises
@@ -147,9 +150,10 @@ class ParameterMixin:
         """
         specs = {name: (attr, shape) for name, attr, shape in self._param_specs()}
         staged, unexpected, misshaped, duplicate, seen = {}, [], [], [], set()
-        for key, value in params.items():
+        for key in params:  # values read only under prefix (a lazy checkpoint stays lazy)
             if not key.startswith(prefix):
                 continue
+            value = params[key]
             local = key[len(prefix):]
             try:
                 parts = self._expand(local, value)
