@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from numba_attn import MultiHeadAttention, PagedKVCache, open_checkpoint, rms_norm
-from numba_attn.checkpoint import CheckpointError
+from numba_attn import (CheckpointError, MultiHeadAttention, PagedKVCache, open_checkpoint,
+                        rms_norm)
 from numba_attn.layers import linear, widen
 
 SUPPORTED_MODEL_TYPES = ("gemma2", "llama", "mistral", "qwen2", "qwen3")

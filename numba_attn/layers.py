@@ -55,7 +55,8 @@ def widen(w, dtype):
 def _few_token_gemv(x, w):
     """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None.
 
-    bfloat16 weights with float32 ``x`` go to cpu.linear.gemv_bf16 (widened in registers).
+    bfloat16 weights with float32 ``x`` are passed as their uint16 bits (widened in
+    registers by the kernel), for up to GEMV_BF16_MAX_TOKENS rows.
     """
     bf16 = w.dtype.name == "bfloat16" and x.dtype == np.float32
     if (type(x) is not np.ndarray or type(w) is not np.ndarray
@@ -65,15 +66,12 @@ def _few_token_gemv(x, w):
             > (GEMV_BF16_MAX_TOKENS if bf16 else GEMV_MAX_TOKENS)):
         return None
     from ._jit import parallel_guard
-    from .cpu.linear import gemv, gemv_bf16
+    from .cpu.linear import gemv
 
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     out = np.empty((x2.shape[0], w.shape[0]), x.dtype)
     with parallel_guard():
-        if bf16:
-            gemv_bf16(x2, w.view(np.uint16), out)
-        else:
-            gemv(x2, w, out)
+        gemv(x2, w.view(np.uint16) if bf16 else w, out)
     return out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
@@ -145,11 +143,12 @@ class ParameterMixin:
         Raises
         ------
         AttentionError (ValueError)
-            Listing every missing, unexpected, duplicated and mis-shaped entry at once; the
-            layer is left unchanged when any entry is wrong.
+            Listing every missing, unexpected, duplicated, mis-shaped and non-floating entry
+            at once; the layer is left unchanged when any entry is wrong.
         """
         specs = {name: (attr, shape) for name, attr, shape in self._param_specs()}
         staged, unexpected, misshaped, duplicate, seen = {}, [], [], [], set()
+        misdtyped = []
         for key in params:  # values read only under prefix (a lazy checkpoint stays lazy)
             if not key.startswith(prefix):
                 continue
@@ -170,7 +169,7 @@ class ParameterMixin:
                 if arr.shape != want:
                     misshaped.append(f"{prefix}{name}: expected {want}, got {arr.shape}")
                 elif arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-                    misshaped.append(f"{prefix}{name}: expected a floating dtype, got "
+                    misdtyped.append(f"{prefix}{name}: expected a floating dtype, got "
                                      f"{arr.dtype}")
                 elif name in staged:
                     duplicate.append(f"{prefix}{name} (given twice, e.g. by an alias)")
@@ -179,7 +178,8 @@ class ParameterMixin:
         missing = [prefix + n for n in specs if n not in seen]
         problems = []
         for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("mis-shaped", misshaped), ("duplicated", duplicate)):
+                             ("mis-shaped", misshaped), ("wrong dtype", misdtyped),
+                             ("duplicated", duplicate)):
             if items:
                 problems.append(f"{title}: " + ", ".join(items))
         if problems:

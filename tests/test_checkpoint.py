@@ -292,18 +292,18 @@ def test_bfloat16_weights_layer(tmp_path, rng):
 
 
 # ---------------------------------------------------------------------------------------
-# the bfloat16-weight GEMV (cpu/linear.py) and linear()
+# the GEMV (cpu/linear.py) on bfloat16 bits, and linear()
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n_t, n_out, n_in", [(1, 1, 1), (1, 33, 17), (3, 70, 40),
                                               (5, 64, 129)])
-def test_gemv_bf16(rng, n_t, n_out, n_in):
-    from numba_attn.cpu.linear import gemv_bf16
+def test_gemv_bfloat16_bits(rng, n_t, n_out, n_in):
+    from numba_attn.cpu.linear import gemv
 
     b16 = bf16()
     w = rng.standard_normal((n_out, n_in)).astype(b16)
     x = rng.standard_normal((n_t, n_in)).astype(np.float32)
     out = np.full((n_t, n_out), np.nan, np.float32)
-    gemv_bf16(x, w.view(np.uint16), out)
+    gemv(x, w.view(np.uint16), out)
     expected = x.astype(np.float64) @ w.astype(np.float64).T
     naive_err = np.abs(x @ w.astype(np.float32).T - expected).max()
     assert np.abs(out - expected).max() <= 2 * naive_err + 1e-6

@@ -71,6 +71,3 @@ def gemv(x, w, out):
                 for i in range(n_in):
                     acc += x[t, i] * weight(wr[i])
                 out[t, r] = acc
-
-
-gemv_bf16 = gemv  # the same kernel; the name says the weights are bfloat16 bits
