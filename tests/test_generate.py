@@ -39,6 +39,8 @@ CONFIGS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
         hidden_act="silu"),
+    "llama-bias": dict(BASE, model_type="llama", attention_bias=True, mlp_bias=True,
+                       tie_word_embeddings=True, hidden_act="silu"),
     "mistral": dict(BASE, model_type="mistral", sliding_window=4, hidden_act="silu",
                     tie_word_embeddings=False),
     "qwen2": dict(BASE, model_type="qwen2", tie_word_embeddings=True,
@@ -90,9 +92,14 @@ def random_weights(cfg, seed):
                   p + "mlp.down_proj.weight": mat(e, inter),
                   p + "input_layernorm.weight": gain(e),
                   p + "post_attention_layernorm.weight": gain(e)})
-        if mt == "qwen2":
+        if mt == "qwen2" or cfg.get("attention_bias"):
             for n, size in (("q", h * d), ("k", hkv * d), ("v", hkv * d)):
                 w[f"{a}{n}_proj.bias"] = 0.3 * rng.standard_normal(size)
+        if cfg.get("attention_bias"):
+            w[a + "o_proj.bias"] = 0.3 * rng.standard_normal(e)
+        if cfg.get("mlp_bias"):
+            for n, size in (("gate", inter), ("up", inter), ("down", e)):
+                w[f"{p}mlp.{n}_proj.bias"] = 0.3 * rng.standard_normal(size)
         if mt == "qwen3":
             w[a + "q_norm.weight"], w[a + "k_norm.weight"] = gain(d), gain(d)
         if mt == "gemma2":
@@ -111,6 +118,8 @@ def write_model(path, cfg, weights, storage="float32"):
 
         stored = {k: np.ascontiguousarray(a, dtype=ml_dtypes.bfloat16)
                   for k, a in weights.items()}
+    elif storage == "float16":
+        stored = {k: np.ascontiguousarray(a, dtype=np.float16) for k, a in weights.items()}
     else:
         stored = {k: np.ascontiguousarray(a, dtype=np.float32) for k, a in weights.items()}
     if storage == "sharded":
@@ -195,13 +204,16 @@ def oracle_logits(cfg, w, ids):
         pr = np.exp(s - s.max(-1, keepdims=True))
         pr /= pr.sum(-1, keepdims=True)
         o = np.einsum("hij,jhd->ihd", pr, v).reshape(n, h * d) @ w[a + "o_proj.weight"].T
+        o = o + w.get(a + "o_proj.bias", 0.0)
         if gemma:
             o = norm(o, w[p + "post_attention_layernorm.weight"])
         x = x + o
         hs = norm(x, w[p + ("pre_feedforward_layernorm.weight" if gemma
                             else "post_attention_layernorm.weight")])
-        m = act(hs @ w[p + "mlp.gate_proj.weight"].T) * (hs @ w[p + "mlp.up_proj.weight"].T)
-        m = m @ w[p + "mlp.down_proj.weight"].T
+        gate = hs @ w[p + "mlp.gate_proj.weight"].T + w.get(p + "mlp.gate_proj.bias", 0.0)
+        up = hs @ w[p + "mlp.up_proj.weight"].T + w.get(p + "mlp.up_proj.bias", 0.0)
+        m = (act(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+        m = m + w.get(p + "mlp.down_proj.bias", 0.0)
         if gemma:
             m = norm(m, w[p + "post_feedforward_layernorm.weight"])
         x = x + m
@@ -281,6 +293,14 @@ def test_bfloat16_checkpoint_keeps_bfloat16_weights(models, family):
     wide = decoder.Decoder.from_pretrained(path, dtype=np.float64)
     np.testing.assert_allclose(wide.forward(np.array([PROMPT]))[0], expected, rtol=1e-9,
                                atol=1e-9)
+
+
+def test_float16_checkpoint_is_widened(models):
+    path, cfg, w = models("mistral", "float16")
+    model = decoder.Decoder.from_pretrained(path)
+    assert model.weight_dtype == np.float32 and model.lm_head.dtype == np.float32
+    np.testing.assert_allclose(model.forward(np.array([PROMPT]))[0],
+                               oracle_logits(cfg, w, PROMPT), rtol=1e-4, atol=1e-4)
 
 
 def test_sharded_checkpoint(models):
