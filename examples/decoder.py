@@ -197,7 +197,8 @@ class Decoder:
         self.layers = [Block(self, i, attn) for i, attn in enumerate(attns)]
 
     def _matrix(self, a):
-        return np.ascontiguousarray(a, dtype=self.weight_dtype)
+        """A private, C-contiguous copy in ``weight_dtype`` (not a view of the file)."""
+        return np.array(a, dtype=self.weight_dtype, order="C")
 
     @classmethod
     def from_pretrained(cls, model_dir, *, dtype=np.float32, weight_dtype="auto",

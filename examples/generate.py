@@ -97,7 +97,7 @@ def main(argv=None):
     if args.greedy and sampling:
         ap.error(f"--greedy cannot be combined with {', '.join(sampling)}")
     if sampling and args.temperature is None:
-        ap.error(f"{', '.join(sampling)} need --temperature T (sampling)")
+        ap.error(f"{', '.join(sampling)}: sampling options, they need --temperature T")
     if args.max_new_tokens < 0:
         ap.error("--max-new-tokens must be >= 0")
     tok = load_tokenizer(args.model_dir)
@@ -114,7 +114,10 @@ def main(argv=None):
         prompts = [parse_ids(text, "--prompt-ids" if i == 0 else f"{args.batch_file} "
                              f"line {i}") for i, text in enumerate(lines)]
 
-    model = Decoder.from_pretrained(args.model_dir)
+    try:
+        model = Decoder.from_pretrained(args.model_dir)
+    except ValueError as e:  # unsupported model_type, bad or missing tensors / shards
+        raise SystemExit(f"{ap.prog}: error: {e}") from None
     sampler = None
     if args.temperature is not None:
         sampler = make_sampler(args.temperature, args.top_k or 0,
@@ -123,6 +126,8 @@ def main(argv=None):
     shown = [""]
 
     def on_step(new):  # decode the whole continuation, print what is new
+        if first_step[0] is None:
+            first_step[0] = time.perf_counter()
         if not stream or new[0] is None:
             return
         generated.append(new[0])
@@ -134,7 +139,7 @@ def main(argv=None):
             print(text[len(shown[0]):], end="", flush=True)
             shown[0] = text
 
-    generated = []
+    generated, first_step = [], [None]
     t0 = time.perf_counter()
     out = model.generate(prompts, args.max_new_tokens, sampler=sampler,
                          eos_token_ids=eos_ids(args.model_dir, model.config),
@@ -151,8 +156,12 @@ def main(argv=None):
             text = tok.decode(ids) if tok is not None else " ".join(map(str, ids))
             print(f"[{i}] {text}")
     n = sum(len(ids) for ids in out)
-    print(f"{n} tokens in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} tokens/s "
-          f"(prefill included)")
+    steps = max((len(ids) for ids in out), default=0)
+    prefill = (first_step[0] or t0) - t0
+    decode = seconds - prefill
+    rate = f", then {(steps - 1) / decode:.1f} steps/s" if steps > 1 and decode > 0 else ""
+    print(f"{n} tokens in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} tokens/s (prefill "
+          f"of {sum(map(len, prompts))} prompt tokens {prefill:.2f} s{rate})")
     return out
 
 

@@ -513,6 +513,7 @@ def test_cli_errors(models, capsys):
     for args, msg in ((["--prompt-ids", "1,2", "--greedy", "--temperature", "0.5"],
                        "--greedy cannot be combined with --temperature"),
                       (["--prompt-ids", "1,2", "--top-k", "3"], "need --temperature"),
+                      (["--prompt-ids", "1,2", "--max-new-tokens", "-1"], ">= 0"),
                       (["--prompt", "hello"], "tokenizer.json"),
                       (["--prompt-ids", "1,2", "--prompt", "x"], "not allowed with")):
         with pytest.raises(SystemExit):
@@ -520,6 +521,8 @@ def test_cli_errors(models, capsys):
         assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit, match="comma-separated token ids"):
         generate.main([str(path), "--prompt-ids", "1,x"])
+    with pytest.raises(SystemExit, match="no config.json"):
+        generate.main([str(path / "nowhere"), "--prompt-ids", "1"])
 
 
 def test_cli_runs_as_a_script(models):
