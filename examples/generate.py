@@ -118,6 +118,12 @@ def main(argv=None):
         model = Decoder.from_pretrained(args.model_dir)
     except ValueError as e:  # unsupported model_type, bad or missing tensors / shards
         raise SystemExit(f"{ap.prog}: error: {e}") from None
+    vocab = model.vocab
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise SystemExit(f"{ap.prog}: error: prompt {i} has token ids outside [0, "
+                             f"{vocab}) (the model's vocab_size): {bad[:5]}")
     sampler = None
     if args.temperature is not None:
         sampler = make_sampler(args.temperature, args.top_k or 0,

@@ -521,6 +521,8 @@ def test_cli_errors(models, capsys):
         assert msg in capsys.readouterr().err
     with pytest.raises(SystemExit, match="comma-separated token ids"):
         generate.main([str(path), "--prompt-ids", "1,x"])
+    with pytest.raises(SystemExit, match=r"outside \[0, 61\).*\[99\]"):
+        generate.main([str(path), "--prompt-ids", "1,99"])
     with pytest.raises(SystemExit, match="no config.json"):
         generate.main([str(path / "nowhere"), "--prompt-ids", "1"])
 
