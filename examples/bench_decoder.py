@@ -17,6 +17,7 @@ append, attend) and in projections (q/k/v/o, MLP, lm head GEMVs).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -71,6 +72,7 @@ def write_checkpoint(path, layers, vocab):
 
 def run_ours(path, weights, context, tokens):
     import ml_dtypes
+
     import numba_attn.kvcache as kvc
     import numba_attn.layers as nl
 
@@ -169,12 +171,8 @@ def main(argv=None):
         fn = run_ours if impl == "ours" else run_hf
         print(json.dumps(fn(path, weights, args.context, args.tokens)), flush=True)
         return
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-        hf = not args.no_hf
-    except ImportError:
-        hf = False
+    hf = not args.no_hf and all(importlib.util.find_spec(m) is not None
+                                for m in ("torch", "transformers"))
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         write_checkpoint(d, args.layers, args.vocab)
@@ -187,7 +185,7 @@ def main(argv=None):
         for impl, weights in runs:
             cmd = [sys.executable, __file__, "--one", impl, weights, d, "--context",
                    str(args.context), "--tokens", str(args.tokens)]
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            run = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if run.returncode:
                 print(f"# {impl} {weights} failed:\n{run.stderr[-2000:]}", flush=True)
                 continue

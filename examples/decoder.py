@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import expit
 
-from numba_attn import (CheckpointError, MultiHeadAttention, PagedKVCache, open_checkpoint,
-                        rms_norm)
+from numba_attn import CheckpointError, MultiHeadAttention, PagedKVCache, open_checkpoint, rms_norm
 from numba_attn.layers import linear, widen
 
 SUPPORTED_MODEL_TYPES = ("gemma2", "llama", "mistral", "qwen2", "qwen3")
@@ -88,26 +87,34 @@ def check_config(config):
 
 class Block:
     """One decoder layer: attention and gated MLP, each pre-normed; Gemma-2 also post-norms
-    both outputs ("sandwich") before the residual add."""
+    both outputs ("sandwich") before the residual add.
 
-    def __init__(self, model, i, attn):
-        self.attn, self.m, self.i = attn, model, i
+    ``w`` holds the model's loaded arrays; this layer's are picked out once, here.
+    """
+
+    def __init__(self, attn, w, prefix, act, eps, sandwich):
+        self.attn, self.act, self.eps, self.sandwich = attn, act, eps, sandwich
+        p = prefix
+        self.norm_attn_in = w[p + "input_layernorm.weight"]
+        if sandwich:
+            self.norm_attn_out = w[p + "post_attention_layernorm.weight"]
+            self.norm_mlp_in = w[p + "pre_feedforward_layernorm.weight"]
+            self.norm_mlp_out = w[p + "post_feedforward_layernorm.weight"]
+        else:
+            self.norm_mlp_in = w[p + "post_attention_layernorm.weight"]
+        self.gate_up, self.gate_up_bias = w[p + "mlp.gate_up"], w.get(p + "mlp.gate_up_bias")
+        self.down, self.down_bias = w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias")
 
     def __call__(self, x, cache=None):
-        m, w, p = self.m, self.m.w, f"model.layers.{self.i}."
-        h = rms_norm(x, w[p + "input_layernorm.weight"], m.eps)
-        h = self.attn(h, cache=cache)
-        if m.gemma:
-            h = rms_norm(h, w[p + "post_attention_layernorm.weight"], m.eps)
+        h = self.attn(rms_norm(x, self.norm_attn_in, self.eps), cache=cache)
+        if self.sandwich:
+            h = rms_norm(h, self.norm_attn_out, self.eps)
         x = x + h
-        h = rms_norm(x, w[p + ("pre_feedforward_layernorm.weight" if m.gemma
-                               else "post_attention_layernorm.weight")], m.eps)
-        gu = linear(h, w[p + "mlp.gate_up"], w.get(p + "mlp.gate_up_bias"))
+        gu = linear(rms_norm(x, self.norm_mlp_in, self.eps), self.gate_up, self.gate_up_bias)
         inter = gu.shape[-1] // 2
-        h = m.act(gu[..., :inter]) * gu[..., inter:]
-        h = linear(h, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))
-        if m.gemma:
-            h = rms_norm(h, w[p + "post_feedforward_layernorm.weight"], m.eps)
+        h = linear(self.act(gu[..., :inter]) * gu[..., inter:], self.down, self.down_bias)
+        if self.sandwich:
+            h = rms_norm(h, self.norm_mlp_out, self.eps)
         return x + h
 
 
@@ -194,7 +201,8 @@ class Decoder:
         self.lm_head = w["model.embed_tokens.weight" if self.tied else "lm_head.weight"]
         for i, attn in enumerate(attns):
             attn.load_state_dict(ckpt, prefix=f"model.layers.{i}.self_attn.")
-        self.layers = [Block(self, i, attn) for i, attn in enumerate(attns)]
+        self.layers = [Block(attn, w, f"model.layers.{i}.", self.act, self.eps, self.gemma)
+                       for i, attn in enumerate(attns)]
 
     def _matrix(self, a):
         """A private, C-contiguous copy in ``weight_dtype`` (not a view of the file)."""
@@ -317,7 +325,7 @@ class Decoder:
         list of list of int
             The generated ids of each prompt.
         """
-        eos = set(int(t) for t in eos_token_ids)
+        eos = {int(t) for t in eos_token_ids}
         sampler = sampler or (lambda row, logits: int(np.argmax(logits)))
         batch = len(prompts)
         caches = self.new_caches(batch, max(len(p) for p in prompts) + max_new_tokens,

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decoder import Decoder, make_sampler  # noqa: E402
+from decoder import Decoder, make_sampler
 
 
 def parse_ids(text, where):

@@ -63,7 +63,7 @@ class TensorInfo:
     """Where one tensor lives: ``name``, ``dtype`` (safetensors code such as ``"BF16"``),
     ``shape`` (tuple), ``file`` (Path) and byte range ``start:end`` in the file."""
 
-    __slots__ = ("name", "dtype", "shape", "file", "start", "end")
+    __slots__ = ("dtype", "end", "file", "name", "shape", "start")
 
     def __init__(self, name, dtype, shape, file, start, end):
         self.name, self.dtype, self.shape = name, dtype, shape
