@@ -98,6 +98,20 @@ def test_bfloat16_to_float32_needs_no_ml_dtypes(tmp_path, monkeypatch):
         open_checkpoint(path)["w"]
 
 
+def test_float8_tensors(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    e4m3 = np.array([1.0, -0.5, 448.0], np.float32).astype(ml_dtypes.float8_e4m3fn)
+    e5m2 = np.array([2.0, -0.25], np.float32).astype(ml_dtypes.float8_e5m2)
+    path = write_raw(tmp_path / "f8.safetensors",
+                     {"a": {"dtype": "F8_E4M3", "shape": [3], "data_offsets": [0, 3]},
+                      "b": {"dtype": "F8_E5M2", "shape": [2], "data_offsets": [3, 5]}},
+                     e4m3.tobytes() + e5m2.tobytes())
+    ckpt = open_checkpoint(path)
+    assert ckpt["a"].dtype == ml_dtypes.float8_e4m3fn
+    np.testing.assert_array_equal(ckpt.tensor("a", dtype=np.float32), [1.0, -0.5, 448.0])
+    np.testing.assert_array_equal(ckpt.tensor("b", dtype=np.float32), [2.0, -0.25])
+
+
 def test_unaligned_tensor_is_read_correctly(tmp_path):
     vals = np.array([1.5, -2.25, 3.0], "<f4")
     path = write_raw(tmp_path / "u.safetensors",
