@@ -321,18 +321,24 @@ def test_greedy_paged_equals_full_recompute(models, family):
     assert got == oracle_greedy(cfg, w, PROMPT[:5], 8)
 
 
-def test_prefill_and_decode_logits_match_oracle(models):
-    path, cfg, w = models("gemma2")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ragged_prefill_and_decode_logits_match_oracle(models, family):
+    """Rows of 6 and 2 prompt tokens in one paged cache, then decode steps: every row's
+    logits are the oracle's for that row's own sequence."""
+    path, cfg, w = models(family)
     model = decoder.Decoder.from_pretrained(path, dtype=np.float64)
-    caches = model.new_caches(1, 16, block_size=4)
-    first = model.prefill([PROMPT[:6]], caches)
-    np.testing.assert_allclose(first[0], oracle_logits(cfg, w, PROMPT[:6])[-1], rtol=1e-9,
-                               atol=1e-9)
-    for t in range(6, 10):
-        step = model.decode_step([PROMPT[t]], caches)
-        np.testing.assert_allclose(step[0], oracle_logits(cfg, w, PROMPT[:t + 1])[-1],
-                                   rtol=1e-9, atol=1e-9)
-    assert caches[0].seqlens.tolist() == [10]
+    caches = model.new_caches(2, 16, block_size=4)
+    rows = [PROMPT[:6], PROMPT[6:8]]
+    got = model.prefill(rows, caches)
+    assert caches[0].seqlens.tolist() == [6, 2]
+    for step in range(4):
+        for b, seq in enumerate(rows):
+            np.testing.assert_allclose(got[b], oracle_logits(cfg, w, seq)[-1], rtol=1e-9,
+                                       atol=1e-9, err_msg=f"row {b}, step {step}")
+        new = [PROMPT[9 - step], PROMPT[step]]
+        rows = [seq + [t] for seq, t in zip(rows, new)]
+        got = model.decode_step(new, caches)
+    assert caches[0].seqlens.tolist() == [10, 6]
 
 
 def test_float32_greedy_tracks_oracle(models):
