@@ -103,6 +103,8 @@ def main(argv=None):
     tok = load_tokenizer(args.model_dir)
     lines = [args.prompt if args.prompt is not None else args.prompt_ids]
     if args.batch_file:
+        if not Path(args.batch_file).is_file():
+            ap.error(f"--batch-file: {args.batch_file} is not a file")
         lines += [ln.strip() for ln in Path(args.batch_file).read_text().splitlines()
                   if ln.strip()]
     if args.prompt is not None:
@@ -111,8 +113,8 @@ def main(argv=None):
                      f"tokenizers package; pass --prompt-ids instead")
         prompts = [tok.encode(text).ids for text in lines]
     else:
-        prompts = [parse_ids(text, "--prompt-ids" if i == 0 else f"{args.batch_file} "
-                             f"line {i}") for i, text in enumerate(lines)]
+        prompts = [parse_ids(text, "--prompt-ids" if i == 0 else f"{args.batch_file}, "
+                             f"prompt {i}") for i, text in enumerate(lines)]
 
     try:
         model = Decoder.from_pretrained(args.model_dir)
@@ -121,6 +123,8 @@ def main(argv=None):
     vocab = model.vocab
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= t < vocab]
+        if not p:
+            raise SystemExit(f"{ap.prog}: error: prompt {i} is empty (no tokens)")
         if bad:
             raise SystemExit(f"{ap.prog}: error: prompt {i} has token ids outside [0, "
                              f"{vocab}) (the model's vocab_size): {bad[:5]}")

@@ -528,6 +528,9 @@ def test_cli_errors(models, capsys):
         generate.main([str(path), "--prompt-ids", "1,x"])
     with pytest.raises(SystemExit, match=r"outside \[0, 61\).*\[99\]"):
         generate.main([str(path), "--prompt-ids", "1,99"])
+    with pytest.raises(SystemExit):
+        generate.main([str(path), "--prompt-ids", "1", "--batch-file", str(path / "no.txt")])
+    assert "is not a file" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no config.json"):
         generate.main([str(path / "nowhere"), "--prompt-ids", "1"])
 
