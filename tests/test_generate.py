@@ -511,6 +511,8 @@ def test_cli_text_with_tokenizer(models, tmp_path, capsys):
     assert ids == out
     model = decoder.Decoder.from_pretrained(tmp_path)
     assert out[0] == model.generate([[3, 17, 5]], 4)[0]
+    with pytest.raises(SystemExit, match="prompt 0 is empty"):
+        generate.main([str(tmp_path), "--prompt", ""])
 
 
 def test_cli_errors(models, capsys):
