@@ -9,6 +9,7 @@ import os as _os
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 from . import compat
 from .cache import KVCache, PagedKVCache
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import AttentionConfig, AttentionError, BackendUnavailable
 from .dispatch import available_backends
 from .functional import attention, attention_varlen, merge_states
@@ -24,6 +25,9 @@ __all__ = [
     "AttentionConfig",
     "AttentionError",
     "BackendUnavailable",
+    "Checkpoint",
+    "CheckpointError",
+    "open_checkpoint",
     "attention",
     "attention_varlen",
     "available_backends",

@@ -35,7 +35,7 @@ def linear(x, w, b=None, lora=None, lora_scale=1.0):
     """
     y = _few_token_gemv(x, w)
     if y is None:
-        y = x @ w.T
+        y = x @ (widen(w, x.dtype) if w.dtype != x.dtype else w).T
     if b is not None:
         y += b
     if lora is not None:
@@ -45,14 +45,30 @@ def linear(x, w, b=None, lora=None, lora_scale=1.0):
 
 
 GEMV_MAX_TOKENS = 4
+GEMV_BF16_MAX_TOKENS = 16  # bfloat16 weights: past this, widen the matrix and use BLAS
+
+
+def widen(w, dtype):
+    """Weights ``w`` as ``dtype``; bfloat16 is widened exactly by a 16-bit shift."""
+    if w.dtype.name == "bfloat16" and np.dtype(dtype) in (np.float32, np.float64):
+        wide = (w.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return wide.astype(dtype, copy=False)
+    return w.astype(dtype)
 
 
 def _few_token_gemv(x, w):
-    """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None."""
-    if (type(x) is not np.ndarray or type(w) is not np.ndarray or x.dtype != w.dtype
+    """``x @ w.T`` through cpu.linear.gemv for <= GEMV_MAX_TOKENS rows, else None.
+
+    bfloat16 weights with float32 ``x`` are passed as their uint16 bits (widened in
+    registers by the kernel), for up to GEMV_BF16_MAX_TOKENS rows.
+    """
+    bf16 = w.dtype.name == "bfloat16" and x.dtype == np.float32
+    if (type(x) is not np.ndarray or type(w) is not np.ndarray
+            or (x.dtype != w.dtype and not bf16)
             or x.dtype not in (np.float32, np.float64) or not w.flags.c_contiguous
             or not w.flags.writeable
-            or x.ndim < 1 or x.size // max(x.shape[-1], 1) > GEMV_MAX_TOKENS):
+            or x.ndim < 1 or x.size // max(x.shape[-1], 1)
+            > (GEMV_BF16_MAX_TOKENS if bf16 else GEMV_MAX_TOKENS)):
         return None
     from ._jit import parallel_guard
     from .cpu.linear import gemv
@@ -60,7 +76,7 @@ def _few_token_gemv(x, w):
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     out = np.empty((x2.shape[0], w.shape[0]), x.dtype)
     with parallel_guard():
-        gemv(x2, w, out)
+        gemv(x2, w.view(np.uint16) if bf16 else w, out)
     return out.reshape(x.shape[:-1] + (w.shape[0],))
 
 
@@ -124,24 +140,28 @@ class ParameterMixin:
         Parameters
         ----------
         params : mapping of str to array
-            Keys outside ``prefix`` are ignored (so a whole model's state dict can be
-            given with ``prefix="model.layers.0.self_attn."``).
+            Keys outside ``prefix`` are ignored (so a whole model's state dict, or a
+            :class:`numba_attn.Checkpoint`, can be given with
+            ``prefix="model.layers.0.self_attn."``); only values under ``prefix`` are read.
         prefix : str, default ""
 
         Raises
         ------
         AttentionError (ValueError)
-            Listing every missing, unexpected, duplicated and mis-shaped entry at once; the
-            layer is left unchanged when any entry is wrong.
+            Listing every missing, unexpected, duplicated, mis-shaped and non-floating entry
+            at once; the layer is left unchanged when any entry is wrong.
         """
         specs = {name: (attr, shape) for name, attr, shape in self._param_specs()}
         staged, unexpected, misshaped, duplicate, seen = {}, [], [], [], set()
-        for key, value in _param_items(params):
+        misdtyped = []
+        params = _as_mapping(params)
+        for key in params:  # values read only under prefix (a lazy checkpoint stays lazy)
             if not isinstance(key, str):
                 raise TypeError(f"params: keys must be str names like 'q_proj.weight', got "
                                 f"{key!r}")
             if not key.startswith(prefix):
                 continue
+            value = params[key]
             local = key[len(prefix):]
             try:
                 parts = self._expand(local, value)
@@ -153,8 +173,15 @@ class ParameterMixin:
                     unexpected.append(key)
                     continue
                 seen.add(name)
+                src = getattr(arr, "dtype", None)
+                if src is not None and not isinstance(arr, np.ndarray):
+                    src = dp.as_np_dtype(src)
+                if src is not None and np.dtype(src).kind != "f" and str(src) != "bfloat16":
+                    misdtyped.append(f"{prefix}{name}: expected a floating dtype, got {src}")
+                    continue
                 try:  # every conversion happens here, before the first assignment
-                    arr = _weight(f"{prefix}{name}", arr, self.dtype)
+                    arr = _weight(f"{prefix}{name}", arr,
+                                  self._dtype_of(np.ndim(arr)))
                 except (TypeError, AttentionError) as e:
                     misshaped.append(str(e))
                     continue
@@ -168,7 +195,8 @@ class ParameterMixin:
         missing = [prefix + n for n in specs if n not in seen]
         problems = []
         for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("mis-shaped", misshaped), ("duplicated", duplicate)):
+                             ("mis-shaped", misshaped), ("wrong dtype", misdtyped),
+                             ("duplicated", duplicate)):
             if items:
                 problems.append(f"{title}: " + ", ".join(items))
         if problems:
@@ -177,13 +205,18 @@ class ParameterMixin:
         for name, arr in staged.items():
             setattr(self, specs[name][0], arr)
 
+    def _dtype_of(self, ndim):
+        """Matrices are kept in ``weight_dtype`` (where a layer has one), the rest in
+        ``dtype``."""
+        return getattr(self, "weight_dtype", self.dtype) if ndim == 2 else self.dtype
 
-def _param_items(params):
-    """(name, value) pairs of a mapping or of an iterable of pairs."""
-    if hasattr(params, "items"):
-        return list(params.items())
+
+def _as_mapping(params):
+    """A mapping as it is (its values are read lazily), or a dict of (name, value) pairs."""
+    if hasattr(params, "keys") and hasattr(params, "__getitem__"):
+        return params
     try:
-        return list(dict(params).items())
+        return dict(params)
     except (TypeError, ValueError):
         raise TypeError(f"params: expected a mapping of names to arrays (or (name, array) "
                         f"pairs), got {type(params).__name__}") from None
@@ -454,6 +487,10 @@ class MultiHeadAttention(ParameterMixin):
     scale : float, default head_dim ** -0.5
     dtype : numpy dtype, default float32
         Weights and compute dtype.
+    weight_dtype : numpy dtype, default dtype
+        Dtype the projection matrices are kept in: ``dtype``, or ``ml_dtypes.bfloat16``
+        with float32 ``dtype`` (half the memory; decode steps widen the weights in
+        registers, longer inputs one matrix at a time).
     seed : int, optional
         Seed of the random initial weights (normal, std ``in_features ** -0.5``).
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
@@ -489,7 +526,8 @@ class MultiHeadAttention(ParameterMixin):
                  partial_rotary_factor: float = 1.0, rotary_interleaved: bool = False,
                  causal: bool = True, sliding_window: int | None = None,
                  softcap: float = 0.0, scale: float | None = None,
-                 dtype: DTypeLike = np.float32, seed: int | None = None,
+                 dtype: DTypeLike = np.float32, weight_dtype: DTypeLike | None = None,
+                 seed: int | None = None,
                  backend: str = "auto") -> None:
         hidden_size = check_int("hidden_size", hidden_size, lo=1)
         num_heads = check_int("num_heads", num_heads, lo=1)
@@ -507,6 +545,11 @@ class MultiHeadAttention(ParameterMixin):
             raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
         if dtype not in (np.float16, np.float32, np.float64):
             raise TypeError(f"dtype: expected float16, float32 or float64, got {dtype}")
+        weight_dtype = dtype if weight_dtype is None else np.dtype(weight_dtype)
+        if weight_dtype != dtype and not (weight_dtype.name == "bfloat16"
+                                          and dtype == np.float32):
+            raise TypeError(f"weight_dtype: expected {dtype} (the dtype) or bfloat16 with "
+                            f"float32 dtype, got {weight_dtype}")
         if sliding_window is not None:
             sliding_window = check_int("sliding_window", sliding_window, lo=1, hi=None)
         self.hidden_size = hidden_size
@@ -533,6 +576,7 @@ class MultiHeadAttention(ParameterMixin):
         if self.norm_eps < 0:
             raise AttentionError(f"norm_eps: must be >= 0, got {norm_eps!r}")
         self.dtype = dtype
+        self.weight_dtype = weight_dtype
         self.backend = backend
         self.rotary_interleaved = check_flag("rotary_interleaved", rotary_interleaved)
         self.rope_theta = None if rope_theta is None else check_real("rope_theta", rope_theta)
@@ -688,7 +732,8 @@ class MultiHeadAttention(ParameterMixin):
             elif attr.startswith("b_"):
                 val = np.zeros(shape, dt)
             else:
-                val = (rng.standard_normal(shape) / math.sqrt(shape[1])).astype(dt)
+                val = (rng.standard_normal(shape) / math.sqrt(shape[1])).astype(
+                    self._dtype_of(2))
             setattr(self, attr, val)
         for attr in ("b_q", "b_k", "b_v", "b_o", "q_norm", "k_norm"):
             if not hasattr(self, attr):
