@@ -56,12 +56,13 @@ def test_selftest_quick_passes_on_every_available_backend():
 def test_bench_quick_filter_prints_a_table():
     rc, out, err = run_cli("bench", "--quick", "--filter", "gpt2_prefill_512_causal")
     assert rc == 0, err
-    assert "sgemm peak" in out and "read bandwidth" in out
+    assert "vector FMA peak" in out and "numpy sgemm" in out and "stream-read" in out
     header = next(ln for ln in out.splitlines() if ln.startswith("shape"))
     assert "ms" in header and "GFLOP/s" in header and "vs numpy" in header
     rows = [ln for ln in out.splitlines() if ln.startswith("gpt2_prefill_512_causal")]
     assert len(rows) == 1
     assert "gpt2_prefill_512 " not in out  # the filter kept one shape
+    assert "% fma" in rows[0]  # prefill rows report their share of the same-run FMA peak
     assert "numba_attn" in err and "bench: done" in err  # progress on stderr
 
 
