@@ -11,6 +11,7 @@ from . import compat
 from .cache import KVCache, PagedKVCache
 from .config import AttentionConfig, AttentionError, BackendUnavailable
 from .dispatch import available_backends
+from .backward import attention_backward, attention_varlen_backward
 from .functional import attention, attention_varlen, merge_states
 from .kvcache import attention_with_kvcache
 from .layers import MultiHeadAttention
@@ -26,6 +27,8 @@ __all__ = [
     "BackendUnavailable",
     "attention",
     "attention_varlen",
+    "attention_backward",
+    "attention_varlen_backward",
     "available_backends",
     "merge_states",
     "MultiHeadAttention",

@@ -91,6 +91,8 @@ class CUDABackend(_dp.Backend):
                 reasons.append(f"{name}: dtype {dt} is not supported by the cuda kernels "
                                "(float16, float32, float64)")
                 break
+        if "dropout" in problem.extra:
+            reasons.append("dropout_p > 0 is not implemented in the cuda kernels (yet)")
         cfg = problem.config
         from .launch import plan  # numba-cuda is importable once unavailable_reason is None
 
