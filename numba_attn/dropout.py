@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import AttentionError, check_int, check_real
 
-__all__ = ["mix64", "row_key", "element_bits", "threshold", "keep_mask", "check_dropout"]
+__all__ = ["check_dropout", "element_bits", "keep_mask", "mix64", "row_key", "threshold"]
 
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

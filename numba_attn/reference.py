@@ -239,7 +239,7 @@ def attention_rows_backward(dout, q, k, v, out, lse, *, off, klen, scale,
     ``dsink = -sum_i exp(sink - lse_i) delta_i``; dk/dv summed over each group's heads.
     """
     dout, q, k, v, out, lse = map(_f64, (dout, q, k, v, out, lse))
-    sq, h, d = q.shape
+    _sq, h, d = q.shape
     sk, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
     group = h // hkv
     kh = np.repeat(k, group, axis=1) if sk else np.zeros((0, h, d))
@@ -291,7 +291,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1)
 
     causal = normalize_causal(causal)
     bsz, sq, h, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
+    sk, _hkv = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     dq = np.zeros(q.shape)
     dk = np.zeros(k.shape)

@@ -106,9 +106,9 @@ def test_backward_matches_oracle(rng, name, dtype):
 
 
 @pytest.mark.parametrize("shape", [
-    dict(h=4, hkv=4, sq=9, sk=4, d=3, dv=3),  # MHA, seqlen_q > seqlen_k
-    dict(h=6, hkv=1, sq=3, sk=11, d=7, dv=2),  # MQA
-    dict(h=6, hkv=3, sq=1, sk=5, d=16, dv=16),  # GQA, one query
+    {"h": 4, "hkv": 4, "sq": 9, "sk": 4, "d": 3, "dv": 3},  # MHA, seqlen_q > seqlen_k
+    {"h": 6, "hkv": 1, "sq": 3, "sk": 11, "d": 7, "dv": 2},  # MQA
+    {"h": 6, "hkv": 3, "sq": 1, "sk": 5, "d": 16, "dv": 16},  # GQA, one query
 ])
 @pytest.mark.parametrize("causal", [False, True, "top_left"])
 def test_backward_head_layouts(rng, shape, causal):
@@ -142,9 +142,9 @@ def test_varlen_backward_matches_oracle(rng, dtype):
     q = rng.standard_normal((8, h, d)).astype(dtype)
     k = rng.standard_normal((11, hkv, d)).astype(dtype)
     v = rng.standard_normal((11, hkv, dv)).astype(dtype)
-    kw = dict(causal=True, bias=rng.standard_normal((1, h, 4, 5)).astype(dtype),
-              sinks=rng.standard_normal(h).astype(dtype), softcap=3.0, dropout_p=0.25, seed=3,
-              kv_lens=np.array([4, 1, 0, 4]))
+    kw = {"causal": True, "bias": rng.standard_normal((1, h, 4, 5)).astype(dtype),
+              "sinks": rng.standard_normal(h).astype(dtype), "softcap": 3.0, "dropout_p": 0.25, "seed": 3,
+              "kv_lens": np.array([4, 1, 0, 4])}
     out, lse = na.attention_varlen(q, k, v, cq, ck, return_lse=True, **kw)
     f64 = [x.astype(np.float64) for x in (q, k, v)]
     kw64 = dict(kw, bias=kw["bias"].astype(np.float64), sinks=kw["sinks"].astype(np.float64))

@@ -115,8 +115,8 @@ def test_reference_varlen_backward_matches_finite_differences(rng):
     q = rng.standard_normal((5, h, d))
     k = rng.standard_normal((8, hkv, d))
     v = rng.standard_normal((8, hkv, dv))
-    kw = dict(causal=True, bias=rng.standard_normal((1, h, 3, 4)), sinks=rng.standard_normal(h),
-              softcap=3.0, dropout_p=0.2, seed=99)
+    kw = {"causal": True, "bias": rng.standard_normal((1, h, 3, 4)), "sinks": rng.standard_normal(h),
+              "softcap": 3.0, "dropout_p": 0.2, "seed": 99}
     out, lse = ref.attention_varlen(q, k, v, cq, ck, return_lse=True, **kw)
     dout = rng.standard_normal(out.shape)
     dq, dk, dvv, dbias, dsinks = ref.attention_varlen_backward(dout, q, k, v, out, lse, cq, ck,
