@@ -2,7 +2,8 @@
 
 Validation mirrors the forward (the same Problem is built by ``functional.build_problem``),
 then the CPU kernels of ``cpu/backward.py`` (or ``backend="reference"``, the float64 oracle)
-compute the gradients. Host arrays only for now.
+compute the gradients; ``backend="cuda"`` runs the CUDA twins (host arrays in and out).
+Device-array inputs are not accepted yet.
 """
 from __future__ import annotations
 
@@ -25,20 +26,23 @@ def _check_grad_inputs(dout, out, lse, out_shape, lse_shape, dt):
             raise AttentionError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
         dp.check_float(name, x)
         if dp.array_device(x) != "cpu":
-            raise BackendUnavailable(f"{name}: the backward runs on host (numpy) arrays only "
-                                     "(for now)")
+            raise BackendUnavailable(f"{name}: the backward takes host (numpy) arrays only "
+                                     "(for now; backend='cuda' runs them on the GPU)")
 
 
 def _run(p, dout, out, lse, drop_p, seed, bias, return_dbias, return_dsinks, backend,
          ref_call):
-    if backend not in ("auto", "cpu", "reference"):
-        if backend in dp.BACKENDS or backend == "cuda":
-            raise BackendUnavailable(f"backend {backend!r} cannot serve this call: the "
-                                     "backward has CPU and reference kernels only (for now)")
+    if backend not in ("auto", "cpu", "reference", "cuda"):
         dp.get_backend(backend)  # unknown name: the usual error
+    if backend == "cuda":
+        dp._load_optional_backends()
+        why = dp.BACKENDS["cuda"].unavailable_reason() if "cuda" in dp.BACKENDS else \
+            "numba-cuda is not installed"
+        if why:
+            raise BackendUnavailable(f"backend 'cuda' cannot serve this call: {why}")
     if p.device != "cpu":
-        raise BackendUnavailable("q, k, v: the backward runs on host (numpy) arrays only "
-                                 "(for now)")
+        raise BackendUnavailable("q, k, v: the backward takes host (numpy) arrays only "
+                                 "(for now; backend='cuda' runs them on the GPU)")
     if return_dbias and bias is None:
         raise AttentionError("return_dbias: True needs a bias")
     if return_dsinks and p.sinks is None:
@@ -46,7 +50,10 @@ def _run(p, dout, out, lse, drop_p, seed, bias, return_dbias, return_dsinks, bac
     if backend == "reference":
         dq, dk, dv, dbias, dsinks = ref_call()
     else:
-        from .cpu import backward as kern
+        if backend == "cuda":
+            from .cuda import backward as kern
+        else:
+            from .cpu import backward as kern
 
         cdt = p.compute_dtype
         shape4 = None
@@ -103,7 +110,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
         axes summed).
     return_dsinks : bool, default False
         Also return the gradient of ``sinks``, shape (num_heads,).
-    backend : {"auto", "cpu", "reference"}, default "auto"
+    backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
+        "cuda" copies host arrays to the GPU and the gradients back (device-array inputs
+        are not accepted by the backward yet).
 
     Returns
     -------
@@ -154,8 +163,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     rows[:, 3] = sk if kl is None else kl
     rows[:, 4] = sk - sq
     if device != "cpu":
-        raise BackendUnavailable("q, k, v: the backward runs on host (numpy) arrays only "
-                                 "(for now)")
+        raise BackendUnavailable("q, k, v: the backward takes host (numpy) arrays only "
+                                 "(for now; backend='cuda' runs them on the GPU)")
     qp = dp.host("q", q, cdt).reshape(bsz * sq, h, d)
     kp = dp.host("k", k, cdt).reshape(bsz * sk, hkv, d)
     vp = dp.host("v", v, cdt).reshape(bsz * sk, hkv, dv)
@@ -263,8 +272,8 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
         kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, int(lk.max(initial=0)))
         rows[:, 3] = np.minimum(lk, kl)
     if device != "cpu":
-        raise BackendUnavailable("q, k, v: the backward runs on host (numpy) arrays only "
-                                 "(for now)")
+        raise BackendUnavailable("q, k, v: the backward takes host (numpy) arrays only "
+                                 "(for now; backend='cuda' runs them on the GPU)")
     qp, kp, vp = (dp.host(n, x, cdt) for n, x in (("q", q), ("k", k), ("v", v)))
     p = build_problem(
         q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((bsz, 1), np.int32),

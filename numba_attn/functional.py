@@ -42,8 +42,6 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
 def set_dropout(p, dropout):
     """Record a validated (dropout_p, seed) on the Problem when dropout is on."""
     if dropout[0] > 0.0:
-        if p.device != "cpu":
-            raise AttentionError("dropout_p: supported for host arrays only (for now)")
         p.extra["dropout"] = dropout
 
 
@@ -190,8 +188,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         Attention dropout (training): probabilities are kept with probability
         ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)`` (``lse`` is not affected).
         The keep bit of (b, h, i, j) is a pure function of (seed, b, h, i, j)
-        (:mod:`numba_attn.dropout`), so :func:`attention_backward` regenerates it. Host
-        arrays, CPU and reference backends; 0 runs the unchanged kernels.
+        (:mod:`numba_attn.dropout`), so :func:`attention_backward` regenerates it; CPU,
+        CUDA and reference backends agree on it bit for bit. 0 runs the unchanged kernels.
     seed : int in [0, 2**63), optional
         Dropout seed, required when ``dropout_p > 0``.
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"

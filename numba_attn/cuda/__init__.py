@@ -91,8 +91,6 @@ class CUDABackend(_dp.Backend):
                 reasons.append(f"{name}: dtype {dt} is not supported by the cuda kernels "
                                "(float16, float32, float64)")
                 break
-        if "dropout" in problem.extra:
-            reasons.append("dropout_p > 0 is not implemented in the cuda kernels (yet)")
         cfg = problem.config
         from .launch import plan  # numba-cuda is importable once unavailable_reason is None
 
@@ -104,6 +102,10 @@ class CUDABackend(_dp.Backend):
         return reasons
 
     def run(self, problem):
+        if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
+            from .backward import forward_dropout
+
+            return forward_dropout(problem, *problem.extra["dropout"])
         from .launch import forward
 
         return forward(problem)
