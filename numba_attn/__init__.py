@@ -18,6 +18,7 @@ from .layers import MultiHeadAttention
 from .mla import MLACache, MultiHeadLatentAttention
 from .norm import rms_norm
 from .rope import apply_rotary, rotary_cos_sin
+from .training import apply_rotary_backward, rms_norm_backward
 
 from ._version import __version__
 
@@ -40,4 +41,6 @@ __all__ = [
     "attention_with_kvcache",
     "apply_rotary",
     "rotary_cos_sin",
+    "apply_rotary_backward",
+    "rms_norm_backward",
 ]
