@@ -136,3 +136,32 @@ def test_backward_errors(rng):
     cache = na.KVCache(1, 8, num_kv_heads=2, head_dim=4, dtype=np.float64)
     with pytest.raises(AttentionError, match="cache"):
         layer.forward(np.ones((1, 3, 8)), cache=cache, train=True)
+
+
+MLA_ATTR = {"q_proj.weight": "w_q", "q_a_proj.weight": "w_q_a", "q_a_proj.bias": "b_q_a",
+            "q_a_layernorm.weight": "q_a_norm", "q_b_proj.weight": "w_q_b",
+            "kv_a_proj_with_mqa.weight": "w_kv_a", "kv_a_proj_with_mqa.bias": "b_kv_a",
+            "kv_a_layernorm.weight": "kv_a_norm", "kv_b_proj.weight": "w_kv_b",
+            "o_proj.weight": "w_o", "o_proj.bias": "b_o"}
+
+
+@pytest.mark.parametrize("q_lora_rank,bias", [(None, False), (6, True)])
+def test_mla_backward_matches_finite_differences(rng, q_lora_rank, bias):
+    mla = na.MultiHeadLatentAttention(8, 2, q_lora_rank=q_lora_rank, kv_lora_rank=4,
+                                      qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=3,
+                                      attention_bias=bias, dtype=np.float64, seed=2)
+    for name, value in mla.named_parameters():  # norms and biases away from 1 / 0
+        value += 0.1 * rng.standard_normal(value.shape)
+    x = rng.standard_normal((2, 4, 8))
+    y = mla.forward(x, train=True)
+    np.testing.assert_allclose(y, mla.forward(x), atol=1e-12)
+    dy = rng.standard_normal(y.shape)
+    dx, grads = mla.backward(dy)
+
+    def loss():
+        return float(np.sum(mla.forward(x, train=True) * dy))
+
+    _assert_fd(dx, loss, x, "dx")
+    assert set(grads) == {n for n, _ in mla.named_parameters()}
+    for key, g in grads.items():
+        _assert_fd(g, loss, getattr(mla, MLA_ATTR[key]), key)

@@ -14,9 +14,10 @@ split so that every parallel item owns what it writes (no atomics, no merge):
 * ``bwd_dbias`` (only when dbias is asked for; plain loops): one item per row of the bias
   *as given* (broadcast axes folded), summing ``ds`` over every (b, h, i, j) that reads it.
 
-``dropout_forward`` is the forward with dropout (``dropout_p > 0``; plain loops): a
-two-pass softmax per (query, head) on the same score recomputation, kept apart from the
-fused forward so that ``dropout_p = 0`` runs exactly the unchanged forward kernels.
+The forward with dropout (``dropout_p > 0``) runs the unchanged fused forward for ``lse``,
+then ``tiled_dropout_out`` recomputes ``p = exp(s - lse)`` and sums the kept values; so
+``dropout_p = 0`` runs exactly the unchanged forward. ``dropout_forward`` (plain loops, a
+two-pass softmax per (query, head)) is the simple twin, kept for tests.
 
 Storage is contiguous (batched or packed varlen): key ``j`` of row ``b`` is storage row
 ``rows[b, 2] + j``.
@@ -69,16 +70,6 @@ def score(qrow, krow, d, i, j, b, h, off, scale, softcap, slope, has_alibi, bias
 @inline
 def masked(mask, mstr, has_mask, b, h, i, j):
     return has_mask and not mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + j * mstr[3]]
-
-
-@inline
-def row_setup(rows, tb, t, slopes, has_alibi, h, dt_one):
-    b = tb[t]
-    i = t - rows[b, 0]
-    slope = dt_one * 0
-    if has_alibi:
-        slope = slopes[b if slopes.shape[0] > 1 else 0, h]
-    return b, i, rows[b, 2], rows[b, 3], rows[b, 4], slope
 
 
 @inline
@@ -154,60 +145,6 @@ def bwd_dbias(q, k, v, dout, lse, delta, dbias, bshape, rows, scale, causal, wl,
                         dbias[base + (j if nj > 1 else 0)] += p * (dpd - delta[t, h])
 
 
-@jit(parallel=True)
-def dropout_forward(q, k, v, out, lse, rows, tb, scale, causal, wl, wr, softcap, slopes,
-                    has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, sinks, has_sinks,
-                    seed, thr, pscale):
-    """Forward with dropout: out (Tq, H, Dv), lse (Tq, H) (lse of the undropped softmax)."""
-    tq, n_heads, d = q.shape
-    group = n_heads // k.shape[1]
-    dv = v.shape[2]
-    one = scale / scale
-    for w in prange(tq * n_heads):
-        t = w // n_heads
-        h = w % n_heads
-        kvh = h // group
-        if tb[t] < 0:  # a padding query (q_lens): left as zero / -inf
-            continue
-        b, i, k_start, klen, off, slope = row_setup(rows, tb, t, slopes, has_alibi, h, one)
-        lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
-        n = max(hi - lo, 0)
-        st = np.empty(n, q.dtype)
-        m = -np.inf * one
-        if has_sinks:
-            m = sinks[h]
-        for jj in range(n):
-            j = lo + jj
-            if masked(mask, mstr, has_mask, b, h, i, j):
-                st[jj] = -np.inf
-                continue
-            s, _ = score(q[t, h], k[k_start + j, kvh], d, i, j, b, h, off, scale, softcap,
-                         slope, has_alibi, bias, bstr, has_bias)
-            st[jj] = s
-            m = max(m, s)
-        acc = np.zeros(dv, q.dtype)
-        if m == -np.inf:
-            lse[t, h] = -np.inf
-        else:
-            l = one * 0
-            if has_sinks:
-                l = math.exp(sinks[h] - m)
-            rkey = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
-            for jj in range(n):
-                p = math.exp(st[jj] - m)
-                l += p
-                if p > 0.0 and element_bits(rkey, np.uint64(lo + jj)) >= thr:
-                    vrow = v[k_start + lo + jj, kvh]
-                    for c in range(dv):
-                        acc[c] += p * vrow[c]
-            lse[t, h] = m + math.log(l)
-            inv = pscale / l
-            for c in range(dv):
-                acc[c] *= inv
-        for c in range(dv):
-            out[t, h, c] = acc[c]
-
-
 # ---------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------
@@ -260,24 +197,25 @@ def _drop_args(p, drop_p, seed):
 
 
 def forward_dropout(p, drop_p, seed):
-    """Forward with dropout of a contiguous dispatch.Problem: out (Tq, H, Dv), lse (Tq, H)."""
-    from .._jit import parallel_guard
+    """Forward with dropout of a contiguous dispatch.Problem: out (Tq, H, Dv), lse (Tq, H).
 
-    cfg = p.config
-    dt = p.compute_dtype
+    The fused forward (unchanged) gives ``lse``; ``tiled_dropout_out`` then recomputes the
+    probabilities from it and sums the kept ones (``out`` of the fused forward is
+    overwritten).
+    """
+    from .._jit import parallel_guard
+    from . import launch
+
+    out, lse = launch.forward(p)  # writes p.extra["out_buffer"] when given
     tq = p.q.shape[0]
-    out = p.extra.get("out_buffer")  # (Tq, H, Dv) in the compute dtype, written in place
-    if out is None:
-        out = np.empty((tq, cfg.num_heads, cfg.head_dim_v), dt)
-    out[...] = 0
-    lse = np.full((tq, cfg.num_heads), -np.inf, dt)
     if tq == 0:
         return out, lse
-    tb = _token_rows(p.rows, tq, 0, 1)
-    sinks = p.sinks if p.sinks is not None else _dummy(dt)
-    with parallel_guard():
-        dropout_forward(p.q, p.k, p.v, out, lse, p.rows, tb, *_common(p, drop_p, seed), sinks,
-                        p.sinks is not None, *_drop_args(p, drop_p, seed))
+    items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // p.config.group_size))
+    out[...] = 0
+    if len(items):
+        with parallel_guard():
+            tiled_dropout_out(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
+                              *_drop_args(p, drop_p, seed), np.int64(BLOCK_K))
     return out, lse
 
 
@@ -296,8 +234,6 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     dk = np.zeros(k.shape, dt)
     dv = np.zeros(v.shape, dt)
     delta = np.einsum("thc,thc->th", dout, out).astype(dt)
-    _token_rows(p.rows, q.shape[0], 0, 1)
-    _token_rows(p.rows, k.shape[0], 2, 3)
     common = _common(p, drop_p, seed)
     drop = (drop_p > 0.0,) + _drop_args(p, drop_p, seed)
     dbias = None
@@ -654,3 +590,118 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                 dk[row, kvh, c] = dkt[c * nrp + r]
             for c in range(dv):
                 dv_out[row, kvh, c] = dvt[c * nrp + r]
+
+
+@jit(parallel=True)
+def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, softcap, slopes,
+                      has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, seed, thr, pscale,
+                      block_k):
+    """The dropout forward's output from the forward's ``lse``: ``out_i = sum_j exp(s_ij -
+    lse_i) keep_ij / (1 - p) v_j``, tiled as ``tiled_dq`` (S^T by the QK micro-kernel, O^T
+    += V^T P by the PV one)."""
+    dt = q.dtype
+    n_heads, d = q.shape[1], q.shape[2]
+    n_kv, dv = k.shape[1], v.shape[2]
+    group = n_heads // n_kv
+    w = lanes(q)
+    nrs = 2 * w
+    mr = block_rows(q)
+    dvpad = (dv + mr - 1) // mr * mr
+    nkt = (block_k + mr - 1) // mr * mr
+    one = scale / scale
+    n_items = items.shape[0]
+    max_nq = 1
+    for it in range(n_items):
+        max_nq = max(max_nq, items[it, 2] - items[it, 1])
+    max_nrp = (group * max_nq + nrs - 1) // nrs * nrs
+    for wk in prange(n_items * n_kv):
+        it = wk // n_kv
+        kvh = wk % n_kv
+        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+        i0 = i_first - q_start
+        nq = i_end - i_first
+        nr = group * nq
+        nrp = (nr + nrs - 1) // nrs * nrs
+        qt = np.zeros(d * max_nrp, dt)
+        ot = np.zeros(dvpad * max_nrp, dt)
+        hh = np.empty(max_nrp, np.int64)
+        qi = np.empty(max_nrp, np.int64)
+        rlo = np.empty(max_nrp, np.int64)
+        rhi = np.empty(max_nrp, np.int64)
+        lz = np.zeros(max_nrp, np.int64)
+        lr = np.empty(max_nrp, dt)
+        slope_h = np.zeros(n_heads, dt)
+        if has_alibi:
+            for h in range(n_heads):
+                slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
+        st = np.empty(nkt * nrs, dt)
+        mb = np.empty(nkt * nrs, dt)
+        kb = np.empty(nkt, np.int64)
+        vb = np.empty(nkt, np.int64)
+        oj = np.empty(nkt, np.int64)
+        for r in range(nrp):
+            rr = min(r, nr - 1)
+            i = i0 + rr % nq
+            h = kvh * group + rr // nq
+            hh[r] = h
+            qi[r] = i
+            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+            t = q_start + i
+            lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf
+            if r >= nr:
+                lr[r] = np.inf
+                continue
+            for c in range(d):
+                qt[c * nrp + r] = q[t, h, c] * scale
+        lo, hi = key_range(i0, i0 + nq, off, klen, causal, wl, wr)
+        for j0 in range(lo, hi, block_k):
+            j1 = min(j0 + block_k, hi)
+            nk = j1 - j0
+            for u in range(nkt):
+                row = k_start + j0 + min(u, nk - 1)
+                kb[u] = (row * n_kv + kvh) * d
+                vb[u] = (row * n_kv + kvh) * dv
+                oj[u] = j0 + u
+            for s0 in range(0, nrp, nrs):
+                slo = rlo[s0]
+                shi = rhi[s0]
+                for r in range(s0 + 1, s0 + nrs):
+                    slo = min(slo, rlo[r])
+                    shi = max(shi, rhi[r])
+                ne = min(j1, shi) - j0
+                if ne <= 0 or slo >= j1:
+                    continue
+                nep = (ne + mr - 1) // mr * mr
+                for u in range(0, nep, mr):
+                    if mr == 8:
+                        qk8(k, kb, u, qt, nrp, s0, d, st)
+                    else:
+                        qk6(k, kb, u, qt, nrp, s0, d, st)
+                if softcap > 0.0:
+                    tile_softcap(st, mb, ne * nrs, softcap)
+                needs = slo > j0
+                for r in range(s0, s0 + nrs):
+                    needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
+                if has_alibi or has_bias or has_mask or needs:
+                    tile_fixup(st, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, off, klen,
+                               causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
+                               bstr, has_bias, mask, mstr, has_mask, needs)
+                tile_dropout(mb, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, seed, thr,
+                             pscale)
+                l0 = vload(lr, s0)
+                l1 = vload(lr, s0 + w)
+                for jj in range(ne):
+                    x = jj * nrs
+                    vstore(st, x, vmul(vexp(vsub(vload(st, x), l0)), vload(mb, x)))
+                    vstore(st, x + w, vmul(vexp(vsub(vload(st, x + w), l1)), vload(mb, x + w)))
+                onev = vsplat(one)
+                for c0 in range(0, dvpad, mr):
+                    if mr == 8:
+                        pv8(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
+                    else:
+                        pv6(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
+        for r in range(nr):
+            t = q_start + qi[r]
+            for c in range(dv):
+                out[t, hh[r], c] = ot[c * nrp + r]
