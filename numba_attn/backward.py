@@ -136,7 +136,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     ...                                            causal=True)
     >>> dq.shape, dk.shape, dv.shape
     ((1, 4, 4, 8), (1, 6, 2, 8), (1, 6, 2, 8))
-    >>> bool(np.allclose(dv.sum(axis=1), 4.0))  # each query's probabilities sum to 1
+    >>> # dout = 1: dv sums each probability row, 4 queries x 2 heads per kv head
+    >>> bool(np.allclose(dv.sum(axis=1), 8.0))
     True
     """
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import AttentionError, check_real
-from .interop import like, to_numpy
+from .interop import Array, like, to_numpy
 
 __all__ = ["rms_norm_backward", "apply_rotary_backward", "linear_backward"]
 
@@ -19,7 +19,8 @@ def _cdt(dt):
     return np.float64 if np.dtype(dt) == np.float64 else np.float32
 
 
-def rms_norm_backward(dy, x, weight, eps=1e-6):
+def rms_norm_backward(dy: Array, x: Array, weight: Array,
+                      eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Gradients of ``y = rms_norm(x, weight, eps)``.
 
     With ``r = sqrt(mean(x^2) + eps)`` over the last axis: ``dx = (g - x mean(g x) / r^2)
@@ -62,7 +63,8 @@ def rms_norm_backward(dy, x, weight, eps=1e-6):
     return dx.astype(x.dtype, copy=False), dw.astype(weight.dtype, copy=False)
 
 
-def apply_rotary_backward(dy, cos, sin, *, interleaved=False, positions=None):
+def apply_rotary_backward(dy: Array, cos: Array, sin: Array, *, interleaved: bool = False,
+                          positions: int | Array | None = None) -> Array:
     """Gradient of ``apply_rotary(x, cos, sin, ...)`` with respect to ``x``.
 
     Each pair is rotated by the transposed rotation, i.e. ``apply_rotary`` with ``-sin``;
