@@ -295,16 +295,15 @@ def tile_fixup(st, n_o, nrs, li, lj, lh, oi, oj, oh, b, off, klen, causal, wl, w
 
 
 @inline
-def tile_dropout(mb, n_o, nrs, li, lj, lh, oi, oj, oh, b, seed, thr, pscale):
-    """mb[o, r] = the dropout multiplier (0 or 1 / (1 - p)) of each element of a tile."""
+def tile_dropout(mb, n_o, nrs, lkey, okey, lj, oj, thr, pscale):
+    """mb[o, r] = the dropout multiplier (0 or 1 / (1 - p)) of each element of a tile:
+    row key ``lkey[r] ^ okey[o]`` and key ``lj[r] + oj[o]`` (one of each pair is zero:
+    the query rows sit in the lanes or in the outer index)."""
+    zero = pscale * 0
     for o in range(n_o):
         for r in range(nrs):
-            i = li[r] + oi[o]
-            j = lj[r] + oj[o]
-            h = lh[r] + oh[o]
-            key = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(max(i, 0)))
-            keep = element_bits(key, np.uint64(max(j, 0))) >= thr
-            mb[o * nrs + r] = pscale if keep else pscale * 0
+            keep = element_bits(lkey[r] ^ okey[o], np.uint64(lj[r] + oj[o])) >= thr
+            mb[o * nrs + r] = pscale if keep else zero
 
 
 @inline
@@ -373,6 +372,8 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
         kb = np.empty(nkt, np.int64)
         vb = np.empty(nkt, np.int64)
         oj = np.empty(nkt, np.int64)
+        rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
+        ozk = np.zeros(nkt, np.uint64)
         for r in range(nrp):
             rr = min(r, nr - 1)
             i = i0 + rr % nq
@@ -381,6 +382,8 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
             qi[r] = i
             rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
             t = q_start + i
+            if has_drop:
+                rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
             lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf  # exp(s - inf) = 0
             de[r] = delta[t, h]
             if r >= nr:
@@ -428,8 +431,7 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                                causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
                                bstr, has_bias, mask, mstr, has_mask, needs)
                 if has_drop:
-                    tile_dropout(mb, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, seed, thr,
-                                 pscale)
+                    tile_dropout(mb, ne, nrs, rk[s0:], ozk, lz, oj, thr, pscale)
                 l0 = vload(lr, s0)
                 l1 = vload(lr, s0 + w)
                 d0 = vload(de, s0)
@@ -509,6 +511,8 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
         oh = np.empty(nqt, np.int64)
         lrow = np.empty(nqt, dt)
         drow = np.empty(nqt, dt)
+        okey = np.zeros(nqt, np.uint64)  # dropout row key of each query of a tile
+        lzk = np.zeros(max_nrp, np.uint64)
         for r in range(nrp):
             lj[r] = kj0 + r
             if r < nk:
@@ -533,6 +537,9 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                     oh[u] = h
                     lrow[u] = lse[t, h] if lse[t, h] > -np.inf else np.inf
                     drow[u] = delta[t, h]
+                    if has_drop:
+                        okey[u] = row_key(seed, np.uint64(b), np.uint64(h),
+                                          np.uint64(t - q_start))
                 nip = (ni + mr - 1) // mr * mr
                 for s0 in range(0, nrp, nrs):
                     sj0 = kj0 + s0
@@ -555,8 +562,7 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                                    causal, wl, wr, lq, kj0 + nk, slope_h, has_alibi, bias,
                                    bstr, has_bias, mask, mstr, has_mask, needs)
                     if has_drop:
-                        tile_dropout(mb, ni, nrs, lz, lj[s0:], lz, oi, lz, oh, b, seed, thr,
-                                     pscale)
+                        tile_dropout(mb, ni, nrs, lzk, okey, lj[s0:], lz, thr, pscale)
                     for ii in range(ni):
                         lvec = vsplat(lrow[ii])
                         dvec = vsplat(drow[ii])
@@ -640,6 +646,8 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
         kb = np.empty(nkt, np.int64)
         vb = np.empty(nkt, np.int64)
         oj = np.empty(nkt, np.int64)
+        rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
+        ozk = np.zeros(nkt, np.uint64)
         for r in range(nrp):
             rr = min(r, nr - 1)
             i = i0 + rr % nq
@@ -648,6 +656,7 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
             qi[r] = i
             rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
             t = q_start + i
+            rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
             lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf
             if r >= nr:
                 lr[r] = np.inf
@@ -687,8 +696,7 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                     tile_fixup(st, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, off, klen,
                                causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
                                bstr, has_bias, mask, mstr, has_mask, needs)
-                tile_dropout(mb, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, seed, thr,
-                             pscale)
+                tile_dropout(mb, ne, nrs, rk[s0:], ozk, lz, oj, thr, pscale)
                 l0 = vload(lr, s0)
                 l1 = vload(lr, s0 + w)
                 for jj in range(ne):
