@@ -305,3 +305,25 @@ def test_float32_error_within_twice_plain_numpy_float32(rng, causal):
         ref_err = np.abs(p.astype(np.float64) - e).max()
         ulp = np.finfo(np.float32).eps * np.abs(e).max()
         assert err <= 2 * ref_err + 8 * ulp, (name, err, ref_err)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_matches_torch_autograd(causal):
+    """An outside reference: torch's SDPA autograd (GQA by repeated K/V there), torch
+    tensors in and out."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 4, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 7, 2, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 7, 2, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    out, lse = na.attention(q, k, v, causal=causal, return_lse=True)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    dq, dk, dv = na.attention_backward(dout, q, k, v, out, lse, causal=causal)
+    assert isinstance(dq, torch.Tensor)
+    mask = torch.ones(5, 7, dtype=torch.bool).tril(2) if causal else None
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(2, dim=2).transpose(1, 2),
+        v.repeat_interleave(2, dim=2).transpose(1, 2), attn_mask=mask).transpose(1, 2)
+    o.backward(dout)
+    for got, exp in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        np.testing.assert_allclose(got.numpy(), exp.numpy(), atol=1e-12, rtol=1e-10)
