@@ -2,8 +2,8 @@
 
 Validation mirrors the forward (the same Problem is built by ``functional.build_problem``),
 then the CPU kernels of ``cpu/backward.py`` (or ``backend="reference"``, the float64 oracle)
-compute the gradients; ``backend="cuda"`` runs the CUDA twins (host arrays in and out).
-Device-array inputs are not accepted yet.
+compute the gradients; ``backend="cuda"`` (or device-array inputs) runs the CUDA twins.
+Device arrays are staged through the host for now (validation and packing are numpy).
 """
 from __future__ import annotations
 
@@ -18,16 +18,35 @@ from .interop import Array, like
 __all__ = ["attention_backward", "attention_varlen_backward"]
 
 
-def _check_grad_inputs(dout, out, lse, out_shape, lse_shape, dt):
+def _check_grad_inputs(dout, out, lse, out_shape, lse_shape, dt, device):
     for name, x, shape in (("dout", dout, out_shape), ("out", out, out_shape),
                            ("lse", lse, lse_shape)):
         dp.check_rank(name, x, len(shape), str(shape))
         if tuple(x.shape) != tuple(shape):
             raise AttentionError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
         dp.check_float(name, x)
-        if dp.array_device(x) != "cpu":
-            raise BackendUnavailable(f"{name}: the backward takes host (numpy) arrays only "
-                                     "(for now; backend='cuda' runs them on the GPU)")
+        if dp.array_device(x) != device:
+            raise AttentionError(f"{name}: on {dp.array_device(x)} while q, k, v are on "
+                                 f"{device}; pass all arrays on the same device")
+
+
+def _device_backend(device, backend):
+    """Device arrays run on the CUDA kernels (copied through the host for now)."""
+    if device == "cpu":
+        return backend
+    if backend not in ("auto", "cuda"):
+        raise BackendUnavailable(f"backend {backend!r} cannot serve device arrays; use "
+                                 "'auto' or 'cuda'")
+    return "cuda"
+
+
+def _to_device_like(q, grads):
+    from numba import cuda
+
+    from .cuda import dispatch_cuda
+
+    return tuple(dispatch_cuda.like(q, cuda.to_device(np.ascontiguousarray(g)))
+                 for g in grads)
 
 
 def _run(p, dout, out, lse, drop_p, seed, bias, return_dbias, return_dsinks, backend,
@@ -40,9 +59,6 @@ def _run(p, dout, out, lse, drop_p, seed, bias, return_dbias, return_dsinks, bac
             "numba-cuda is not installed"
         if why:
             raise BackendUnavailable(f"backend 'cuda' cannot serve this call: {why}")
-    if p.device != "cpu":
-        raise BackendUnavailable("q, k, v: the backward takes host (numpy) arrays only "
-                                 "(for now; backend='cuda' runs them on the GPU)")
     if return_dbias and bias is None:
         raise AttentionError("return_dbias: True needs a bias")
     if return_dsinks and p.sinks is None:
@@ -111,8 +127,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     return_dsinks : bool, default False
         Also return the gradient of ``sinks``, shape (num_heads,).
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
-        "cuda" copies host arrays to the GPU and the gradients back (device-array inputs
-        are not accepted by the backward yet).
+        "cuda" copies host arrays to the GPU and the gradients back. Device arrays run on
+        the CUDA kernels and give device arrays (staged through the host for now).
 
     Returns
     -------
@@ -153,7 +169,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     dp.same([("k.shape[2]", hkv), ("v.shape[2]", v.shape[2])], "num_kv_heads of k and v")
     dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
     dv = v.shape[3]
-    _check_grad_inputs(dout, out, lse, (bsz, sq, h, dv), (bsz, h, sq), dt)
+    _check_grad_inputs(dout, out, lse, (bsz, sq, h, dv), (bsz, h, sq), dt, device)
     kl = None
     if kv_lens is not None:
         kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
@@ -163,9 +179,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     rows[:, 2] = np.arange(bsz) * sk
     rows[:, 3] = sk if kl is None else kl
     rows[:, 4] = sk - sq
-    if device != "cpu":
-        raise BackendUnavailable("q, k, v: the backward takes host (numpy) arrays only "
-                                 "(for now; backend='cuda' runs them on the GPU)")
+    backend = _device_backend(device, backend)
     qp = dp.host("q", q, cdt).reshape(bsz * sq, h, d)
     kp = dp.host("k", k, cdt).reshape(bsz * sk, hkv, d)
     vp = dp.host("v", v, cdt).reshape(bsz * sk, hkv, dv)
@@ -174,7 +188,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt, device=device)
+        has_kv_lens=kl is not None, out_dtype=dt)
     dout_p = dp.host("dout", dout, cdt).reshape(bsz * sq, h, dv)
     out_p = dp.host("out", out, cdt).reshape(bsz * sq, h, dv)
     lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).transpose(0, 2, 1)).reshape(
@@ -194,8 +208,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
 
     grads = _run(p, dout_p, out_p, lse_p, drop_p, seed_v, bias, return_dbias, return_dsinks,
                  backend, ref_call)
-    return _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
-                   bias)
+    res = _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
+                  bias)
+    return res if device == "cpu" else _to_device_like(q, res)
 
 
 def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array,
@@ -252,7 +267,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
     dp.same([("k.shape[1]", hkv), ("v.shape[1]", v.shape[1])], "num_kv_heads of k and v")
     dp.same([("q.shape[2]", d), ("k.shape[2]", k.shape[2])], "head_dim of q and k")
     dv = v.shape[2]
-    _check_grad_inputs(dout, out, lse, (tq, h, dv), (h, tq), dt)
+    _check_grad_inputs(dout, out, lse, (tq, h, dv), (h, tq), dt, device)
     cq = _check_cu("cu_seqlens_q", cu_seqlens_q, tq)
     ck = _check_cu("cu_seqlens_k", cu_seqlens_k, tk)
     if len(cq) != len(ck):
@@ -272,16 +287,14 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
     if kv_lens is not None:
         kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, int(lk.max(initial=0)))
         rows[:, 3] = np.minimum(lk, kl)
-    if device != "cpu":
-        raise BackendUnavailable("q, k, v: the backward takes host (numpy) arrays only "
-                                 "(for now; backend='cuda' runs them on the GPU)")
+    backend = _device_backend(device, backend)
     qp, kp, vp = (dp.host(n, x, cdt) for n, x in (("q", q), ("k", k), ("v", v)))
     p = build_problem(
         q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((bsz, 1), np.int32),
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt, device=device)
+        has_kv_lens=kl is not None, out_dtype=dt)
     dout_p = dp.host("dout", dout, cdt)
     out_p = dp.host("out", out, cdt)
     lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).T)
@@ -301,5 +314,6 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
 
     grads = _run(p, dout_p, out_p, lse_p, drop_p, seed_v, bias, return_dbias, return_dsinks,
                  backend, ref_call)
-    return _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
-                   bias)
+    res = _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
+                  bias)
+    return res if device == "cpu" else _to_device_like(q, res)

@@ -12,7 +12,7 @@ import numpy as np
 from .config import AttentionError, check_real
 from .interop import Array, like, to_numpy
 
-__all__ = ["rms_norm_backward", "apply_rotary_backward", "linear_backward"]
+__all__ = ["apply_rotary_backward", "linear_backward", "rms_norm_backward"]
 
 
 def _cdt(dt):
@@ -153,17 +153,17 @@ def mha_forward_train(layer, x, *, context=None, positions=None, cache=None, kv_
         q2 = layer._rope.rotate(qn, positions, layer.rotary_interleaved)
         k2 = layer._rope.rotate(kn, positions, layer.rotary_interleaved)
     cfg = layer.config
-    opts = dict(causal=cfg.causal if context is None else False,
-                window=cfg.window if context is None else (-1, -1), scale=cfg.scale,
-                softcap=cfg.softcap, mask=mask, kv_lens=kv_lens, dropout_p=drop[0],
-                seed=None if drop[0] == 0.0 else drop[1])
+    opts = {"causal": cfg.causal if context is None else False,
+                "window": cfg.window if context is None else (-1, -1), "scale": cfg.scale,
+                "softcap": cfg.softcap, "mask": mask, "kv_lens": kv_lens, "dropout_p": drop[0],
+                "seed": None if drop[0] == 0.0 else drop[1]}
     att_backend = "cpu" if backend == "auto" else backend
     o, lse = attention(q2, k2, v, return_lse=True, backend=att_backend, **opts)
     of = o.reshape(bsz, sq, h * hd)
     y = linear(of, layer.w_o, layer.b_o, lo.get("o"), lora_scale)
-    layer._tape = dict(x=x, src=src, cross=context is not None, q1=q1, k1=k1, qn=qn, kn=kn,
-                       q2=q2, k2=k2, v=v, o=o, lse=lse, of=of, positions=positions, rot=rot,
-                       lora=lo, lora_scale=lora_scale, opts=opts, backend=att_backend)
+    layer._tape = {"x": x, "src": src, "cross": context is not None, "q1": q1, "k1": k1, "qn": qn, "kn": kn,
+                       "q2": q2, "k2": k2, "v": v, "o": o, "lse": lse, "of": of, "positions": positions, "rot": rot,
+                       "lora": lo, "lora_scale": lora_scale, "opts": opts, "backend": att_backend}
     return like(x_ref, y)
 
 
@@ -276,14 +276,14 @@ def mla_forward_train(layer, x, *, positions=None, cache=None, kv_lens=None, mas
     kk = np.concatenate([kv[..., :dn], np.broadcast_to(k_pe, (bsz, sq, h, dr))], -1)
     qq = np.concatenate([q[..., :dn], q_pe], -1)
     v = np.ascontiguousarray(kv[..., dn:])
-    opts = dict(causal=layer.causal, scale=layer.scale, kv_lens=kv_lens, mask=mask,
-                dropout_p=drop[0], seed=None if drop[0] == 0.0 else drop[1])
+    opts = {"causal": layer.causal, "scale": layer.scale, "kv_lens": kv_lens, "mask": mask,
+                "dropout_p": drop[0], "seed": None if drop[0] == 0.0 else drop[1]}
     att_backend = "cpu" if backend == "auto" else backend
     o, lse = attention(qq, kk, v, return_lse=True, backend=att_backend, **opts)
     of = o.reshape(bsz, sq, h * dv)
     y = linear(of, layer.w_o, layer.b_o)
-    layer._tape = dict(x=x, a=a, an=an, ckv=ckv, c=c, qq=qq, kk=kk, v=v, o=o, lse=lse, of=of,
-                       positions=positions, opts=opts, backend=att_backend)
+    layer._tape = {"x": x, "a": a, "an": an, "ckv": ckv, "c": c, "qq": qq, "kk": kk, "v": v, "o": o, "lse": lse, "of": of,
+                       "positions": positions, "opts": opts, "backend": att_backend}
     return like(x_ref, y)
 
 
@@ -300,8 +300,7 @@ def mla_backward(layer, dy):
     if dy.shape != x.shape:
         raise AttentionError(f"dy: expected shape {x.shape}, got {dy.shape}")
     bsz, sq = x.shape[:2]
-    h = layer.num_heads
-    r, dn, dr = layer.kv_lora_rank, layer.qk_nope_head_dim, layer.qk_rope_head_dim
+    r, dn, _dr = layer.kv_lora_rank, layer.qk_nope_head_dim, layer.qk_rope_head_dim
     grads = {}
     res = linear_backward(tape["of"], dy, layer.w_o)
     _put_linear(grads, "o_proj", res, layer.b_o is not None, None, False)
@@ -310,7 +309,7 @@ def mla_backward(layer, dy):
                                        tape["lse"], backend=tape["backend"], **tape["opts"])
     pos = tape["positions"]
     cos, sin = layer._rope.get(int(pos.max(initial=0)) + 1)
-    rot = dict(interleaved=layer.rotary_interleaved, positions=pos)
+    rot = {"interleaved": layer.rotary_interleaved, "positions": pos}
     # keys: kv = c W_kv_b^T gives (k_nope, v); the rotary key is shared by every head
     dkv = np.concatenate([dkk[..., :dn], dvv], -1).reshape(bsz * sq, -1)
     c2 = tape["c"].reshape(bsz * sq, r)

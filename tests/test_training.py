@@ -61,16 +61,16 @@ def test_apply_rotary_backward_partial(rng, interleaved):
 
 
 LAYERS = {
-    "gqa-rope-qknorm-bias-lora": dict(
-        layer=dict(hidden_size=8, num_heads=4, num_kv_heads=2, head_dim=4, qkv_bias=True,
-                   out_bias=True, qk_norm=True, rope_theta=1e4, partial_rotary_factor=0.5,
-                   rotary_interleaved=True, softcap=5.0, rope_scaling={"rope_type": "linear",
-                                                                       "factor": 2.0}),
-        lora=("q", "k", "v", "o"), dropout=0.0),
-    "mqa-window-dropout": dict(
-        layer=dict(hidden_size=6, num_heads=3, num_kv_heads=1, head_dim=2, rope_theta=100.0,
-                   sliding_window=2),
-        lora=("v",), dropout=0.3),
+    "gqa-rope-qknorm-bias-lora": {
+        "layer": {"hidden_size": 8, "num_heads": 4, "num_kv_heads": 2, "head_dim": 4, "qkv_bias": True,
+                   "out_bias": True, "qk_norm": True, "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                   "rotary_interleaved": True, "softcap": 5.0, "rope_scaling": {"rope_type": "linear",
+                                                                       "factor": 2.0}},
+        "lora": ("q", "k", "v", "o"), "dropout": 0.0},
+    "mqa-window-dropout": {
+        "layer": {"hidden_size": 6, "num_heads": 3, "num_kv_heads": 1, "head_dim": 2, "rope_theta": 100.0,
+                   "sliding_window": 2},
+        "lora": ("v",), "dropout": 0.3},
 }
 
 
@@ -85,7 +85,7 @@ def test_layer_backward_matches_finite_differences(rng, name):
     lora = {t: (rng.standard_normal((2, ins[t])), rng.standard_normal((outs[t], 2)))
             for t in spec["lora"]}
     x = rng.standard_normal((2, 4, e))
-    kw = dict(lora=lora, lora_scale=0.5)
+    kw = {"lora": lora, "lora_scale": 0.5}
     if spec["dropout"]:
         kw.update(dropout_p=spec["dropout"], seed=4)
     y = layer.forward(x, train=True, **kw)

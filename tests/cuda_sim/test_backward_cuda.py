@@ -9,10 +9,10 @@ import numba_attn
 from numba_attn import reference
 
 CASES = {
-    "gqa-causal-dropout": dict(causal=True, dropout_p=0.3, seed=9),
-    "window-softcap-alibi": dict(window=(2, 1), softcap=2.0, alibi_slopes=True),
-    "bias-mask-sinks-kv_lens": dict(bias=(1, 4, 3, 5), mask=True, sinks=True,
-                                    kv_lens=[5, 0], causal="top_left"),
+    "gqa-causal-dropout": {"causal": True, "dropout_p": 0.3, "seed": 9},
+    "window-softcap-alibi": {"window": (2, 1), "softcap": 2.0, "alibi_slopes": True},
+    "bias-mask-sinks-kv_lens": {"bias": (1, 4, 3, 5), "mask": True, "sinks": True,
+                                    "kv_lens": [5, 0], "causal": "top_left"},
 }
 
 
@@ -42,7 +42,7 @@ def test_cuda_backward_matches_reference(rng, name):
     ro, rl = reference.attention(q, k, v, return_lse=True, **kw)
     np.testing.assert_allclose(out, ro, atol=1e-10, rtol=1e-10)
     dout = rng.standard_normal(out.shape)
-    flags = dict(return_dbias="bias" in kw, return_dsinks="sinks" in kw)
+    flags = {"return_dbias": "bias" in kw, "return_dsinks": "sinks" in kw}
     got = numba_attn.attention_backward(dout, q, k, v, out, lse, backend="cuda", **flags, **kw)
     exp = [e for e in reference.attention_backward(dout, q, k, v, ro, rl, **kw)
            if e is not None]
@@ -60,3 +60,19 @@ def test_cuda_dropout_mask_equals_cpu_bit_for_bit():
     c = numba_attn.attention(q, k, v, dropout_p=0.5, seed=123, backend="cpu")
     assert np.array_equal(a > 0, c > 0)
     np.testing.assert_allclose(a, c, atol=1e-14)
+
+
+def test_cuda_backward_of_device_arrays_gives_device_arrays(rng):
+    from numba import cuda
+
+    q, k, v, kw = _inputs(rng, {"causal": True, "sinks": True})
+    out, lse = reference.attention(q, k, v, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape)
+    dev = [cuda.to_device(x) for x in (dout, q, k, v, out, lse)]
+    got = numba_attn.attention_backward(*dev, return_dsinks=True, **kw)
+    exp = reference.attention_backward(dout, q, k, v, out, lse, **kw)
+    for g, e in zip(got, [e for e in exp if e is not None]):
+        assert hasattr(g, "copy_to_host")
+        np.testing.assert_allclose(g.copy_to_host(), e, atol=1e-10, rtol=1e-9)
+    with pytest.raises(numba_attn.AttentionError, match="same device"):
+        numba_attn.attention_backward(dout, *dev[1:], **kw)
