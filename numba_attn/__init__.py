@@ -12,12 +12,14 @@ from .cache import KVCache, PagedKVCache
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import AttentionConfig, AttentionError, BackendUnavailable
 from .dispatch import available_backends
+from .backward import attention_backward, attention_varlen_backward
 from .functional import attention, attention_varlen, merge_states
 from .kvcache import attention_with_kvcache
 from .layers import MultiHeadAttention
 from .mla import MLACache, MultiHeadLatentAttention
 from .norm import rms_norm
 from .rope import apply_rotary, rotary_cos_sin
+from .training import apply_rotary_backward, rms_norm_backward
 
 from ._version import __version__
 
@@ -30,6 +32,8 @@ __all__ = [
     "open_checkpoint",
     "attention",
     "attention_varlen",
+    "attention_backward",
+    "attention_varlen_backward",
     "available_backends",
     "merge_states",
     "MultiHeadAttention",
@@ -41,4 +45,6 @@ __all__ = [
     "attention_with_kvcache",
     "apply_rotary",
     "rotary_cos_sin",
+    "apply_rotary_backward",
+    "rms_norm_backward",
 ]

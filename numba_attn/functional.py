@@ -10,6 +10,7 @@ import numpy as np
 from . import dispatch as dp
 from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError, check_flag, check_int
+from .dropout import check_dropout
 from .interop import Array, is_torch, like, to_numpy
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
@@ -36,6 +37,12 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
     if mask is not None:
         p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
     return p
+
+
+def set_dropout(p, dropout):
+    """Record a validated (dropout_p, seed) on the Problem when dropout is on."""
+    if dropout[0] > 0.0:
+        p.extra["dropout"] = dropout
 
 
 def check_representable(cfg, cdt):
@@ -135,7 +142,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               bias: Array | None = None, mask: Array | None = None,
               kv_lens: Array | None = None, q_lens: Array | None = None,
               sinks: Array | None = None, return_lse: bool = False,
-              out: Array | None = None,
+              out: Array | None = None, dropout_p: float = 0.0, seed: int | None = None,
               backend: str = "auto",
               q_offset: int | None = None) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
@@ -178,6 +185,14 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         Also return the log-sum-exp of the scores, shape (batch, num_heads, seqlen_q).
     out : ndarray (batch, seqlen_q, num_heads, head_dim_v), optional
         Written in place and returned.
+    dropout_p : float in [0, 1), default 0.0
+        Attention dropout (training): probabilities are kept with probability
+        ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)`` (``lse`` is not affected).
+        The keep bit of (b, h, i, j) is a pure function of (seed, b, h, i, j)
+        (:mod:`numba_attn.dropout`), so :func:`attention_backward` regenerates it; CPU,
+        CUDA and reference backends agree on it bit for bit. 0 runs the unchanged kernels.
+    seed : int in [0, 2**63), optional
+        Dropout seed, required when ``dropout_p > 0``.
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
         "auto" runs where the data lives.
     q_offset : int, default seqlen_k - seqlen_q
@@ -243,6 +258,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
                                 "(batch, seqlen_k, num_kv_heads, head_dim)")
     return_lse = check_flag("return_lse", return_lse)
+    dropout = check_dropout(dropout_p, seed)
     bsz, sq, h, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     dp.same([("q.shape[0]", bsz), ("k.shape[0]", k.shape[0]), ("v.shape[0]", v.shape[0])],
@@ -283,6 +299,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
         has_kv_lens=kl is not None or ql is not None, out_dtype=dt, device=device)
+    set_dropout(p, dropout)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if ql is not None and (ql < sq).any():  # padded query rows: out 0, lse -inf
         pad = np.arange(sq)[None, :] >= ql[:, None]
@@ -323,6 +340,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      bias: Array | None = None, mask: Array | None = None,
                      kv_lens: Array | None = None, sinks: Array | None = None,
                      return_lse: bool = False, out: Array | None = None,
+                     dropout_p: float = 0.0, seed: int | None = None,
                      backend: str = "auto") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
@@ -345,6 +363,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     return_lse : bool, default False
         Also return lse of shape (num_heads, total_q).
     out : ndarray (total_q, num_heads, head_dim_v), optional
+    dropout_p, seed : float, int, optional
+        As :func:`attention`; ``b`` of the keep mask is the row (segment) index.
 
     Returns
     -------
@@ -369,6 +389,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     dt, cdt, device = canon_qkv(q, k, v, 3, "(total_q, num_heads, head_dim)",
                                 "(total_k, num_kv_heads, head_dim)")
     return_lse = check_flag("return_lse", return_lse)
+    dropout = check_dropout(dropout_p, seed)
     tq, h, d = q.shape
     tk, hkv = k.shape[0], k.shape[1]
     dp.same([("k.shape[0]", tk), ("v.shape[0]", v.shape[0])], "total_k of k and v")
@@ -407,6 +428,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
         has_kv_lens=kl is not None, out_dtype=dt, device=device)
+    set_dropout(p, dropout)
     o, lse = run_and_finish(p, backend, out, (tq, h, dv))
     if out is not None:
         o = out_ref

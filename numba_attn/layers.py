@@ -795,7 +795,8 @@ class MultiHeadAttention(ParameterMixin):
                 positions: Array | None = None, cache: Any = None,
                 kv_lens: Array | None = None, mask: Array | None = None,
                 lora: dict | None = None, lora_scale: float = 1.0,
-                backend: str | None = None) -> Array:
+                backend: str | None = None, train: bool = False, dropout_p: float = 0.0,
+                seed: int | None = None) -> Array:
         """Run the layer.
 
         Parameters
@@ -820,6 +821,11 @@ class MultiHeadAttention(ParameterMixin):
         lora_scale : float, default 1.0
         backend : str, optional
             Overrides the layer's ``backend`` for this call.
+        train : bool, default False
+            Keep what :meth:`backward` needs (no cache); host arrays.
+        dropout_p, seed : float, int, optional
+            Attention dropout of a training step (``train=True`` only), as
+            :func:`numba_attn.attention`.
 
         Returns
         -------
@@ -845,6 +851,15 @@ class MultiHeadAttention(ParameterMixin):
         >>> bool(np.allclose(np.concatenate(steps, 1), layer(x), atol=1e-5))
         True
         """
+        if check_flag("train", train):
+            from .training import mha_forward_train
+
+            return mha_forward_train(self, x, context=context, positions=positions,
+                                     cache=cache, kv_lens=kv_lens, mask=mask, lora=lora,
+                                     lora_scale=lora_scale, backend=backend,
+                                     dropout_p=dropout_p, seed=seed)
+        if dropout_p:
+            raise AttentionError("dropout_p: only with train=True (inference has no dropout)")
         dt = self.dtype
         backend = self.backend if backend is None else backend
         x_ref, x = x, check_hidden("x", x, self.hidden_size, dt)
@@ -895,6 +910,33 @@ class MultiHeadAttention(ParameterMixin):
             o = to_host(o)
         o = o.reshape(bsz, sq, h * hd)
         return like(x_ref, linear(o, self.w_o, self.b_o, lo.get("o"), lora_scale))
+
+    def backward(self, dy: Array):
+        """Gradients of the last ``forward(..., train=True)`` call.
+
+        Returns
+        -------
+        dx : ndarray (batch, seqlen, hidden_size)
+        dcontext : ndarray, only after a cross-attention forward (then ``(dx, dcontext,
+            grads)`` is returned)
+        grads : dict
+            Keyed like :meth:`state_dict` (``q_proj.weight``, ..., ``o_proj.bias``,
+            ``q_norm.weight``, ``k_norm.weight``), plus ``lora.<target>.A`` /
+            ``lora.<target>.B`` for each LoRA target the forward used.
+
+        Examples
+        --------
+        >>> import numpy as np, numba_attn
+        >>> layer = numba_attn.MultiHeadAttention(16, 4, 2, rope_theta=1e4, seed=0)
+        >>> x = np.random.default_rng(0).standard_normal((1, 5, 16), dtype=np.float32)
+        >>> y = layer.forward(x, train=True)
+        >>> dx, grads = layer.backward(np.ones_like(y))
+        >>> dx.shape, sorted(grads)[:2]
+        ((1, 5, 16), ['k_proj.weight', 'o_proj.weight'])
+        """
+        from .training import mha_backward
+
+        return mha_backward(self, dy)
 
     def _attend_cache(self, q, k, v, cache, positions, rot, mask, backend):
         """Append k/v to ``cache`` and attend; rotary inside the kernel call when the

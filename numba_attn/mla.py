@@ -25,7 +25,7 @@ import math
 import numpy as np
 
 from . import dispatch as dp
-from .config import AttentionConfig, AttentionError, check_real
+from .config import AttentionConfig, AttentionError, check_flag, check_real
 from .layers import (
     ParameterMixin,
     RotaryTable,
@@ -331,7 +331,8 @@ class MultiHeadLatentAttention(ParameterMixin):
                         self.dtype)
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x, *, positions=None, cache=None, kv_lens=None, mask=None, backend=None):
+    def forward(self, x, *, positions=None, cache=None, kv_lens=None, mask=None, backend=None,
+                train=False, dropout_p=0.0, seed=None):
         """Run the layer: naive form without a cache, absorbed form with one.
 
         Parameters
@@ -346,11 +347,23 @@ class MultiHeadLatentAttention(ParameterMixin):
             Key padding (no cache).
         mask : bool array broadcastable to (batch, num_heads, seqlen, seqlen_kv), optional
         backend : str, optional
+        train : bool, default False
+            Naive form, keeping what :meth:`backward` needs (no cache).
+        dropout_p, seed : float, int, optional
+            Attention dropout (``train=True`` only), as :func:`numba_attn.attention`.
 
         Returns
         -------
         y : ndarray (batch, seqlen, hidden_size)
         """
+        if check_flag("train", train):
+            from .training import mla_forward_train
+
+            return mla_forward_train(self, x, positions=positions, cache=cache,
+                                     kv_lens=kv_lens, mask=mask, backend=backend,
+                                     dropout_p=dropout_p, seed=seed)
+        if dropout_p:
+            raise AttentionError("dropout_p: only with train=True (inference has no dropout)")
         from .norm import rms_norm
 
         dt, h = self.dtype, self.num_heads
@@ -396,6 +409,25 @@ class MultiHeadLatentAttention(ParameterMixin):
             o = self._absorbed(q[..., :dn], q_pe, c, k_pe, w_kv_b, cache, old, new, mask,
                                backend)
         return linear(o.reshape(bsz, sq, h * self.v_head_dim), self.w_o, self.b_o)
+
+    def backward(self, dy):
+        """Gradients of the last ``forward(..., train=True)`` call: ``(dx, grads)``, grads
+        keyed like :meth:`state_dict`.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from numba_attn import MultiHeadLatentAttention
+        >>> mla = MultiHeadLatentAttention(16, 2, kv_lora_rank=8, qk_nope_head_dim=4,
+        ...                                qk_rope_head_dim=2, v_head_dim=4, seed=0)
+        >>> x = np.random.default_rng(0).standard_normal((1, 3, 16), dtype=np.float32)
+        >>> dx, grads = mla.backward(np.ones_like(mla.forward(x, train=True)))
+        >>> dx.shape, "kv_b_proj.weight" in grads
+        ((1, 3, 16), True)
+        """
+        from .training import mla_backward
+
+        return mla_backward(self, dy)
 
     def _naive(self, q_nope, q_pe, c, k_pe, w_kv_b, kv_lens, mask, backend):
         from .functional import attention

@@ -12,7 +12,8 @@ import math
 
 import numpy as np
 
-__all__ = ["attention", "attention_varlen", "merge_states", "attention_rows"]
+__all__ = ["attention", "attention_varlen", "merge_states", "attention_rows",
+           "attention_backward", "attention_varlen_backward", "attention_rows_backward"]
 
 
 def _f64(x):
@@ -20,12 +21,13 @@ def _f64(x):
 
 
 def attention_rows(q, k, v, *, off, klen, scale, causal="bottom_right", window=(-1, -1),
-                   softcap=0.0, slopes=None, bias=None, mask=None, sink=None):
+                   softcap=0.0, slopes=None, bias=None, mask=None, sink=None, dropout=None):
     """Attention for one batch row.
 
     q (Sq, H, D), k (Sk, Hkv, D), v (Sk, Hkv, Dv); ``off`` is the alignment offset
     (query ``i`` sits at key position ``i + off``); keys ``j >= klen`` are invisible.
-    slopes (H,), bias (H, Sq, Sk) float, mask (H, Sq, Sk) bool, sink (H,).
+    slopes (H,), bias (H, Sq, Sk) float, mask (H, Sq, Sk) bool, sink (H,); dropout
+    (keep (H, Sq, Sk) bool, p): kept probabilities are scaled by 1 / (1 - p), lse is not.
     Returns out (Sq, H, Dv) and lse (H, Sq), float64.
     """
     q, k, v = _f64(q), _f64(k), _f64(v)
@@ -65,6 +67,8 @@ def attention_rows(q, k, v, *, off, klen, scale, causal="bottom_right", window=(
     denom = p.sum(axis=2)
     if sink is not None:
         denom = denom + np.exp(_f64(sink)[:, None] - m_safe)
+    if dropout is not None:
+        p = p * np.asarray(dropout[0], dtype=bool) / (1.0 - dropout[1])
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = np.where(denom > 0, m_safe + np.log(denom), -np.inf)
         out = np.einsum("hij,jhd->ihd", p, vh) / np.where(denom > 0, denom, 1.0).T[:, :, None]
@@ -89,7 +93,7 @@ def _slopes_row(slopes, b, h):
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
               alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
-              return_lse=False, q_offset=None):
+              return_lse=False, q_offset=None, dropout_p=0.0, seed=None):
     """Reference of :func:`numba_attn.attention`; q (B, Sq, H, D), k/v (B, Sk, Hkv, D[v]).
 
     Query ``i`` sits at key position ``i + q_offset`` (default ``Sk - Sq``).
@@ -113,14 +117,25 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
             slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk)),
             mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk)),
-            sink=sinks)
+            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, sq, sk))
     return (out, lse) if return_lse else out
+
+
+def _dropout(dropout_p, seed, b, h, lq, lk):
+    """(keep (h, lq, lk), p) of batch row ``b``, or None without dropout."""
+    if not dropout_p:
+        return None
+    from .dropout import keep_mask
+
+    keep = keep_mask(seed, b, np.arange(h)[:, None, None], np.arange(lq)[None, :, None],
+                     np.arange(lk)[None, None, :], dropout_p)
+    return keep, float(dropout_p)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                      max_seqlen_k=None, causal=False, window=(-1, -1), scale=None,
                      softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
-                     sinks=None, return_lse=False):
+                     sinks=None, return_lse=False, dropout_p=0.0, seed=None):
     """Reference of :func:`numba_attn.attention_varlen`; q (Tq, H, D), k/v (Tk, Hkv, D[v]).
 
     Row ``b`` owns queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys likewise; its
@@ -150,7 +165,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
             slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else _crop(bias_b, h, lq, lk),
             mask=None if mask_b is None else _crop(mask_b, h, lq, lk),
-            sink=sinks)
+            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, lq, lk))
     return (out, lse) if return_lse else out
 
 
@@ -177,3 +192,173 @@ def merge_states(out_a, lse_a, out_b, lse_b):
     wa = np.swapaxes(wa, -1, -2)[..., None]
     wb = np.swapaxes(wb, -1, -2)[..., None]
     return wa * out_a + wb * out_b, lse
+
+
+# ---------------------------------------------------------------------------------------
+# backward (FlashAttention-2's formulas, materialised)
+# ---------------------------------------------------------------------------------------
+def _scores(q, kh, *, off, klen, scale, causal, window, softcap, slopes, bias, mask):
+    """Scores of one batch row, (H, Sq, Sk), -inf where invisible; also ds/ds_raw of the
+    soft-cap (1 - tanh^2, or 1) and the visibility."""
+    sq, h, _ = q.shape
+    sk = kh.shape[0]
+    s = np.einsum("ihd,jhd->hij", q, kh) * scale
+    dcap = np.ones_like(s)
+    if softcap > 0.0:
+        t = np.tanh(s / softcap)
+        s = softcap * t
+        dcap = 1.0 - t * t
+    i = np.arange(sq)[:, None]
+    j = np.arange(sk)[None, :]
+    if slopes is not None:
+        s = s - _f64(slopes)[:, None, None] * np.abs(i + off - j)[None]
+    if bias is not None:
+        s = s + _f64(bias)
+    visible = np.broadcast_to(j < klen, (sq, sk))
+    if causal == "bottom_right":
+        visible = visible & (j <= i + off)
+    elif causal == "top_left":
+        visible = visible & (j <= i)
+    left, right = window
+    if left >= 0:
+        visible = visible & (j >= i + off - left)
+    if right >= 0:
+        visible = visible & (j <= i + off + right)
+    visible = np.broadcast_to(visible, (h, sq, sk))
+    if mask is not None:
+        visible = visible & np.asarray(mask, dtype=bool)
+    return np.where(visible, s, -np.inf), dcap, visible
+
+
+def attention_rows_backward(dout, q, k, v, out, lse, *, off, klen, scale,
+                            causal="bottom_right", window=(-1, -1), softcap=0.0, slopes=None,
+                            bias=None, mask=None, sink=None, dropout=None):
+    """Gradients of one batch row (arguments as :func:`attention_rows`).
+
+    dout, out (Sq, H, Dv); lse (H, Sq) as the forward returned it. Returns dq (Sq, H, D),
+    dk (Sk, Hkv, D), dv (Sk, Hkv, Dv), dscores (H, Sq, Sk) (= d bias) and dsink (H,):
+    ``p = exp(s - lse)``, ``delta = rowsum(dout * out)``, ``ds = p (dp - delta)``,
+    ``dsink = -sum_i exp(sink - lse_i) delta_i``; dk/dv summed over each group's heads.
+    """
+    dout, q, k, v, out, lse = map(_f64, (dout, q, k, v, out, lse))
+    _sq, h, d = q.shape
+    sk, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
+    group = h // hkv
+    kh = np.repeat(k, group, axis=1) if sk else np.zeros((0, h, d))
+    vh = np.repeat(v, group, axis=1) if sk else np.zeros((0, h, dv))
+    s, dcap, visible = _scores(q, kh, off=off, klen=klen, scale=scale, causal=causal,
+                               window=tuple(window), softcap=float(softcap), slopes=slopes,
+                               bias=bias, mask=mask)
+    fin = np.isfinite(lse)
+    lse_safe = np.where(fin, lse, 0.0)
+    p = np.where(visible & fin[:, :, None], np.exp(s - lse_safe[:, :, None]), 0.0)
+    mult = 1.0
+    if dropout is not None:
+        mult = np.asarray(dropout[0], dtype=bool) / (1.0 - dropout[1])
+    pd = p * mult  # the probabilities the forward multiplied V by
+    dvh = np.einsum("hij,ihd->jhd", pd, dout)
+    dp = np.einsum("ihd,jhd->hij", dout, vh) * mult
+    delta = np.einsum("ihd,ihd->hi", dout, out)
+    ds = p * (dp - delta[:, :, None])
+    dsink = np.zeros(h)
+    if sink is not None:
+        dsink = -np.sum(np.where(fin, np.exp(_f64(sink)[:, None] - lse_safe), 0.0) * delta,
+                        axis=1)
+    dsr = ds * dcap * scale
+    dq = np.einsum("hij,jhd->ihd", dsr, kh)
+    dkh = np.einsum("hij,ihd->jhd", dsr, q)
+    dk = dkh.reshape(sk, hkv, group, d).sum(axis=2)
+    dvv = dvh.reshape(sk, hkv, group, dv).sum(axis=2)
+    return dq, dk, dvv, ds, dsink
+
+
+def _reduce_to(full, shape):
+    """Sum a (B, H, Sq, Sk) gradient down to the broadcastable ``shape`` it came from."""
+    shape = tuple(shape)
+    four = (1,) * (4 - len(shape)) + shape
+    axes = tuple(a for a in range(4) if four[a] == 1 and full.shape[a] != 1)
+    red = full.sum(axis=axes, keepdims=True) if axes else full
+    return red[tuple(slice(0, n) for n in four)].reshape(shape)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1), scale=None,
+                       softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
+                       sinks=None, dropout_p=0.0, seed=None):
+    """Reference of :func:`numba_attn.attention_backward`.
+
+    Returns (dq, dk, dv, dbias, dsinks), float64; dbias has the shape ``bias`` was given
+    in (None without bias), dsinks (H,) (None without sinks).
+    """
+    from .config import normalize_causal
+
+    causal = normalize_causal(causal)
+    bsz, sq, h, d = q.shape
+    sk, _hkv = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    dq = np.zeros(q.shape)
+    dk = np.zeros(k.shape)
+    dv = np.zeros(v.shape)
+    dbias = np.zeros((bsz, h, sq, sk))
+    dsinks = np.zeros(h)
+    for b in range(bsz):
+        bias_b = _batch_slice(bias, b, bsz)
+        mask_b = _batch_slice(mask, b, bsz)
+        r = attention_rows_backward(
+            dout[b], q[b], k[b], v[b], out[b], _f64(lse[b]), off=sk - sq,
+            klen=sk if kv_lens is None else int(kv_lens[b]), scale=scale, causal=causal,
+            window=tuple(window), softcap=float(softcap),
+            slopes=_slopes_row(alibi_slopes, b, h),
+            bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk)),
+            mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk)),
+            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, sq, sk))
+        dq[b], dk[b], dv[b], dbias[b] = r[:4]
+        dsinks += r[4]
+    return (dq, dk, dv, None if bias is None else _reduce_to(dbias, np.shape(bias)),
+            None if sinks is None else dsinks)
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
+                              max_seqlen_q=None, max_seqlen_k=None, causal=False,
+                              window=(-1, -1), scale=None, softcap=0.0, alibi_slopes=None,
+                              bias=None, mask=None, kv_lens=None, sinks=None, dropout_p=0.0,
+                              seed=None):
+    """Reference of :func:`numba_attn.attention_varlen_backward`; lse (H, Tq).
+
+    Returns (dq, dk, dv, dbias, dsinks) as :func:`attention_backward`; dbias positions
+    beyond a row's lengths get zero gradient.
+    """
+    from .config import normalize_causal
+
+    causal = normalize_causal(causal)
+    h, d = q.shape[1], q.shape[2]
+    cq = np.asarray(cu_seqlens_q)
+    ck = np.asarray(cu_seqlens_k)
+    bsz = len(cq) - 1
+    lq_all, lk_all = np.diff(cq), np.diff(ck)
+    mq = int(lq_all.max(initial=0)) if max_seqlen_q is None else int(max_seqlen_q)
+    mk = int(lk_all.max(initial=0)) if max_seqlen_k is None else int(max_seqlen_k)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    lse = _f64(lse)
+    dq = np.zeros(q.shape)
+    dk = np.zeros(k.shape)
+    dv = np.zeros(v.shape)
+    dbias = np.zeros((bsz, h, mq, mk))
+    dsinks = np.zeros(h)
+    for b in range(bsz):
+        q0, q1, k0, k1 = int(cq[b]), int(cq[b + 1]), int(ck[b]), int(ck[b + 1])
+        lq, lk = q1 - q0, k1 - k0
+        bias_b = _batch_slice(bias, b, bsz)
+        mask_b = _batch_slice(mask, b, bsz)
+        klen = lk if kv_lens is None else min(lk, int(kv_lens[b]))
+        r = attention_rows_backward(
+            dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], lse[:, q0:q1],
+            off=lk - lq, klen=klen, scale=scale, causal=causal, window=tuple(window),
+            softcap=float(softcap), slopes=_slopes_row(alibi_slopes, b, h),
+            bias=None if bias_b is None else _crop(bias_b, h, lq, lk),
+            mask=None if mask_b is None else _crop(mask_b, h, lq, lk),
+            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, lq, lk))
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = r[:3]
+        dbias[b, :, :lq, :lk] = r[3]
+        dsinks += r[4]
+    return (dq, dk, dv, None if bias is None else _reduce_to(dbias, np.shape(bias)),
+            None if sinks is None else dsinks)

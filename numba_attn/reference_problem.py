@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .reference import attention_rows
+from .reference import _dropout, attention_rows
 
 
 def _to_host(x):
@@ -49,7 +49,9 @@ def run_problem(p):
         o, l = attention_rows(
             q[q0:q0 + lq], k[phys], v[phys], off=off, klen=klen, scale=cfg.scale,
             causal=cfg.causal, window=cfg.window, softcap=cfg.softcap, slopes=slopes,
-            bias=bias, mask=mask, sink=_to_host(p.sinks))
+            bias=bias, mask=mask, sink=_to_host(p.sinks),
+            dropout=_dropout(*p.extra["dropout"], b, h, lq, lk) if "dropout" in p.extra
+            else None)
         out[q0:q0 + lq] = o
         lse[q0:q0 + lq] = l.T
     dt = p.compute_dtype

@@ -102,6 +102,10 @@ class CUDABackend(_dp.Backend):
         return reasons
 
     def run(self, problem):
+        if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
+            from .backward import forward_dropout
+
+            return forward_dropout(problem, *problem.extra["dropout"])
         from .launch import forward
 
         return forward(problem)

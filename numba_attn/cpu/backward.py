@@ -1,0 +1,715 @@
+"""Attention backward on the CPU (FlashAttention-2's recomputation), and the dropout forward.
+
+Nothing of size seqlen_q x seqlen_k is allocated: scores are recomputed tile by tile from
+the forward's ``lse`` (``p = exp(s - lse)``), with ``delta = rowsum(dout * out)``. Work is
+split so that every parallel item owns what it writes (no atomics, no merge):
+
+* ``tiled_dq``: items (query block, kv head) with the group's query rows in vector lanes
+  (as the forward): ``S^T = K Q^T`` and ``dP^T = V dO^T`` by the QK micro-kernel, ``dS`` in
+  vectors, ``dQ^T += K^T dS^T`` by the PV micro-kernel;
+* ``tiled_dkdv``: items (key block, kv head) with keys in lanes, for each query head of
+  the group (dk / dv summed over it, never a repeated K/V): ``S = Q K^T``, ``dP = dO V^T``
+  (QK), ``dV^T += dO^T P`` and ``dK^T += Q^T dS`` (PV). The queries that see a key block
+  are a contiguous range (``key_range`` is monotone in the query), found by bisection;
+* ``bwd_dbias`` (only when dbias is asked for; plain loops): one item per row of the bias
+  *as given* (broadcast axes folded), summing ``ds`` over every (b, h, i, j) that reads it.
+
+The forward with dropout (``dropout_p > 0``) runs the unchanged fused forward for ``lse``,
+then ``tiled_dropout_out`` recomputes ``p = exp(s - lse)`` and sums the kept values; so
+``dropout_p = 0`` runs exactly the unchanged forward. ``dropout_forward`` (plain loops, a
+two-pass softmax per (query, head)) is the simple twin, kept for tests.
+
+Storage is contiguous (batched or packed varlen): key ``j`` of row ``b`` is storage row
+``rows[b, 2] + j``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from .. import dropout as dr
+from .. import masking
+from .._jit import inline, jit
+from .microkernels import pv6, pv8, qk6, qk8
+from .simd import block_rows, lanes, vexp, vload, vmul, vsplat, vstore, vsub, vtanh
+
+key_range = inline(masking.key_range)
+tile_needs_mask = inline(masking.tile_needs_mask)
+mix64 = inline(dr.mix64)
+row_key = inline(dr.row_key)
+element_bits = inline(dr.element_bits)
+
+
+@inline
+def dot(a, b, n):
+    acc = a[0] * 0
+    for c in range(n):
+        acc += a[c] * b[c]
+    return acc
+
+
+@inline
+def score(qrow, krow, d, i, j, b, h, off, scale, softcap, slope, has_alibi, bias, bstr,
+          has_bias):
+    """(s, ds/ds_raw) of one visible pair: scale, soft-cap, ALiBi, bias (DESIGN.md order)."""
+    s = dot(qrow, krow, d) * scale
+    dcap = scale / scale
+    if softcap > 0.0:
+        th = math.tanh(s / softcap)
+        s = softcap * th
+        dcap = dcap - th * th
+    if has_alibi:
+        s -= slope * abs(i + off - j)
+    if has_bias:
+        s += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + j * bstr[3]]
+    return s, dcap
+
+
+@inline
+def masked(mask, mstr, has_mask, b, h, i, j):
+    return has_mask and not mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + j * mstr[3]]
+
+
+@inline
+def query_range(j, lq, off, klen, causal, wl, wr):
+    """Queries [ilo, ihi) of a row (``lq`` queries) whose key range holds key ``j``."""
+    lo_i, hi_i = 0, lq  # first i with hi(i) > j
+    while lo_i < hi_i:
+        mid = (lo_i + hi_i) // 2
+        if key_range(mid, mid + 1, off, klen, causal, wl, wr)[1] > j:
+            hi_i = mid
+        else:
+            lo_i = mid + 1
+    ilo = lo_i
+    lo_i, hi_i = ilo, lq  # first i >= ilo with lo(i) > j
+    while lo_i < hi_i:
+        mid = (lo_i + hi_i) // 2
+        if key_range(mid, mid + 1, off, klen, causal, wl, wr)[0] > j:
+            hi_i = mid
+        else:
+            lo_i = mid + 1
+    return ilo, lo_i
+
+
+@jit(parallel=True)
+def bwd_dbias(q, k, v, dout, lse, delta, dbias, bshape, rows, scale, causal, wl, wr, softcap,
+              slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop, seed,
+              thr, pscale):
+    """dbias (flat, canonical 4-D ``bshape``, zero-initialised): ds summed over every
+    (b, h, i, j) that reads each element; one item per (b', h', i') row of the bias."""
+    n_heads = q.shape[1]
+    group = n_heads // k.shape[1]
+    batch = rows.shape[0]
+    one = scale / scale
+    nb, nh, ni, nj = bshape[0], bshape[1], bshape[2], bshape[3]
+    for w in prange(nb * nh * ni):
+        bb = w // (nh * ni)
+        hb = (w // ni) % nh
+        ib = w % ni
+        base = w * nj
+        b0, b1 = (0, batch) if nb == 1 else (bb, bb + 1)
+        h0, h1 = (0, n_heads) if nh == 1 else (hb, hb + 1)
+        for b in range(b0, b1):
+            q_start, lq, k_start, klen, off = rows[b, 0], rows[b, 1], rows[b, 2], \
+                rows[b, 3], rows[b, 4]
+            i0, i1 = (0, lq) if ni == 1 else (ib, min(ib + 1, lq))
+            for h in range(h0, h1):
+                kvh = h // group
+                slope = one * 0
+                if has_alibi:
+                    slope = slopes[b if slopes.shape[0] > 1 else 0, h]
+                for i in range(i0, i1):
+                    t = q_start + i
+                    lse_v = lse[t, h]
+                    if lse_v == -np.inf:
+                        continue
+                    rkey = np.uint64(0)
+                    if has_drop:
+                        rkey = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
+                    lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
+                    for j in range(lo, hi):
+                        if masked(mask, mstr, has_mask, b, h, i, j):
+                            continue
+                        s, _dcap = score(q[t, h], k[k_start + j, kvh], q.shape[2], i, j, b, h,
+                                        off, scale, softcap, slope, has_alibi, bias, bstr,
+                                        has_bias)
+                        p = math.exp(s - lse_v)
+                        dpd = dot(dout[t, h], v[k_start + j, kvh], v.shape[2])
+                        if has_drop:
+                            if element_bits(rkey, np.uint64(j)) < thr:
+                                dpd = dpd * 0
+                            else:
+                                dpd = dpd * pscale
+                        dbias[base + (j if nj > 1 else 0)] += p * (dpd - delta[t, h])
+
+
+# ---------------------------------------------------------------------------------------
+# launch
+# ---------------------------------------------------------------------------------------
+def _dummy(dtype, ndim=1):
+    return np.zeros((1,) * ndim, dtype=dtype)
+
+
+def _token_rows(rows, n, start_col, len_col):
+    """(n,) int64: batch row of each storage row (-1 where none)."""
+    out = np.full(n, -1, np.int64)
+    for b in range(rows.shape[0]):
+        s0, ln = int(rows[b, start_col]), int(rows[b, len_col])
+        out[s0:s0 + max(ln, 0)] = b
+    return out
+
+
+BLOCK_ROWS = 64  # lanes of a work item: query rows (dq) or keys (dk, dv)
+BLOCK_K = 64  # keys (dq) or queries (dk, dv) of a tile
+
+
+def _blocks(rows, start_col, len_col, size):
+    """(n, 3) int64 work items (batch row, first storage row, end) of ``size`` rows."""
+    out = []
+    for b in range(rows.shape[0]):
+        s0, ln = int(rows[b, start_col]), int(rows[b, len_col])
+        for x in range(s0, s0 + max(ln, 0), size):
+            out.append((b, x, min(x + size, s0 + ln)))
+    return np.array(out, np.int64).reshape(-1, 3)
+
+
+def _common(p, drop_p, seed):
+    """Option arguments shared by the kernels (after scale .. mask strides)."""
+    from ..masking import CAUSAL_CODES
+
+    cfg = p.config
+    dt = p.compute_dtype
+    return (dt.type(cfg.scale), np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
+            np.int64(cfg.window[1]), dt.type(cfg.softcap),
+            p.slopes if p.slopes is not None else _dummy(dt, 2), p.slopes is not None,
+            p.bias if p.bias is not None else _dummy(dt),
+            p.bias_strides if p.bias is not None else _dummy(np.int64), p.bias is not None,
+            p.mask if p.mask is not None else _dummy(np.bool_),
+            p.mask_strides if p.mask is not None else _dummy(np.int64), p.mask is not None)
+
+
+def _drop_args(p, drop_p, seed):
+    dt = p.compute_dtype
+    return (np.uint64(seed), np.uint64(dr.threshold(drop_p)),
+            dt.type(1.0 / (1.0 - drop_p)))
+
+
+def forward_dropout(p, drop_p, seed):
+    """Forward with dropout of a contiguous dispatch.Problem: out (Tq, H, Dv), lse (Tq, H).
+
+    The fused forward (unchanged) gives ``lse``; ``tiled_dropout_out`` then recomputes the
+    probabilities from it and sums the kept ones (``out`` of the fused forward is
+    overwritten).
+    """
+    from .._jit import parallel_guard
+    from . import launch
+
+    out, lse = launch.forward(p)  # writes p.extra["out_buffer"] when given
+    tq = p.q.shape[0]
+    if tq == 0:
+        return out, lse
+    items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // p.config.group_size))
+    out[...] = 0
+    if len(items):
+        with parallel_guard():
+            tiled_dropout_out(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
+                              *_drop_args(p, drop_p, seed), np.int64(BLOCK_K))
+    return out, lse
+
+
+def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
+    """Gradients of a contiguous dispatch.Problem.
+
+    dout / out (Tq, H, Dv) and lse (Tq, H) in the compute dtype. Returns dq, dk, dv (the
+    packed shapes of q, k, v), dbias (``bias_shape``, canonical 4-D) when ``bias_shape`` is
+    given, else None, and dsinks (H,) or None.
+    """
+    from .._jit import parallel_guard
+
+    dt = p.compute_dtype
+    q, k, v = p.q, p.k, p.v
+    dq = np.zeros(q.shape, dt)
+    dk = np.zeros(k.shape, dt)
+    dv = np.zeros(v.shape, dt)
+    delta = np.einsum("thc,thc->th", dout, out).astype(dt)
+    common = _common(p, drop_p, seed)
+    drop = (drop_p > 0.0,) + _drop_args(p, drop_p, seed)
+    dbias = None
+    with parallel_guard():
+        group = p.config.group_size
+        items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
+        if len(items):
+            tiled_dq(q, k, v, dout, lse, delta, dq, p.rows, items, *common, *drop,
+                     np.int64(BLOCK_K))
+        kitems = _blocks(p.rows, 2, 3, BLOCK_ROWS)
+        if len(kitems):
+            tiled_dkdv(q, k, v, dout, lse, delta, dk, dv, p.rows, kitems, *common, *drop,
+                       np.int64(BLOCK_K))
+        if bias_shape is not None:
+            dbias = np.zeros(int(np.prod(bias_shape)), dt)
+            if q.shape[0] and k.shape[0]:
+                bwd_dbias(q, k, v, dout, lse, delta, dbias, np.asarray(bias_shape, np.int64),
+                          p.rows, *common, *drop)
+            dbias = dbias.reshape(bias_shape)
+    dsinks = None
+    if p.sinks is not None:
+        fin = np.isfinite(lse)
+        w = np.where(fin, np.exp(np.where(fin, p.sinks[None, :] - lse, 0.0)), 0.0)
+        dsinks = -(w * delta).sum(axis=0).astype(dt)
+    return dq, dk, dv, dbias, dsinks
+
+
+# ---------------------------------------------------------------------------------------
+# tiled kernels on the SIMD micro-kernels ("rows in lanes", as the forward)
+# ---------------------------------------------------------------------------------------
+@inline
+def tile_fixup(st, n_o, nrs, li, lj, lh, oi, oj, oh, b, off, klen, causal, wl, wr, imax, jmax,
+               slope_h, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, positional):
+    """Masks, ALiBi and bias of an (outer, lanes) score tile. Element (o, r) is query
+    ``li[r] + oi[o]``, key ``lj[r] + oj[o]``, head ``lh[r] + oh[o]``; queries >= imax and
+    keys >= jmax (padding) are invisible."""
+    ninf = -np.inf
+    for o in range(n_o):
+        for r in range(nrs):
+            x = o * nrs + r
+            i = li[r] + oi[o]
+            j = lj[r] + oj[o]
+            h = lh[r] + oh[o]
+            if positional:
+                if i >= imax or j >= jmax:
+                    st[x] = ninf
+                    continue
+                lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
+                if j < lo or j >= hi:
+                    st[x] = ninf
+                    continue
+            if masked(mask, mstr, has_mask, b, h, i, j):
+                st[x] = ninf
+                continue
+            if has_alibi:
+                st[x] -= slope_h[h] * abs(i + off - j)
+            if has_bias:
+                st[x] += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + j * bstr[3]]
+
+
+@inline
+def tile_dropout(mb, n_o, nrs, lkey, okey, lj, oj, thr, pscale):
+    """mb[o, r] = the dropout multiplier (0 or 1 / (1 - p)) of each element of a tile:
+    row key ``lkey[r] ^ okey[o]`` and key ``lj[r] + oj[o]`` (one of each pair is zero:
+    the query rows sit in the lanes or in the outer index)."""
+    zero = pscale * 0
+    for o in range(n_o):
+        for r in range(nrs):
+            keep = element_bits(lkey[r] ^ okey[o], np.uint64(lj[r] + oj[o])) >= thr
+            mb[o * nrs + r] = pscale if keep else zero
+
+
+@inline
+def tile_softcap(st, dc, n, softcap):
+    """st = softcap * tanh(st / softcap); dc = 1 - tanh^2 (its derivative), n elements."""
+    w = lanes(st)
+    one = softcap / softcap
+    cap = vsplat(softcap)
+    inv = vsplat(one / softcap)
+    onev = vsplat(one)
+    for u in range(0, n, w):
+        t = vtanh(vmul(vload(st, u), inv))
+        vstore(st, u, vmul(cap, t))
+        vstore(dc, u, vsub(onev, vmul(t, t)))
+
+
+@jit(parallel=True)
+def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, softcap,
+             slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop, seed,
+             thr, pscale, block_k):
+    """dq of work items (batch row, first query, end query) x kv head: rows (query, head of
+    the group) in lanes, key tiles of ``block_k``; S^T = K (scale Q)^T and dP^T = V dO^T by
+    the QK micro-kernel, dS in vectors, dQ^T += K^T dS^T by the PV micro-kernel."""
+    dt = q.dtype
+    n_heads, d = q.shape[1], q.shape[2]
+    n_kv, dv = k.shape[1], v.shape[2]
+    group = n_heads // n_kv
+    w = lanes(q)
+    nrs = 2 * w
+    mr = block_rows(q)
+    dpad = (d + mr - 1) // mr * mr
+    nkt = (block_k + mr - 1) // mr * mr
+    one = scale / scale
+    n_items = items.shape[0]
+    max_nq = 1
+    for it in range(n_items):
+        max_nq = max(max_nq, items[it, 2] - items[it, 1])
+    max_nrp = (group * max_nq + nrs - 1) // nrs * nrs
+    for wk in prange(n_items * n_kv):
+        it = wk // n_kv
+        kvh = wk % n_kv
+        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+        i0 = i_first - q_start
+        nq = i_end - i_first
+        nr = group * nq
+        nrp = (nr + nrs - 1) // nrs * nrs
+        qt = np.zeros(d * max_nrp, dt)
+        ot = np.zeros(dv * max_nrp, dt)
+        dqt = np.zeros(dpad * max_nrp, dt)
+        hh = np.empty(max_nrp, np.int64)
+        qi = np.empty(max_nrp, np.int64)
+        rlo = np.empty(max_nrp, np.int64)
+        rhi = np.empty(max_nrp, np.int64)
+        lz = np.zeros(max_nrp, np.int64)
+        lr = np.empty(max_nrp, dt)
+        de = np.empty(max_nrp, dt)
+        slope_h = np.zeros(n_heads, dt)
+        if has_alibi:
+            for h in range(n_heads):
+                slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
+        st = np.empty(nkt * nrs, dt)
+        dpt = np.empty(nkt * nrs, dt)
+        dc = np.empty(nkt * nrs, dt)
+        mb = np.empty(nkt * nrs, dt)
+        kb = np.empty(nkt, np.int64)
+        vb = np.empty(nkt, np.int64)
+        oj = np.empty(nkt, np.int64)
+        rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
+        ozk = np.zeros(nkt, np.uint64)
+        for r in range(nrp):
+            rr = min(r, nr - 1)
+            i = i0 + rr % nq
+            h = kvh * group + rr // nq
+            hh[r] = h
+            qi[r] = i
+            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+            t = q_start + i
+            if has_drop:
+                rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
+            lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf  # exp(s - inf) = 0
+            de[r] = delta[t, h]
+            if r >= nr:
+                lr[r] = np.inf
+                continue
+            for c in range(d):
+                qt[c * nrp + r] = q[t, h, c] * scale
+            for c in range(dv):
+                ot[c * nrp + r] = dout[t, h, c]
+        lo, hi = key_range(i0, i0 + nq, off, klen, causal, wl, wr)
+        onev = vsplat(one)
+        scv = vsplat(scale)
+        for j0 in range(lo, hi, block_k):
+            j1 = min(j0 + block_k, hi)
+            nk = j1 - j0
+            for u in range(nkt):
+                row = k_start + j0 + min(u, nk - 1)
+                kb[u] = (row * n_kv + kvh) * d
+                vb[u] = (row * n_kv + kvh) * dv
+                oj[u] = j0 + u
+            for s0 in range(0, nrp, nrs):
+                slo = rlo[s0]
+                shi = rhi[s0]
+                for r in range(s0 + 1, s0 + nrs):
+                    slo = min(slo, rlo[r])
+                    shi = max(shi, rhi[r])
+                ne = min(j1, shi) - j0
+                if ne <= 0 or slo >= j1:
+                    continue
+                nep = (ne + mr - 1) // mr * mr
+                for u in range(0, nep, mr):
+                    if mr == 8:
+                        qk8(k, kb, u, qt, nrp, s0, d, st)
+                        qk8(v, vb, u, ot, nrp, s0, dv, dpt)
+                    else:
+                        qk6(k, kb, u, qt, nrp, s0, d, st)
+                        qk6(v, vb, u, ot, nrp, s0, dv, dpt)
+                if softcap > 0.0:
+                    tile_softcap(st, dc, ne * nrs, softcap)
+                needs = slo > j0
+                for r in range(s0, s0 + nrs):
+                    needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
+                if has_alibi or has_bias or has_mask or needs:
+                    tile_fixup(st, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, off, klen,
+                               causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
+                               bstr, has_bias, mask, mstr, has_mask, needs)
+                if has_drop:
+                    tile_dropout(mb, ne, nrs, rk[s0:], ozk, lz, oj, thr, pscale)
+                l0 = vload(lr, s0)
+                l1 = vload(lr, s0 + w)
+                d0 = vload(de, s0)
+                d1 = vload(de, s0 + w)
+                for jj in range(ne):
+                    for half in range(2):
+                        x = jj * nrs + half * w
+                        p = vexp(vsub(vload(st, x), l0 if half == 0 else l1))
+                        dpv = vload(dpt, x)
+                        if has_drop:
+                            dpv = vmul(dpv, vload(mb, x))
+                        ds = vmul(p, vsub(dpv, d0 if half == 0 else d1))
+                        if softcap > 0.0:
+                            ds = vmul(ds, vload(dc, x))
+                        vstore(st, x, vmul(ds, scv))
+                for c0 in range(0, dpad, mr):
+                    if mr == 8:
+                        pv8(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
+                    else:
+                        pv6(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
+        for r in range(nr):
+            t = q_start + qi[r]
+            for c in range(d):
+                dq[t, hh[r], c] = dqt[c * nrp + r]
+
+
+@jit(parallel=True)
+def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causal, wl, wr,
+               softcap, slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop,
+               seed, thr, pscale, block_q):
+    """dk / dv of work items (batch row, first key, end key) x kv head: keys in lanes, query
+    tiles of ``block_q`` for each query head of the group; S = Q (scale K)^T and
+    dP = dO V^T by the QK micro-kernel, dV^T += dO^T P and dK^T += Q^T dS by the PV one."""
+    dt = q.dtype
+    n_heads, d = q.shape[1], q.shape[2]
+    n_kv, dv = k.shape[1], v.shape[2]
+    group = n_heads // n_kv
+    w = lanes(q)
+    nrs = 2 * w
+    mr = block_rows(q)
+    dpad = (d + mr - 1) // mr * mr
+    dvpad = (dv + mr - 1) // mr * mr
+    nqt = (block_q + mr - 1) // mr * mr
+    one = scale / scale
+    n_items = kitems.shape[0]
+    max_nk = 1
+    for it in range(n_items):
+        max_nk = max(max_nk, kitems[it, 2] - kitems[it, 1])
+    max_nrp = (max_nk + nrs - 1) // nrs * nrs
+    for wk in prange(n_items * n_kv):
+        it = wk // n_kv
+        kvh = wk % n_kv
+        b, r_first, r_end = kitems[it, 0], kitems[it, 1], kitems[it, 2]
+        q_start, lq, k_start, klen, off = rows[b, 0], rows[b, 1], rows[b, 2], rows[b, 3], \
+            rows[b, 4]
+        kj0 = r_first - k_start
+        nk = r_end - r_first
+        nrp = (nk + nrs - 1) // nrs * nrs
+        kt = np.zeros(d * max_nrp, dt)
+        vt = np.zeros(dv * max_nrp, dt)
+        dkt = np.zeros(dpad * max_nrp, dt)
+        dvt = np.zeros(dvpad * max_nrp, dt)
+        lj = np.empty(max_nrp, np.int64)
+        lz = np.zeros(max_nrp, np.int64)
+        slope_h = np.zeros(n_heads, dt)
+        if has_alibi:
+            for h in range(n_heads):
+                slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
+        st = np.empty(nqt * nrs, dt)
+        dpt = np.empty(nqt * nrs, dt)
+        dc = np.empty(nqt * nrs, dt)
+        mb = np.empty(nqt * nrs, dt)
+        pb = np.empty(nqt * nrs, dt)
+        qb = np.empty(nqt, np.int64)
+        ob = np.empty(nqt, np.int64)
+        oi = np.empty(nqt, np.int64)
+        oh = np.empty(nqt, np.int64)
+        lrow = np.empty(nqt, dt)
+        drow = np.empty(nqt, dt)
+        okey = np.zeros(nqt, np.uint64)  # dropout row key of each query of a tile
+        lzk = np.zeros(max_nrp, np.uint64)
+        for r in range(nrp):
+            lj[r] = kj0 + r
+            if r < nk:
+                row = r_first + r
+                for c in range(d):
+                    kt[c * nrp + r] = k[row, kvh, c] * scale
+                for c in range(dv):
+                    vt[c * nrp + r] = v[row, kvh, c]
+        ilo = query_range(kj0, lq, off, klen, causal, wl, wr)[0]
+        ihi = query_range(kj0 + nk - 1, lq, off, klen, causal, wl, wr)[1]
+        onev = vsplat(one)
+        scv = vsplat(scale)
+        for h in range(kvh * group, kvh * group + group):
+            for i0 in range(ilo, ihi, block_q):
+                i1 = min(i0 + block_q, ihi)
+                ni = i1 - i0
+                for u in range(nqt):
+                    t = q_start + i0 + min(u, ni - 1)
+                    qb[u] = (t * n_heads + h) * d
+                    ob[u] = (t * n_heads + h) * dv
+                    oi[u] = i0 + u
+                    oh[u] = h
+                    lrow[u] = lse[t, h] if lse[t, h] > -np.inf else np.inf
+                    drow[u] = delta[t, h]
+                    if has_drop:
+                        okey[u] = row_key(seed, np.uint64(b), np.uint64(h),
+                                          np.uint64(t - q_start))
+                nip = (ni + mr - 1) // mr * mr
+                for s0 in range(0, nrp, nrs):
+                    sj0 = kj0 + s0
+                    sj1 = min(kj0 + nk, sj0 + nrs)
+                    if sj0 >= sj1:
+                        continue
+                    for u in range(0, nip, mr):
+                        if mr == 8:
+                            qk8(q, qb, u, kt, nrp, s0, d, st)
+                            qk8(dout, ob, u, vt, nrp, s0, dv, dpt)
+                        else:
+                            qk6(q, qb, u, kt, nrp, s0, d, st)
+                            qk6(dout, ob, u, vt, nrp, s0, dv, dpt)
+                    if softcap > 0.0:
+                        tile_softcap(st, dc, ni * nrs, softcap)
+                    needs = sj1 - sj0 < nrs or tile_needs_mask(i0, i1, sj0, sj1, off, causal,
+                                                               wl, wr)
+                    if has_alibi or has_bias or has_mask or needs:
+                        tile_fixup(st, ni, nrs, lz, lj[s0:], lz, oi, lz, oh, b, off, klen,
+                                   causal, wl, wr, lq, kj0 + nk, slope_h, has_alibi, bias,
+                                   bstr, has_bias, mask, mstr, has_mask, needs)
+                    if has_drop:
+                        tile_dropout(mb, ni, nrs, lzk, okey, lj[s0:], lz, thr, pscale)
+                    for ii in range(ni):
+                        lvec = vsplat(lrow[ii])
+                        dvec = vsplat(drow[ii])
+                        for half in range(2):
+                            x = ii * nrs + half * w
+                            p = vexp(vsub(vload(st, x), lvec))
+                            dpv = vload(dpt, x)
+                            if has_drop:
+                                m = vload(mb, x)
+                                dpv = vmul(dpv, m)
+                                vstore(pb, x, vmul(p, m))
+                            else:
+                                vstore(pb, x, p)
+                            ds = vmul(p, vsub(dpv, dvec))
+                            if softcap > 0.0:
+                                ds = vmul(ds, vload(dc, x))
+                            vstore(st, x, vmul(ds, scv))
+                    for c0 in range(0, dvpad, mr):
+                        if mr == 8:
+                            pv8(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
+                        else:
+                            pv6(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
+                    for c0 in range(0, dpad, mr):
+                        if mr == 8:
+                            pv8(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
+                        else:
+                            pv6(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
+        for r in range(nk):
+            row = r_first + r
+            for c in range(d):
+                dk[row, kvh, c] = dkt[c * nrp + r]
+            for c in range(dv):
+                dv_out[row, kvh, c] = dvt[c * nrp + r]
+
+
+@jit(parallel=True)
+def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, softcap, slopes,
+                      has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, seed, thr, pscale,
+                      block_k):
+    """The dropout forward's output from the forward's ``lse``: ``out_i = sum_j exp(s_ij -
+    lse_i) keep_ij / (1 - p) v_j``, tiled as ``tiled_dq`` (S^T by the QK micro-kernel, O^T
+    += V^T P by the PV one)."""
+    dt = q.dtype
+    n_heads, d = q.shape[1], q.shape[2]
+    n_kv, dv = k.shape[1], v.shape[2]
+    group = n_heads // n_kv
+    w = lanes(q)
+    nrs = 2 * w
+    mr = block_rows(q)
+    dvpad = (dv + mr - 1) // mr * mr
+    nkt = (block_k + mr - 1) // mr * mr
+    one = scale / scale
+    n_items = items.shape[0]
+    max_nq = 1
+    for it in range(n_items):
+        max_nq = max(max_nq, items[it, 2] - items[it, 1])
+    max_nrp = (group * max_nq + nrs - 1) // nrs * nrs
+    for wk in prange(n_items * n_kv):
+        it = wk // n_kv
+        kvh = wk % n_kv
+        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+        i0 = i_first - q_start
+        nq = i_end - i_first
+        nr = group * nq
+        nrp = (nr + nrs - 1) // nrs * nrs
+        qt = np.zeros(d * max_nrp, dt)
+        ot = np.zeros(dvpad * max_nrp, dt)
+        hh = np.empty(max_nrp, np.int64)
+        qi = np.empty(max_nrp, np.int64)
+        rlo = np.empty(max_nrp, np.int64)
+        rhi = np.empty(max_nrp, np.int64)
+        lz = np.zeros(max_nrp, np.int64)
+        lr = np.empty(max_nrp, dt)
+        slope_h = np.zeros(n_heads, dt)
+        if has_alibi:
+            for h in range(n_heads):
+                slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
+        st = np.empty(nkt * nrs, dt)
+        mb = np.empty(nkt * nrs, dt)
+        kb = np.empty(nkt, np.int64)
+        vb = np.empty(nkt, np.int64)
+        oj = np.empty(nkt, np.int64)
+        rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
+        ozk = np.zeros(nkt, np.uint64)
+        for r in range(nrp):
+            rr = min(r, nr - 1)
+            i = i0 + rr % nq
+            h = kvh * group + rr // nq
+            hh[r] = h
+            qi[r] = i
+            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+            t = q_start + i
+            rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
+            lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf
+            if r >= nr:
+                lr[r] = np.inf
+                continue
+            for c in range(d):
+                qt[c * nrp + r] = q[t, h, c] * scale
+        lo, hi = key_range(i0, i0 + nq, off, klen, causal, wl, wr)
+        for j0 in range(lo, hi, block_k):
+            j1 = min(j0 + block_k, hi)
+            nk = j1 - j0
+            for u in range(nkt):
+                row = k_start + j0 + min(u, nk - 1)
+                kb[u] = (row * n_kv + kvh) * d
+                vb[u] = (row * n_kv + kvh) * dv
+                oj[u] = j0 + u
+            for s0 in range(0, nrp, nrs):
+                slo = rlo[s0]
+                shi = rhi[s0]
+                for r in range(s0 + 1, s0 + nrs):
+                    slo = min(slo, rlo[r])
+                    shi = max(shi, rhi[r])
+                ne = min(j1, shi) - j0
+                if ne <= 0 or slo >= j1:
+                    continue
+                nep = (ne + mr - 1) // mr * mr
+                for u in range(0, nep, mr):
+                    if mr == 8:
+                        qk8(k, kb, u, qt, nrp, s0, d, st)
+                    else:
+                        qk6(k, kb, u, qt, nrp, s0, d, st)
+                if softcap > 0.0:
+                    tile_softcap(st, mb, ne * nrs, softcap)
+                needs = slo > j0
+                for r in range(s0, s0 + nrs):
+                    needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
+                if has_alibi or has_bias or has_mask or needs:
+                    tile_fixup(st, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, off, klen,
+                               causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
+                               bstr, has_bias, mask, mstr, has_mask, needs)
+                tile_dropout(mb, ne, nrs, rk[s0:], ozk, lz, oj, thr, pscale)
+                l0 = vload(lr, s0)
+                l1 = vload(lr, s0 + w)
+                for jj in range(ne):
+                    x = jj * nrs
+                    vstore(st, x, vmul(vexp(vsub(vload(st, x), l0)), vload(mb, x)))
+                    vstore(st, x + w, vmul(vexp(vsub(vload(st, x + w), l1)), vload(mb, x + w)))
+                onev = vsplat(one)
+                for c0 in range(0, dvpad, mr):
+                    if mr == 8:
+                        pv8(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
+                    else:
+                        pv6(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
+        for r in range(nr):
+            t = q_start + qi[r]
+            for c in range(dv):
+                out[t, hh[r], c] = ot[c * nrp + r]
