@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .config import AttentionError
 
@@ -46,7 +47,18 @@ SUPPORTED_DTYPES = tuple(_ITEMSIZE)
 
 class CheckpointError(AttentionError):
     """A checkpoint that cannot be read as asked: bad file, missing shard or tensor,
-    unsupported dtype, tensors of the wrong shape or dtype."""
+    unsupported dtype, tensors of the wrong shape or dtype.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from numba_attn import CheckpointError, open_checkpoint
+    >>> try:
+    ...     open_checkpoint(os.path.join(tempfile.mkdtemp(), "missing.safetensors"))
+    ... except CheckpointError as e:
+    ...     print("CheckpointError")
+    CheckpointError
+    """
 
 
 def _ml_dtype(code):
@@ -169,6 +181,19 @@ class Checkpoint(Mapping):
     metadata : dict
         The ``__metadata__`` of the files (and the index's ``metadata``), merged.
     dtype : numpy dtype or None
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np
+    >>> from numba_attn import Checkpoint
+    >>> path = os.path.join(tempfile.mkdtemp(), "model.safetensors")
+    >>> header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    >>> with open(path, "wb") as f:
+    ...     _ = f.write(len(header).to_bytes(8, "little") + header
+    ...                 + np.array([1.0, 2.0], "<f4").tobytes())
+    >>> ckpt = Checkpoint([path])
+    >>> list(ckpt), ckpt["w"]
+    (['w'], array([1., 2.], dtype=float32))
     """
 
     def __init__(self, files, weight_map=None, dtype=None):
@@ -281,7 +306,8 @@ class Checkpoint(Mapping):
             raise CheckpointError(f"checkpoint {self.files[0].parent}: " + "; ".join(problems))
 
 
-def open_checkpoint(path, *, dtype=None):
+def open_checkpoint(path: str | os.PathLike, *,
+                    dtype: DTypeLike | None = None) -> Checkpoint:
     """Open a safetensors checkpoint (memory-mapped; nothing is read until used).
 
     Parameters
