@@ -277,13 +277,12 @@ def create_block_mask(mask_mod, batch, num_heads, seqlen_q, seqlen_k, *, mask_mo
     seqlen_k = check_int("seqlen_k", seqlen_k, lo=0)
     if block_size is None:
         block_size = DEFAULT_BLOCK
-    if isinstance(block_size, (int, np.integer)):
+    if isinstance(block_size, (int, np.integer)) and not isinstance(block_size, bool):
         block_size = (block_size, block_size)
-    try:
-        bq, bk = (check_int("block_size", x, lo=1) for x in block_size)
-    except TypeError:
+    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
         raise AttentionError(f"block_size: expected an int or (int, int), got "
-                             f"{block_size!r}") from None
+                             f"{block_size!r}")
+    bq, bk = (check_int("block_size", x, lo=1) for x in block_size)
     mmod, margs = _compile("mask_mod", mask_mod, _I64, mask_mod_args)
     flags = np.zeros((batch, num_heads, -(-seqlen_q // bq), -(-seqlen_k // bk)), np.int8)
     if flags.size:
