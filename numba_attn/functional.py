@@ -11,6 +11,7 @@ from . import dispatch as dp
 from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError, check_flag, check_int
 from .interop import Array, is_torch, like, to_numpy
+from .mods import BlockMask, MaskMod, ScoreMod
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
 
@@ -149,8 +150,9 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               bias: Array | None = None, mask: Array | None = None,
               kv_lens: Array | None = None, q_lens: Array | None = None,
               sinks: Array | None = None, return_lse: bool = False,
-              out: Array | None = None, score_mod=None, score_mod_args: tuple = (),
-              mask_mod=None, mask_mod_args: tuple = (), block_mask=None,
+              out: Array | None = None, score_mod: ScoreMod | None = None,
+              score_mod_args: tuple = (), mask_mod: MaskMod | None = None,
+              mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
               backend: str = "auto") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
@@ -337,8 +339,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      bias: Array | None = None, mask: Array | None = None,
                      kv_lens: Array | None = None, sinks: Array | None = None,
                      return_lse: bool = False, out: Array | None = None,
-                     score_mod=None, score_mod_args: tuple = (), mask_mod=None,
-                     mask_mod_args: tuple = (), block_mask=None,
+                     score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
+                     mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
+                     block_mask: BlockMask | None = None,
                      backend: str = "auto") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 

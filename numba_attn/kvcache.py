@@ -15,6 +15,7 @@ from . import dispatch as dp
 from .cache import KVCache, PagedKVCache, _on_device
 from .config import AttentionError, check_flag
 from .interop import Array, like, to_numpy
+from .mods import BlockMask, MaskMod, ScoreMod
 from .functional import _lse_bhs, build_problem, check_out, run_and_finish
 from .rope import check_tables, rotate, token_positions
 
@@ -29,9 +30,9 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
                            softcap: float = 0.0, alibi_slopes: Array | None = None,
                            bias: Array | None = None, mask: Array | None = None,
                            sinks: Array | None = None, return_lse: bool = False,
-                           out: Array | None = None, score_mod=None,
-                           score_mod_args: tuple = (), mask_mod=None,
-                           mask_mod_args: tuple = (), block_mask=None,
+                           out: Array | None = None, score_mod: ScoreMod | None = None,
+                           score_mod_args: tuple = (), mask_mod: MaskMod | None = None,
+                           mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
                            backend: str = "auto") -> Array | tuple[Array, Array]:
     """Decode / chunked-prefill step: append ``k_new``/``v_new`` to ``cache``, attend ``q``.
 

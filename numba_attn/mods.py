@@ -23,6 +23,58 @@ strip-tiles whose blocks are all empty and calls ``mask_mod`` only where a block
 Without a block mask nothing is skipped: ``mask_mod`` runs on every score the built-in
 options leave visible (one call per score, about the cost of a ``mask=`` array lookup).
 
+Examples
+--------
+Each is a few lines of plain Python; the arrays they read are passed as arguments.
+
+>>> import math, numba, numpy as np, numba_attn
+>>> from numba_attn import reference
+>>> rng = np.random.default_rng(0)
+>>> q, k, v = (rng.standard_normal((2, 48, 4, 16), dtype=np.float32) for _ in range(3))
+
+T5 relative-position buckets (the bucket helper is ``numba.njit`` so the mod can call it):
+
+>>> @numba.njit
+... def bucket(rel, n, max_dist):                  # T5, bidirectional
+...     half = n // 2
+...     ret = half if rel > 0 else 0
+...     r = abs(rel)
+...     exact = half // 2
+...     if r < exact:
+...         return ret + r
+...     big = exact + int(math.log(r / exact) / math.log(max_dist / exact) * (half - exact))
+...     return ret + min(big, half - 1)
+>>> def t5(score, b, h, i, j, table):
+...     return score + table[h, bucket(j - i, table.shape[1], 128)]
+>>> table = rng.standard_normal((4, 32))           # (heads, buckets), learned
+>>> o = numba_attn.attention(q, k, v, score_mod=t5, score_mod_args=(table,))
+
+Document masking for packed sequences (one id per token), with block-sparse skipping:
+
+>>> doc = np.repeat(np.arange(4), 12)[None].repeat(2, axis=0)   # (batch, seqlen)
+>>> def same_doc_causal(b, h, i, j, doc):
+...     return doc[b, i] == doc[b, j] and j <= i
+>>> bm = numba_attn.create_block_mask(same_doc_causal, 2, 1, 48, 48, mask_mod_args=(doc,))
+>>> o = numba_attn.attention(q, k, v, block_mask=bm)
+>>> ref = reference.attention(q, k, v, mask_mod=same_doc_causal, mask_mod_args=(doc,))
+>>> bool(np.allclose(o, ref, atol=1e-5))
+True
+
+Prefix-LM (bidirectional over each row's prefix, causal after it):
+
+>>> def prefix_lm(b, h, i, j, prefix_len):
+...     return j <= i or j < prefix_len[b]
+>>> o = numba_attn.attention(q, k, v, mask_mod=prefix_lm,
+...                          mask_mod_args=(np.array([10, 3]),))
+
+Sliding window plus global tokens (Longformer):
+
+>>> def longformer(b, h, i, j, w, n_global):
+...     return abs(i - j) <= w or i < n_global or j < n_global
+>>> o = numba_attn.attention(q, k, v, mask_mod=longformer, mask_mod_args=(8, 2))
+>>> o.shape
+(2, 48, 4, 16)
+
 Compile cost: each distinct function (and argument types) compiles its own specialisation
 of the fused forward, a few seconds to tens of seconds, once per process: a
 kernel specialised on a function object cannot be loaded from Numba's disk cache, so these
@@ -34,6 +86,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from typing import Callable
 
 import numba
 import numpy as np
@@ -44,6 +97,9 @@ from numba.core.errors import NumbaError
 from .config import AttentionError
 
 __all__ = ["BlockMask", "create_block_mask", "ModError"]
+
+ScoreMod = Callable[..., float]  # (score, b, h, q_idx, kv_idx, *score_mod_args) -> float
+MaskMod = Callable[..., bool]  # (b, h, q_idx, kv_idx, *mask_mod_args) -> bool
 
 
 class ModError(AttentionError, TypeError):
@@ -208,6 +264,15 @@ class BlockMask:
     seqlen_q, seqlen_k : int
     mask_mod, mask_mod_args
         The function and the arguments the flags were evaluated with.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> def window(b, h, i, j, w):
+    ...     return abs(i - j) <= w
+    >>> bm = numba_attn.create_block_mask(window, 1, 1, 1024, 1024, mask_mod_args=(64,))
+    >>> bm.flags.shape, bm.block_size, round(bm.sparsity, 3)
+    ((1, 1, 8, 4), (128, 256), 0.562)
     """
 
     def __init__(self, flags, block_size, seqlen_q, seqlen_k, mask_mod, mask_mod_args):
@@ -237,8 +302,9 @@ class BlockMask:
                                  f"seqlen_q={seqlen_q}, seqlen_k={seqlen_k}")
 
 
-def create_block_mask(mask_mod, batch, num_heads, seqlen_q, seqlen_k, *, mask_mod_args=(),
-                      block_size=None):
+def create_block_mask(mask_mod: MaskMod, batch: int, num_heads: int, seqlen_q: int,
+                      seqlen_k: int, *, mask_mod_args: tuple = (),
+                      block_size: int | tuple[int, int] | None = None) -> BlockMask:
     """Evaluate ``mask_mod`` once, in parallel, into per-block flags for ``attention``.
 
     Parameters
