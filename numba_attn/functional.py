@@ -11,6 +11,7 @@ from . import dispatch as dp
 from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError, check_flag, check_int
 from .interop import Array, is_torch, like, to_numpy
+from . import mods
 from .mods import BlockMask, MaskMod, ScoreMod
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
@@ -42,9 +43,7 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
     if mask is not None:
         p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
     if score_mod is not None or mask_mod is not None or block_mask is not None or (
-            score_mod_args not in ((), None) or mask_mod_args not in ((), None)):
-        from . import mods
-
+            mods.given(score_mod_args) or mods.given(mask_mod_args)):
         spec = mods.prepare(score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask,
                             batch=batch, num_heads=h, seqlen_q=max_seqlen_q,
                             seqlen_k=max_seqlen_k, compute_dtype=cdt)
@@ -195,7 +194,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     out : ndarray (batch, seqlen_q, num_heads, head_dim_v), optional
         Written in place and returned.
     score_mod : function ``(score, b, h, q_idx, kv_idx, *score_mod_args) -> float``, optional
-        Plain Python (or ``numba.njit``), compiled into the CPU kernel; rewrites each scaled
+        Plain Python (or ``numba.njit``), compiled into the kernel; rewrites each scaled
         score before softcap, ALiBi and bias. ``h`` is the query head; ``q_idx``, ``kv_idx``
         are in-row positions. See :mod:`numba_attn.mods`.
     score_mod_args : tuple, default ()
@@ -208,7 +207,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         From :func:`numba_attn.create_block_mask`: empty blocks are skipped, ``mask_mod``
         (carried by the block mask) runs only on partial ones.
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
-        "auto" runs where the data lives. Mods run on "cpu" and "reference".
+        "auto" runs where the data lives. Mods run on every backend (CUDA: their
+        ``*_mod_args`` arrays are host arrays, copied per call).
 
     Returns
     -------

@@ -4,7 +4,8 @@ A ``score_mod(score, b, h, q_idx, kv_idx, *score_mod_args) -> float`` rewrites e
 score; a ``mask_mod(b, h, q_idx, kv_idx, *mask_mod_args) -> bool`` says which keys a query
 may attend (True = may attend). Both are plain Python (or already ``numba.njit``):
 numba_attn compiles them with Numba and the fused CPU forward calls them per score, inlined
-by LLVM (no Python, no indirect call). ``b`` is the batch row (the segment for varlen),
+by LLVM (no Python, no indirect call); on the CUDA backend they become inlined device
+functions of the forward kernel. ``b`` is the batch row (the segment for varlen),
 ``h`` the query head, ``q_idx`` the query's index within its row and ``kv_idx`` the key's
 position within the row (for a cache: the cache position). Arrays and scalars reach the
 functions through the ``*_mod_args`` tuples, passed to the kernel as arguments: changing a
@@ -178,6 +179,11 @@ def _compile(kind, fn, lead, args):
 _I64 = (types.int64,) * 4
 
 
+def given(args):
+    """True unless ``args`` is None or an empty tuple / list (no ``==`` on arrays)."""
+    return args is not None and not (isinstance(args, (tuple, list)) and len(args) == 0)
+
+
 class ModSpec:
     """What the kernels receive: compiled mods, their argument tuples, block flags."""
 
@@ -202,18 +208,18 @@ def prepare(score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask, *, b
         block_mask._check(batch, num_heads, seqlen_q, seqlen_k)
     if score_mod is None and mask_mod is None:
         for name, a in (("score_mod_args", score_mod_args), ("mask_mod_args", mask_mod_args)):
-            if a not in ((), None):
+            if given(a):
                 raise AttentionError(f"{name}: given without its function")
         return None
     smod = sargs = mmod = margs = None
     if score_mod is not None:
         st = types.float64 if np.dtype(compute_dtype) == np.float64 else types.float32
         smod, sargs = _compile("score_mod", score_mod, (st,) + _I64, score_mod_args)
-    elif score_mod_args not in ((), None):
+    elif given(score_mod_args):
         raise AttentionError("score_mod_args: given without score_mod")
     if mask_mod is not None:
         mmod, margs = _compile("mask_mod", mask_mod, _I64, mask_mod_args)
-    elif mask_mod_args not in ((), None):
+    elif given(mask_mod_args):
         raise AttentionError("mask_mod_args: given without mask_mod")
     bm = block_mask
     return ModSpec(smod, () if sargs is None else sargs, mmod, () if margs is None else margs,

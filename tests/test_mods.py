@@ -392,6 +392,8 @@ def test_errors_before_anything_runs():
         numba_attn.attention(q, k, v, score_mod=abs)
     with pytest.raises(AttentionError, match="score_mod_args: given without"):
         numba_attn.attention(q, k, v, score_mod_args=(1,))
+    with pytest.raises(ModError, match="score_mod_args: expected a tuple"):
+        numba_attn.attention(q, k, v, score_mod=t5_bias, score_mod_args=np.zeros(3))
     ids = np.zeros((1, 8), np.int64)
     bm = numba_attn.create_block_mask(document, 1, 1, 8, 8, mask_mod_args=(ids, ids))
     with pytest.raises(AttentionError, match="block_mask: built for seqlen_q=8"):

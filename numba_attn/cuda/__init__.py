@@ -91,9 +91,6 @@ class CUDABackend(_dp.Backend):
                 reasons.append(f"{name}: dtype {dt} is not supported by the cuda kernels "
                                "(float16, float32, float64)")
                 break
-        if problem.extra.get("mods") is not None:
-            reasons.append("score_mod / mask_mod / block_mask: not yet compiled for the cuda "
-                           "kernels (run them on the cpu backend)")
         cfg = problem.config
         from .launch import plan  # numba-cuda is importable once unavailable_reason is None
 
