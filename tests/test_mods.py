@@ -324,11 +324,13 @@ def test_kvcache_mods_equal_reference_backend(paged):
         if paged:
             return PagedKVCache(b, 2 * 7, 7, 2, d, np.float32, max_seqlen=cap)
         return KVCache(b, cap, 2, d, dtype=np.float32)
-    caches = [make(), make()]
+    caches = [make(), make(), make()]
     table = rng.standard_normal((4, 16))
     ids = doc_ids(b, cap, 4)
     kw = dict(causal=True, score_mod=t5_bias, score_mod_args=(table, 64), mask_mod=document,
               mask_mod_args=(ids, ids), return_lse=True)
+    bm = numba_attn.create_block_mask(document, b, 1, 20, cap, mask_mod_args=(ids, ids),
+                                      block_size=(4, 8))
     for n_new in (20, 1, 3):  # prefill, decode, short chunk
         q = rng.standard_normal((b, n_new, 4, d)).astype(np.float32)
         kn = rng.standard_normal((b, n_new, 2, d)).astype(np.float32)
@@ -338,6 +340,11 @@ def test_kvcache_mods_equal_reference_backend(paged):
                                                    **kw)
         assert_close(o, ro, np.float32)
         assert_close(lse, rl, np.float32, "lse")
+        if paged:  # the same step with the block mask, on a third cache kept in step
+            bo = numba_attn.attention_with_kvcache(q, caches[2], kn, vn, causal=True,
+                                                   score_mod=t5_bias,
+                                                   score_mod_args=(table, 64), block_mask=bm)
+            np.testing.assert_array_equal(bo, o)
 
 
 # ---------------------------------------------------------------------------------------
