@@ -80,24 +80,38 @@ _KERNELS = {}
 
 
 @cuda.jit(device=True, inline=True)
-def _no_mod(*args):
-    return False
+def _no_score_mod(s, b, h, i, j, args):
+    return s
 
 
-_DEVICE_MODS = {}  # python function -> its cuda device function
+@cuda.jit(device=True, inline=True)
+def _no_mask_mod(b, h, i, j, args):
+    return True
 
 
-def device_mod(fn):
-    """The CUDA device function of a user mod (memoised by function object)."""
+_DEVICE_MODS = {}  # (python function, kind, number of args) -> device function
+
+
+def device_mod(fn, kind, nargs):
+    """A user mod as an inlined device function taking its argument tuple whole:
+    ``f(s, b, h, i, j, args)`` (score) / ``f(b, h, i, j, args)`` (mask), which calls the
+    user's function with ``args`` spelled out (Numba's inliner refuses ``*args`` calls,
+    and inlining spares the compile a device context)."""
     py = getattr(fn, "py_func", fn)
-    dev = _DEVICE_MODS.get(py)
+    key = (py, kind, nargs)
+    dev = _DEVICE_MODS.get(key)
     if dev is None:
-        dev = _DEVICE_MODS[py] = cuda.jit(device=True, inline=True)(py)
+        lead = "s, b, h, i, j" if kind == "score" else "b, h, i, j"
+        spelled = "".join(f", args[{n}]" for n in range(nargs))
+        src = f"def call({lead}, args):\n    return user({lead}{spelled})\n"
+        env = {"user": cuda.jit(device=True, inline=True)(py)}
+        exec(src, env)  # noqa: S102 (fixed template, no user text)
+        dev = _DEVICE_MODS[key] = cuda.jit(device=True, inline=True)(env["call"])
     return dev
 
 
 def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps, smod=None, mmod=None,
-                 blocks=False):
+                 blocks=False, n_sargs=0, n_margs=0):
     """The forward kernel specialised on its compile-time constants (cached).
 
     Launch as ``kernel[(n_items, num_kv_heads, nsplit), 32 * num_warps](...)``. ``meta`` is
@@ -108,21 +122,22 @@ def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps, smod=None
     kernel per function object); ``blocks``: a block mask's flags skip empty tiles.
     """
     key = (np.dtype(acc_dtype).str, d, dv, group, block_q, block_k, num_warps, smod, mmod,
-           blocks)
+           blocks, n_sargs, n_margs)
     kern = _KERNELS.get(key)
     if kern is None:
         kern = _KERNELS[key] = _build_forward(np.dtype(acc_dtype), d, dv, group, block_q,
-                                              block_k, num_warps, smod, mmod, blocks)
+                                              block_k, num_warps, smod, mmod, blocks,
+                                              n_sargs, n_margs)
     return kern
 
 
 def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=None,
-                   blocks=False):
+                   blocks=False, n_sargs=0, n_margs=0):
     HAS_SMOD = smod is not None
     HAS_MMOD = mmod is not None
     BLOCKS = bool(blocks) and HAS_MMOD
-    SMOD = device_mod(smod) if HAS_SMOD else _no_mod
-    MMOD = device_mod(mmod) if HAS_MMOD else _no_mod
+    SMOD = device_mod(smod, "score", n_sargs) if HAS_SMOD else _no_score_mod
+    MMOD = device_mod(mmod, "mask", n_margs) if HAS_MMOD else _no_mask_mod
     ACC = numba.from_dtype(acc_dtype)
     CAST = numba.float64 if acc_dtype == np.float64 else numba.float32
     ZERO = acc_dtype.type(0.0)
@@ -253,7 +268,7 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                             s = NEG_INF
                         else:
                             if HAS_SMOD:
-                                s = SMOD(s, b, h, i, j, *sargs)
+                                s = SMOD(s, b, h, i, j, sargs)
                             if softcap > 0:
                                 s = softcap * math.tanh(s / softcap)
                             if has_alibi:
@@ -268,7 +283,7 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                             if positional and not visible(i, j, off, causal, wl, wr):
                                 s = NEG_INF
                             if HAS_MMOD:
-                                if mm_on and not MMOD(b, h, i, j, *margs):
+                                if mm_on and not MMOD(b, h, i, j, margs):
                                     s = NEG_INF
                         sc[rr * KPL + t] = s
                         mx = max(mx, s)

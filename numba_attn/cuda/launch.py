@@ -211,7 +211,9 @@ def _launch(p, acc, out, lse):
         mmod = None if mods.mmod is None else mods.raw[2]
     blocks = mods is not None and mods.bflags is not None
     kernel = fk.make_forward(acc, cfg.head_dim, cfg.head_dim_v, cfg.group_size, pl.block_q,
-                             pl.block_k, pl.num_warps, smod, mmod, blocks)
+                             pl.block_k, pl.num_warps, smod, mmod, blocks,
+                             0 if mods is None else len(mods.sargs),
+                             0 if mods is None else len(mods.margs))
     items = make_items(p.rows, pl.block_q)
     if len(items) == 0:
         return
