@@ -16,6 +16,7 @@ from .backward import attention_backward, attention_varlen_backward
 from .functional import attention, attention_varlen, merge_states
 from .kvcache import attention_with_kvcache
 from .layers import MultiHeadAttention
+from .mods import BlockMask, create_block_mask
 from .mla import MLACache, MultiHeadLatentAttention
 from .norm import rms_norm
 from .rope import apply_rotary, rotary_cos_sin
@@ -43,6 +44,8 @@ __all__ = [
     "KVCache",
     "PagedKVCache",
     "attention_with_kvcache",
+    "BlockMask",
+    "create_block_mask",
     "apply_rotary",
     "rotary_cos_sin",
     "apply_rotary_backward",

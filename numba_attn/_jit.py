@@ -46,10 +46,15 @@ FASTMATH = {"contract", "reassoc", "nsz", "arcp", "afn"}
 _OPTIONS = dict(nogil=True, cache=True, error_model="numpy")
 
 
-def jit(fn=None, *, parallel=False):
-    """``numba.njit`` with numba_attn's options; ``parallel=True`` for prange kernels."""
+def jit(fn=None, *, parallel=False, cache=True):
+    """``numba.njit`` with numba_attn's options; ``parallel=True`` for prange kernels.
+
+    ``cache=False`` for kernels specialised on user functions (numba_attn.mods): their
+    signatures hold function objects, so an on-disk entry could never be loaded again.
+    """
     def wrap(f):
-        return numba.njit(parallel=parallel, fastmath=set(FASTMATH), **_OPTIONS)(f)
+        return numba.njit(parallel=parallel, fastmath=set(FASTMATH),
+                          **dict(_OPTIONS, cache=cache))(f)
     return wrap if fn is None else wrap(fn)
 
 

@@ -12,13 +12,20 @@ from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError, check_flag, check_int
 from .dropout import check_dropout
 from .interop import Array, is_torch, like, to_numpy
+from . import mods
+from .mods import BlockMask, MaskMod, ScoreMod
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
 
 def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_seqlen_k,
                   batch, causal, window, scale, softcap, alibi_slopes, bias, mask, sinks,
-                  has_kv_lens, out_dtype, device="cpu"):
-    """Config + optional inputs -> dispatch.Problem (q/k/v already packed and checked)."""
+                  has_kv_lens, out_dtype, device="cpu", score_mod=None, score_mod_args=(),
+                  mask_mod=None, mask_mod_args=(), block_mask=None):
+    """Config + optional inputs -> dispatch.Problem (q/k/v already packed and checked).
+
+    User mods (numba_attn.mods) are compiled here, before anything runs, and travel in
+    ``p.extra["mods"]``.
+    """
     h, d = q.shape[1], q.shape[2]
     hkv, dv = k.shape[1], v.shape[2]
     cfg = _config(h, hkv, d, dv, scale, causal, window, softcap, alibi_slopes is not None,
@@ -36,6 +43,13 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
         p.bias, p.bias_strides = dp.strided_operand("bias", bias, full, cdt)
     if mask is not None:
         p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
+    if score_mod is not None or mask_mod is not None or block_mask is not None or (
+            mods.given(score_mod_args) or mods.given(mask_mod_args)):
+        spec = mods.prepare(score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask,
+                            batch=batch, num_heads=h, seqlen_q=max_seqlen_q,
+                            seqlen_k=max_seqlen_k, compute_dtype=cdt)
+        if spec is not None:
+            p.extra["mods"] = spec
     return p
 
 
@@ -143,6 +157,9 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               kv_lens: Array | None = None, q_lens: Array | None = None,
               sinks: Array | None = None, return_lse: bool = False,
               out: Array | None = None, dropout_p: float = 0.0, seed: int | None = None,
+              score_mod: ScoreMod | None = None,
+              score_mod_args: tuple = (), mask_mod: MaskMod | None = None,
+              mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
               backend: str = "auto",
               q_offset: int | None = None) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
@@ -193,8 +210,22 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         CUDA and reference backends agree on it bit for bit. 0 runs the unchanged kernels.
     seed : int in [0, 2**63), optional
         Dropout seed, required when ``dropout_p > 0``.
+    score_mod : function ``(score, b, h, q_idx, kv_idx, *score_mod_args) -> float``, optional
+        Plain Python (or ``numba.njit``), compiled into the kernel; rewrites each scaled
+        score before softcap, ALiBi and bias. ``h`` is the query head; ``q_idx``, ``kv_idx``
+        are in-row positions. See :mod:`numba_attn.mods`.
+    score_mod_args : tuple, default ()
+        Arrays / scalars passed to ``score_mod`` (contents may change between calls with no
+        recompile).
+    mask_mod : function ``(b, h, q_idx, kv_idx, *mask_mod_args) -> bool``, optional
+        True = may attend; combined with the other masks.
+    mask_mod_args : tuple, default ()
+    block_mask : BlockMask, optional
+        From :func:`numba_attn.create_block_mask`: empty blocks are skipped, ``mask_mod``
+        (carried by the block mask) runs only on partial ones.
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
-        "auto" runs where the data lives.
+        "auto" runs where the data lives. Mods run on every backend (CUDA: their
+        ``*_mod_args`` arrays are host arrays, copied per call).
     q_offset : int, default seqlen_k - seqlen_q
         Key position of query 0: query ``i`` sits at key position ``i + q_offset``. It
         replaces ``seqlen_k - seqlen_q`` in ``causal=True``, ``window`` and ALiBi (any int;
@@ -220,7 +251,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
 
     Notes
     -----
-    Order of operations (as FlashAttention-2): scale, softcap, ALiBi and bias, masking.
+    Order of operations (as FlashAttention-2): scale, score_mod, softcap, ALiBi and bias,
+    masking (causal, window, mask, mask_mod, key padding).
 
     With seqlen_q = 2 and seqlen_k = 5, ``causal=True`` (bottom-right) gives::
 
@@ -253,6 +285,15 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
 
     >>> tail = numba_attn.attention(q[:, 2:], k, v, causal=True, q_offset=2 + 6 - 4)
     >>> bool(np.allclose(tail, out[:, 2:], atol=1e-6))
+    A T5-style relative-position bias per head, read from a table passed as an argument:
+
+    >>> table = rng.standard_normal((8, 11))            # (heads, distances -5 .. 5)
+    >>> def rel_bias(score, b, h, i, j, table):
+    ...     return score + table[h, min(max(j - i, -5), 5) + 5]
+    >>> o = numba_attn.attention(q, k, v, score_mod=rel_bias, score_mod_args=(table,))
+    >>> from numba_attn import reference
+    >>> ref = reference.attention(q, k, v, score_mod=rel_bias, score_mod_args=(table,))
+    >>> bool(np.allclose(o, ref, atol=1e-5))
     True
     """
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
@@ -298,7 +339,9 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None or ql is not None, out_dtype=dt, device=device)
+        has_kv_lens=kl is not None or ql is not None, out_dtype=dt, device=device,
+        score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
+        mask_mod_args=mask_mod_args, block_mask=block_mask)
     set_dropout(p, dropout)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if ql is not None and (ql < sq).any():  # padded query rows: out 0, lse -inf
@@ -341,6 +384,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      kv_lens: Array | None = None, sinks: Array | None = None,
                      return_lse: bool = False, out: Array | None = None,
                      dropout_p: float = 0.0, seed: int | None = None,
+                     score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
+                     mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
+                     block_mask: BlockMask | None = None,
                      backend: str = "auto") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
@@ -360,6 +406,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
         Further limits row ``b`` to its first ``kv_lens[b]`` keys.
     causal, window, scale, softcap, alibi_slopes, sinks, backend
         As in :func:`attention`; alignment is per row (``len_k[b] - len_q[b]``).
+    score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask
+        As in :func:`attention`; ``b`` is the segment, ``q_idx`` / ``kv_idx`` positions
+        within it (a block mask covers max_seqlen_q x max_seqlen_k).
     return_lse : bool, default False
         Also return lse of shape (num_heads, total_q).
     out : ndarray (total_q, num_heads, head_dim_v), optional
@@ -427,7 +476,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt, device=device)
+        has_kv_lens=kl is not None, out_dtype=dt, device=device, score_mod=score_mod,
+        score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
+        block_mask=block_mask)
     set_dropout(p, dropout)
     o, lse = run_and_finish(p, backend, out, (tq, h, dv))
     if out is not None:

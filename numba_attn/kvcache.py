@@ -15,6 +15,7 @@ from . import dispatch as dp
 from .cache import KVCache, PagedKVCache, _on_device
 from .config import AttentionError, check_flag
 from .interop import Array, like, to_numpy
+from .mods import BlockMask, MaskMod, ScoreMod
 from .functional import _lse_bhs, build_problem, check_out, run_and_finish
 from .rope import check_tables, rotate, token_positions
 
@@ -29,7 +30,9 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
                            softcap: float = 0.0, alibi_slopes: Array | None = None,
                            bias: Array | None = None, mask: Array | None = None,
                            sinks: Array | None = None, return_lse: bool = False,
-                           out: Array | None = None,
+                           out: Array | None = None, score_mod: ScoreMod | None = None,
+                           score_mod_args: tuple = (), mask_mod: MaskMod | None = None,
+                           mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
                            backend: str = "auto") -> Array | tuple[Array, Array]:
     """Decode / chunked-prefill step: append ``k_new``/``v_new`` to ``cache``, attend ``q``.
 
@@ -64,6 +67,10 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
         Also return lse (batch, num_heads, seqlen_q).
     out : ndarray (batch, seqlen_q, num_heads, head_dim_v), optional
         Written in place and returned (host caches).
+    score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask
+        As :func:`numba_attn.attention` (host caches); ``q_idx`` is the query's index in
+        ``q`` (its cache position is ``q_idx + L + n - seqlen_q``), ``kv_idx`` the cache
+        position. A block mask must cover seqlen_q x (L + n) (build it for the capacity).
 
     Returns
     -------
@@ -166,7 +173,9 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
         max_seqlen_q=sq, max_seqlen_k=int(new_lens.max(initial=0)), batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks, has_kv_lens=False,
-        out_dtype=dt, device="cuda" if on_dev else "cpu")
+        out_dtype=dt, device="cuda" if on_dev else "cpu", score_mod=score_mod,
+        score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
+        block_mask=block_mask)
     dp.select(p, backend)  # an unavailable backend raises here, before any write
 
     # from here on nothing raises for bad input: rotate, append, attend

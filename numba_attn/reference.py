@@ -20,14 +20,44 @@ def _f64(x):
     return None if x is None else np.asarray(x, dtype=np.float64)
 
 
+def _py(f):
+    return getattr(f, "py_func", f)  # a numba.njit function: its plain Python original
+
+
+def _eval_mods(s, b, klen, score_mod, score_mod_args, mask_mod, mask_mod_args):
+    """score_mod applied elementwise (float64) to s (H, Sq, Sk); mask_mod as (H, Sq, Sk)
+    bool (None without one). Only keys j < klen are evaluated (the rest are invisible)."""
+    h, sq, sk = s.shape
+    keep = None
+    if score_mod is not None:
+        f = _py(score_mod)
+        s = s.copy()
+        for hh in range(h):
+            for i in range(sq):
+                for j in range(min(sk, klen)):
+                    s[hh, i, j] = float(f(float(s[hh, i, j]), b, hh, i, j, *score_mod_args))
+    if mask_mod is not None:
+        g = _py(mask_mod)
+        keep = np.zeros((h, sq, sk), bool)
+        for hh in range(h):
+            for i in range(sq):
+                for j in range(min(sk, klen)):
+                    keep[hh, i, j] = bool(g(b, hh, i, j, *mask_mod_args))
+    return s, keep
+
+
 def attention_rows(q, k, v, *, off, klen, scale, causal="bottom_right", window=(-1, -1),
-                   softcap=0.0, slopes=None, bias=None, mask=None, sink=None, dropout=None):
+                   softcap=0.0, slopes=None, bias=None, mask=None, sink=None, dropout=None,
+                   b=0, score_mod=None, score_mod_args=(), mask_mod=None, mask_mod_args=()):
     """Attention for one batch row.
 
     q (Sq, H, D), k (Sk, Hkv, D), v (Sk, Hkv, Dv); ``off`` is the alignment offset
     (query ``i`` sits at key position ``i + off``); keys ``j >= klen`` are invisible.
     slopes (H,), bias (H, Sq, Sk) float, mask (H, Sq, Sk) bool, sink (H,); dropout
     (keep (H, Sq, Sk) bool, p): kept probabilities are scaled by 1 / (1 - p), lse is not.
+    ``score_mod(score, b, h, i, j, *score_mod_args)`` is applied elementwise right after
+    the scale, ``mask_mod(b, h, i, j, *mask_mod_args)`` masks with the other masks
+    (numba_attn.mods); ``b`` is the row's batch index passed to them.
     Returns out (Sq, H, Dv) and lse (H, Sq), float64.
     """
     q, k, v = _f64(q), _f64(k), _f64(v)
@@ -37,6 +67,8 @@ def attention_rows(q, k, v, *, off, klen, scale, causal="bottom_right", window=(
     kh = np.repeat(k, group, axis=1) if sk else np.zeros((0, h, k.shape[2]))
     vh = np.repeat(v, group, axis=1) if sk else np.zeros((0, h, dv))
     s = np.einsum("ihd,jhd->hij", q, kh) * scale  # (H, Sq, Sk)
+    s, keep = _eval_mods(s, b, klen, score_mod, tuple(score_mod_args), mask_mod,
+                         tuple(mask_mod_args))
     if softcap > 0.0:
         s = softcap * np.tanh(s / softcap)
     i = np.arange(sq)[:, None]
@@ -58,6 +90,8 @@ def attention_rows(q, k, v, *, off, klen, scale, causal="bottom_right", window=(
     visible = np.broadcast_to(visible, (h, sq, sk))
     if mask is not None:
         visible = visible & np.asarray(mask, dtype=bool)
+    if keep is not None:
+        visible = visible & keep
     s = np.where(visible, s, -np.inf)
     m = s.max(axis=2, initial=-np.inf)  # (H, Sq)
     if sink is not None:
@@ -93,10 +127,12 @@ def _slopes_row(slopes, b, h):
 
 def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
               alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
-              return_lse=False, q_offset=None, dropout_p=0.0, seed=None):
+              return_lse=False, q_offset=None, dropout_p=0.0, seed=None, score_mod=None,
+              score_mod_args=(), mask_mod=None, mask_mod_args=()):
     """Reference of :func:`numba_attn.attention`; q (B, Sq, H, D), k/v (B, Sk, Hkv, D[v]).
 
     Query ``i`` sits at key position ``i + q_offset`` (default ``Sk - Sq``).
+    score_mod / mask_mod are evaluated elementwise in float64 on the full score matrix.
     Returns out (B, Sq, H, Dv) float64 and, with ``return_lse``, lse (B, H, Sq).
     """
     from .config import normalize_causal
@@ -117,7 +153,9 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
             slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk)),
             mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk)),
-            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, sq, sk))
+            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, sq, sk), b=b,
+            score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
+            mask_mod_args=mask_mod_args)
     return (out, lse) if return_lse else out
 
 
@@ -135,7 +173,8 @@ def _dropout(dropout_p, seed, b, h, lq, lk):
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                      max_seqlen_k=None, causal=False, window=(-1, -1), scale=None,
                      softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
-                     sinks=None, return_lse=False, dropout_p=0.0, seed=None):
+                     sinks=None, return_lse=False, dropout_p=0.0, seed=None, score_mod=None,
+                     score_mod_args=(), mask_mod=None, mask_mod_args=()):
     """Reference of :func:`numba_attn.attention_varlen`; q (Tq, H, D), k/v (Tk, Hkv, D[v]).
 
     Row ``b`` owns queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys likewise; its
@@ -165,7 +204,9 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
             slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else _crop(bias_b, h, lq, lk),
             mask=None if mask_b is None else _crop(mask_b, h, lq, lk),
-            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, lq, lk))
+            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, lq, lk), b=b,
+            score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
+            mask_mod_args=mask_mod_args)
     return (out, lse) if return_lse else out
 
 

@@ -35,6 +35,8 @@ def run_problem(p):
     out = np.zeros((q.shape[0], h, dv))
     lse = np.full((q.shape[0], h), -np.inf)
     bt = _to_host(p.block_table)
+    spec = p.extra.get("mods")
+    smod, sargs, mmod, margs = spec.raw if spec is not None else (None, (), None, ())
     for b in range(p.batch):
         q0, lq, k0, klen, off = (int(x) for x in p.rows[b])
         lk = max(klen, 0)
@@ -51,7 +53,8 @@ def run_problem(p):
             causal=cfg.causal, window=cfg.window, softcap=cfg.softcap, slopes=slopes,
             bias=bias, mask=mask, sink=_to_host(p.sinks),
             dropout=_dropout(*p.extra["dropout"], b, h, lq, lk) if "dropout" in p.extra
-            else None)
+            else None, b=b, score_mod=smod, score_mod_args=sargs, mask_mod=mmod,
+            mask_mod_args=margs)
         out[q0:q0 + lq] = o
         lse[q0:q0 + lq] = l.T
     dt = p.compute_dtype

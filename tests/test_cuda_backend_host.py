@@ -99,9 +99,47 @@ def test_forward_kernel_compiles_for_sm90(dtype):
             np.int64(10), a((2, 1), np.int32), np.int64(1), np.dtype(acc).type(1),
             np.int64(0), np.int64(0), np.int64(0), np.dtype(acc).type(0), a((1, 1), acc),
             True, a(1, acc), a(1, np.int64), True, a(1, np.bool_), a(1, np.int64), True,
-            a(1, acc), True)
+            a(1, acc), True, (), (), a((1, 1, 1, 1), np.int8), np.int64(1), np.int64(1))
     sig = types.void(*(numba.typeof(x) for x in args))
     ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
     assert "shfl.sync.bfly" in ptx  # the warp reductions are real shuffles
     if dtype != np.float64:
         assert ".f64" not in ptx  # no silent double-precision math in float32 kernels
+
+
+def _rel_bias(score, b, h, i, j, table):
+    return score + table[h, min(max(j - i, -4), 4) + 4]
+
+
+def _doc_mask(b, h, i, j, doc):
+    return doc[b, i] == doc[b, j] and j <= i
+
+
+def test_forward_kernel_with_mods_compiles_for_sm90():
+    """User mods as device functions (star-args over tuples of arrays) and the block-mask
+    tile skipping type and lower with the real numba-cuda compiler."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda not installed")
+    why = _toolchain_missing()
+    if why:
+        pytest.skip(why[:300])
+    import numba
+    from numba import cuda, types
+
+    from numba_attn.cuda import forward as fk
+
+    acc = np.float32
+    kern = fk.make_forward(acc, 64, 64, 4, 4, 32, 4, _rel_bias, _doc_mask, True, 1, 1)
+
+    def a(shape, dt):
+        return np.zeros(shape, dt)
+
+    args = (a((2, 2, 2), acc), a((2, 2, 2), acc), a((2, 2, 2), acc), a((2, 2, 2), acc),
+            a((2, 2), acc), a((2, 2, 2, 2), acc), a((2, 2, 2), acc), a(16, np.int64),
+            np.int64(10), a((2, 1), np.int32), np.int64(1), acc(1), np.int64(0),
+            np.int64(0), np.int64(0), acc(0), a((1, 1), acc), True, a(1, acc),
+            a(1, np.int64), True, a(1, np.bool_), a(1, np.int64), True, a(1, acc), True,
+            (a((4, 9), np.float64),), (a((2, 8), np.int64),), a((1, 1, 2, 2), np.int8),
+            np.int64(4), np.int64(4))
+    sig = types.void(*(numba.typeof(x) for x in args))
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+    assert "shfl.sync.bfly" in ptx

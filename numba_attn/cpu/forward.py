@@ -300,6 +300,51 @@ def write_item(ot, nrp, m, l, nr, qi, hh, q_start, split, nsplit, out, lse, part
 
 
 @inline
+def strip_score_mod(st, ne, nrs, j0, b, qi, hh, s0, smod, sargs):
+    """st[jj, r] = smod(st[jj, r], b, head, q_idx, kv_idx, *sargs) over ``ne`` keys of a
+    strip (rows s0 .. s0 + nrs - 1 of the item)."""
+    for jj in range(ne):
+        j = j0 + jj
+        for r in range(nrs):
+            u = jj * nrs + r
+            st[u] = smod(st[u], b, hh[s0 + r], qi[s0 + r], j, *sargs)
+
+
+@inline
+def strip_mask_mod(st, ne, nrs, j0, b, qi, hh, s0, mmod, margs):
+    """st[jj, r] = -inf where not mmod(b, head, q_idx, kv_idx, *margs)."""
+    ninf = -np.inf
+    for jj in range(ne):
+        j = j0 + jj
+        for r in range(nrs):
+            if not mmod(b, hh[s0 + r], qi[s0 + r], j, *margs):
+                st[jj * nrs + r] = ninf
+
+
+@inline
+def strip_block_kind(bflags, bq, bk, b, qi, hh, s0, nrs, j0, j1):
+    """0 when every block of the block mask that the strip's rows meet in keys [j0, j1) is
+    empty, 2 when all are full, else 1 (the mask_mod must run)."""
+    bb = b if bflags.shape[0] > 1 else 0
+    any_set = False
+    all_full = True
+    kb0 = j0 // bk
+    kb1 = (j1 - 1) // bk
+    for r in range(s0, s0 + nrs):
+        h = hh[r] if bflags.shape[1] > 1 else 0
+        fq = bflags[bb, h, qi[r] // bq]
+        for kb in range(kb0, kb1 + 1):
+            f = fq[kb]
+            if f != 0:
+                any_set = True
+            if f != 2:
+                all_full = False
+    if not any_set:
+        return 0
+    return 2 if all_full else 1
+
+
+@inline
 def copy_row(src, so, dst, do, n):
     """dst.flat[do : do + n] = src.flat[so : so + n] converted to dst's dtype (vectors,
     masked tail)."""
@@ -341,7 +386,7 @@ def pack_tile(k, v, b, j0, nk, kvh, k_start, block_table, block_size, kt, vt, nk
 def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                   scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
                   mask, mstr, has_mask, sinks, has_sinks, nsplit, block_k, schedule, n_lanes,
-                  kpack, vpack, packed):
+                  kpack, vpack, packed, smod, sargs, mmod, margs, bflags, bq, bk):
     """Fused forward on the SIMD micro-kernels; see the module docstring for the layout.
 
     q (Tq, H, D) in the compute dtype; k (N, Hkv, D), v (N, Hkv, Dv) storage (float32,
@@ -360,6 +405,14 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     PV micro-kernel. Strips that see no key of a tile are skipped,
     and a strip stops at its last visible key. Work items are taken in ``schedule`` order
     (decreasing cost) by ``n_lanes`` lanes through an atomic counter.
+
+    User modifications (numba_attn.mods) are compile-time specialisations: ``smod`` /
+    ``mmod`` are None (their code is pruned: the default kernel is unchanged) or jitted
+    functions called with ``*sargs`` / ``*margs``; ``bflags`` (None or int8 (B|1, H|1,
+    nqb, nkb), 0 empty / 1 partial / 2 full per bq x bk block) skips empty strip-tiles and
+    calls ``mmod`` only on partial ones. score_mod runs on the scaled scores, before
+    soft-cap, ALiBi, bias and masks; mask_mod with the masks. The cached dispatcher serves
+    the default path; :data:`flash_forward_mods` (same code, not cached on disk) the mods.
     """
     dt = q.dtype
     n_heads, d = q.shape[1], q.shape[2]
@@ -444,11 +497,22 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                     ne = min(j1, shi) - j0  # keys of the tile the strip may see
                     if ne <= 0 or slo >= j1:
                         continue
+                    mm_on = False
+                    if mmod is not None:
+                        mm_on = True
+                        if bflags is not None:
+                            kind = strip_block_kind(bflags, bq, bk, b, qi, hh, s0, nrs, j0,
+                                                    j0 + ne)
+                            if kind == 0:
+                                continue
+                            mm_on = kind == 1
                     nep = (ne + mr - 1) // mr * mr
                     if packed:
                         strip_scores(kh, kb, nep, qt, nrp, s0, d, st, mr)
                     else:
                         strip_scores(kt, kb, nep, qt, nrp, s0, d, st, mr)
+                    if smod is not None:
+                        strip_score_mod(st, ne, nrs, j0, b, qi, hh, s0, smod, sargs)
                     if softcap > 0.0:
                         strip_softcap(st, ne, softcap)
                     needs = slo > j0
@@ -459,6 +523,9 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                                    qi[s0:], hh[s0:], rlo[s0:], rhi[s0:], slope_r[s0:], off,
                                    needs, 0.0, has_alibi, bias, bstr, has_bias, mask, mstr,
                                    has_mask)
+                    if mmod is not None:
+                        if mm_on:
+                            strip_mask_mod(st, ne, nrs, j0, b, qi, hh, s0, mmod, margs)
                     a0, a1 = strip_softmax(st, ne, m, l, s0)
                     for c0 in range(0, dvp, mr):
                         if packed:
@@ -472,6 +539,12 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                             pv6(vt, vb, ne, st, ot, nrp, s0, c0, dvp, a0, a1)
             write_item(ot, nrp, m, l, nr, qi, hh, q_start, split, nsplit, out, lse, part_out,
                        part_lse)
+
+
+# the same kernel for calls with user mods: one specialisation per mod function (its type
+# is the function object), so it is compiled per process and never written to the disk
+# cache (an entry keyed by a function object could never be loaded again)
+flash_forward_mods = jit(flash_forward.py_func, parallel=True, cache=False)
 
 
 @jit(parallel=True)

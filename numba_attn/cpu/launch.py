@@ -69,6 +69,20 @@ def balanced_schedule(items, rows, cfg, block_k, nsplit, threads):
     return np.argsort(-per_work, kind="stable").astype(np.int64)
 
 
+def sparse_schedule(items, rows, mods, cfg, block_k, nsplit):
+    """As :func:`balanced_schedule`, with each item's cost counted in the block mask's
+    non-empty key blocks (any head) over the item's query blocks."""
+    nonempty = (mods.bflags != 0).any(axis=1).sum(axis=2)  # (B|1, nqb)
+    b = items[:, 0] if nonempty.shape[0] > 1 else np.zeros(len(items), np.int64)
+    qb0 = (items[:, 1] - rows[items[:, 0], 0]) // mods.bq
+    qb1 = (items[:, 2] - 1 - rows[items[:, 0], 0]) // mods.bq
+    cum = np.concatenate([np.zeros((nonempty.shape[0], 1), np.int64),
+                          np.cumsum(nonempty, axis=1)], axis=1)
+    cost = 1 + (cum[b, qb1 + 1] - cum[b, qb0]) * mods.bk // block_k
+    per_work = np.repeat(cost, cfg.num_kv_heads * nsplit)
+    return np.argsort(-per_work, kind="stable").astype(np.int64)
+
+
 def choose_splits(n_work, max_k, block_k, threads):
     """Split keys when there are fewer work items than ~4 per thread and keys are many."""
     if n_work == 0 or n_work >= 4 * threads or max_k < 2 * 256:
@@ -101,7 +115,11 @@ def forward(p):
     if tq == 0:
         return out, lse
     threads = numba.get_num_threads()
+    mods = p.extra.get("mods")
     block_q, block_k, fused = plan(cfg, p.max_seqlen_q, p.max_seqlen_k, p.batch, threads)
+    if mods is not None and not fused:  # the decode kernel has no mod variant: the fused
+        fused = True                    # forward serves small calls too
+        block_q = max(1, min(p.max_seqlen_q, 256 // cfg.group_size))
     items = make_items(p.rows, np.int64(block_q))
     # the decode kernel chooses and merges its own key splits
     nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, block_k,
@@ -133,6 +151,8 @@ def forward(p):
     with parallel_guard(), serial_if(small):
         if fused:
             schedule = balanced_schedule(items, p.rows, cfg, block_k, nsplit, threads)
+            if mods is not None and mods.bflags is not None:
+                schedule = sparse_schedule(items, p.rows, mods, cfg, block_k, nsplit)
             packed = p.block_size == CONTIGUOUS_BLOCK
             if packed:  # head-major copies in the storage dtype: key tiles contiguous
                 kpack = np.empty((k_store.shape[1], k_store.shape[0], k_store.shape[2]),
@@ -143,8 +163,15 @@ def forward(p):
                 fk.head_major(v_store, vpack)
             else:  # paged: the kernel gathers each tile
                 kpack, vpack = _dummy(k_store.dtype, 3), _dummy(v_store.dtype, 3)
-            fk.flash_forward(*common, np.int64(nsplit), np.int64(block_k), schedule,
-                             np.int64(threads), kpack, vpack, packed)
+            tail = (np.int64(nsplit), np.int64(block_k), schedule, np.int64(threads), kpack,
+                    vpack, packed)
+            if mods is None:
+                fk.flash_forward(*common, *tail, None, (), None, (), None, np.int64(1),
+                                 np.int64(1))
+            else:
+                fk.flash_forward_mods(*common, *tail, mods.smod, mods.sargs, mods.mmod,
+                                      mods.margs, mods.bflags, np.int64(mods.bq),
+                                      np.int64(mods.bk))
         else:  # decode-sized items: whole storage rows streamed, own key splits
             decode.flash_decode(*common)
         if nsplit > 1:

@@ -79,22 +79,65 @@ def visible(i, j, off, causal, wl, wr):
 _KERNELS = {}
 
 
-def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps):
+@cuda.jit(device=True, inline=True)
+def _no_score_mod(s, b, h, i, j, args):
+    return s
+
+
+@cuda.jit(device=True, inline=True)
+def _no_mask_mod(b, h, i, j, args):
+    return True
+
+
+_DEVICE_MODS = {}  # (python function, kind, number of args) -> device function
+
+
+def device_mod(fn, kind, nargs):
+    """A user mod as an inlined device function taking its argument tuple whole:
+    ``f(s, b, h, i, j, args)`` (score) / ``f(b, h, i, j, args)`` (mask), which calls the
+    user's function with ``args`` spelled out (Numba's inliner refuses ``*args`` calls,
+    and inlining spares the compile a device context)."""
+    py = getattr(fn, "py_func", fn)
+    key = (py, kind, nargs)
+    dev = _DEVICE_MODS.get(key)
+    if dev is None:
+        lead = "s, b, h, i, j" if kind == "score" else "b, h, i, j"
+        spelled = "".join(f", args[{n}]" for n in range(nargs))
+        src = f"def call({lead}, args):\n    return user({lead}{spelled})\n"
+        env = {"user": cuda.jit(device=True, inline=True)(py)}
+        exec(src, env)  # noqa: S102 (fixed template, no user text)
+        dev = _DEVICE_MODS[key] = cuda.jit(device=True, inline=True)(env["call"])
+    return dev
+
+
+def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps, smod=None, mmod=None,
+                 blocks=False, n_sargs=0, n_margs=0):
     """The forward kernel specialised on its compile-time constants (cached).
 
     Launch as ``kernel[(n_items, num_kv_heads, nsplit), 32 * num_warps](...)``. ``meta`` is
     one int64 vector (a single host-to-device copy): ``rows`` (batch, 5) flattened, then
     ``items`` (n_items, 3) flattened from offset ``items_off``.
+
+    ``smod`` / ``mmod``: user mods (numba_attn.mods) compiled in as device functions (one
+    kernel per function object); ``blocks``: a block mask's flags skip empty tiles.
     """
-    key = (np.dtype(acc_dtype).str, d, dv, group, block_q, block_k, num_warps)
+    key = (np.dtype(acc_dtype).str, d, dv, group, block_q, block_k, num_warps, smod, mmod,
+           blocks, n_sargs, n_margs)
     kern = _KERNELS.get(key)
     if kern is None:
         kern = _KERNELS[key] = _build_forward(np.dtype(acc_dtype), d, dv, group, block_q,
-                                              block_k, num_warps)
+                                              block_k, num_warps, smod, mmod, blocks,
+                                              n_sargs, n_margs)
     return kern
 
 
-def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW):
+def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=None,
+                   blocks=False, n_sargs=0, n_margs=0):
+    HAS_SMOD = smod is not None
+    HAS_MMOD = mmod is not None
+    BLOCKS = bool(blocks) and HAS_MMOD
+    SMOD = device_mod(smod, "score", n_sargs) if HAS_SMOD else _no_score_mod
+    MMOD = device_mod(mmod, "mask", n_margs) if HAS_MMOD else _no_mask_mod
     ACC = numba.from_dtype(acc_dtype)
     CAST = numba.float64 if acc_dtype == np.float64 else numba.float32
     ZERO = acc_dtype.type(0.0)
@@ -114,7 +157,8 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW):
     @cuda.jit
     def flash_forward(q, k, v, out, lse, part_out, part_lse, meta, items_off, block_table,
                       block_size, scale, causal, wl, wr, softcap, slopes, has_alibi, bias,
-                      bstr, has_bias, mask, mstr, has_mask, sinks, has_sinks):
+                      bstr, has_bias, mask, mstr, has_mask, sinks, has_sinks, sargs, margs,
+                      bflags, bq, bk):
         q_s = cuda.shared.array((QROWS, D), ACC)
         k_s = cuda.shared.array((BK, DP), ACC)
         v_s = cuda.shared.array((BK, DV), ACC)
@@ -164,6 +208,22 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW):
 
         for j0 in range(js, je, BK):
             nk = min(BK, je - j0)
+            mm_on = HAS_MMOD
+            if BLOCKS:  # block-uniform: every thread reads the same flags
+                any_set = False
+                all_full = True
+                bb = b if bflags.shape[0] > 1 else 0
+                for r in range(nr):
+                    hb = kvh * GROUP + r // nq if bflags.shape[1] > 1 else 0
+                    for kb in range(j0 // bk, (j0 + nk - 1) // bk + 1):
+                        f = bflags[bb, hb, (i0 + r % nq) // bq, kb]
+                        if f != 0:
+                            any_set = True
+                        if f != 2:
+                            all_full = False
+                if not any_set:
+                    continue  # an empty tile for every row of the item
+                mm_on = not all_full
             cuda.syncthreads()  # previous tile fully consumed (and q_s written)
             for jj in range(tid, nk, NT):
                 j = j0 + jj
@@ -207,6 +267,8 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW):
                         if jj >= nk:
                             s = NEG_INF
                         else:
+                            if HAS_SMOD:
+                                s = SMOD(s, b, h, i, j, sargs)
                             if softcap > 0:
                                 s = softcap * math.tanh(s / softcap)
                             if has_alibi:
@@ -220,6 +282,9 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW):
                                     s = NEG_INF
                             if positional and not visible(i, j, off, causal, wl, wr):
                                 s = NEG_INF
+                            if HAS_MMOD:
+                                if mm_on and not MMOD(b, h, i, j, margs):
+                                    s = NEG_INF
                         sc[rr * KPL + t] = s
                         mx = max(mx, s)
                     mx = warp_max(mx)

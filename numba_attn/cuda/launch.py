@@ -190,11 +190,30 @@ def forward(p):
     return out.copy_to_host(), lse.copy_to_host()
 
 
+def _mod_args(mods, acc):
+    """(sargs, margs, bflags, bq, bk) for the kernel: host arrays of the mods' argument
+    tuples copied to the device; dummies without mods / block mask."""
+    if mods is None:
+        return (), (), dummy(np.int8, 4), np.int64(1), np.int64(1)
+    dev = lambda t: tuple(cuda.to_device(a) if isinstance(a, np.ndarray) else a  # noqa: E731
+                          for a in t)
+    flags = dummy(np.int8, 4) if mods.bflags is None else cuda.to_device(mods.bflags)
+    return (dev(mods.sargs), dev(mods.margs), flags, np.int64(mods.bq), np.int64(mods.bk))
+
+
 def _launch(p, acc, out, lse):
     cfg = p.config
     pl = plan(acc, cfg.head_dim, cfg.head_dim_v, cfg.group_size, p.max_seqlen_q)
+    mods = p.extra.get("mods")
+    smod = mmod = None
+    if mods is not None:
+        smod = None if mods.smod is None else mods.raw[0]
+        mmod = None if mods.mmod is None else mods.raw[2]
+    blocks = mods is not None and mods.bflags is not None
     kernel = fk.make_forward(acc, cfg.head_dim, cfg.head_dim_v, cfg.group_size, pl.block_q,
-                             pl.block_k, pl.num_warps)
+                             pl.block_k, pl.num_warps, smod, mmod, blocks,
+                             0 if mods is None else len(mods.sargs),
+                             0 if mods is None else len(mods.margs))
     items = make_items(p.rows, pl.block_q)
     if len(items) == 0:
         return
@@ -215,7 +234,7 @@ def _launch(p, acc, out, lse):
         opt(p.slopes, acc, 2), p.slopes is not None,
         opt(p.bias, acc), opt(p.bias_strides, np.int64), p.bias is not None,
         opt(p.mask, np.bool_), opt(p.mask_strides, np.int64), p.mask is not None,
-        opt(p.sinks, acc), p.sinks is not None)
+        opt(p.sinks, acc), p.sinks is not None, *_mod_args(mods, acc))
     if nsplit > 1:
         grid, threads = elementwise_grid(tq * h * dv)
         fk.merge_splits[grid, threads](part_out, part_lse, out, lse)
