@@ -285,6 +285,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
 
     >>> tail = numba_attn.attention(q[:, 2:], k, v, causal=True, q_offset=2 + 6 - 4)
     >>> bool(np.allclose(tail, out[:, 2:], atol=1e-6))
+    True
+
     A T5-style relative-position bias per head, read from a table passed as an argument:
 
     >>> table = rng.standard_normal((8, 11))            # (heads, distances -5 .. 5)
