@@ -420,6 +420,14 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
     timing = (dict(min_repeats=3, max_repeats=10, target_s=0.3, budget_s=3.0) if quick
               else dict(min_repeats=3, max_repeats=20, target_s=2.0, budget_s=20.0))
     notes = []
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        skipped = [s.name for s in shapes if s.dtype == "bfloat16"]
+        shapes = [s for s in shapes if s.dtype != "bfloat16"]
+        if skipped:
+            notes.append(f"{', '.join(skipped)}: skipped (bfloat16 needs ml_dtypes: "
+                         "pip install ml_dtypes)")
     peer_list = []
     if "numpy" in peers:
         peer_list.append("numpy")
