@@ -13,32 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import AttentionConfig, AttentionError, BackendUnavailable
-from .interop import to_numpy
+from .interop import _bfloat16, _is_bfloat16, to_numpy
 
 __all__ = ["Problem", "run", "available_backends", "get_backend", "BACKENDS"]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
-_BF16 = []
-
-
-def _bfloat16():
-    """ml_dtypes' bfloat16 dtype, or None without ml_dtypes. Imported on first need only
-    (the import costs ~0.1-0.5 s: never on a float32 call)."""
-    if not _BF16:
-        try:
-            import ml_dtypes
-
-            _BF16.append(np.dtype(ml_dtypes.bfloat16))
-        except ImportError:  # optional
-            _BF16.append(None)
-    return _BF16[0]
-
-
-def _is_bfloat16(dt) -> bool:
-    """Whether a dtype (numpy, ml_dtypes, torch) is bfloat16, without importing ml_dtypes."""
-    return str(dt).rsplit(".", 1)[-1] == "bfloat16"
 
 
 # ---------------------------------------------------------------------------------------
@@ -74,7 +55,7 @@ def as_np_dtype(dt) -> np.dtype:
 
 
 def check_float(name, x):
-    if str(x.dtype).rsplit(".", 1)[-1] == "bfloat16" and _bfloat16() is None:
+    if _is_bfloat16(x.dtype) and _bfloat16() is None:
         raise TypeError(f"{name}: bfloat16 needs ml_dtypes (pip install ml_dtypes); or pass "
                         f"float16, float32 or float64")
     try:
