@@ -269,6 +269,17 @@ def strip_scores(k, kb, nep, qt, ldq, s0, d, st, mr):
 
 
 @inline
+def strip_values(v, vb, ne, st, ot, ldo, s0, dvp, dv, a0, a1, mr):
+    """O^T channels [0, dvp) of a strip = alpha * O^T + V^T P over its ``ne`` keys, in
+    blocks of mr channels (channels past ``dv`` of v read channel dv - 1 into padding)."""
+    for c0 in range(0, dvp, mr):
+        if mr == 8:
+            pv8(v, vb, ne, st, ot, ldo, s0, c0, dv, a0, a1)
+        else:
+            pv6(v, vb, ne, st, ot, ldo, s0, c0, dv, a0, a1)
+
+
+@inline
 def strip_softcap(st, ne, softcap):
     """st = softcap * tanh(st / softcap) over ``ne`` keys of a strip (vector tanh)."""
     w = lanes(st)
@@ -527,16 +538,10 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                         if mm_on:
                             strip_mask_mod(st, ne, nrs, j0, b, qi, hh, s0, mmod, margs)
                     a0, a1 = strip_softmax(st, ne, m, l, s0)
-                    for c0 in range(0, dvp, mr):
-                        if packed:
-                            if mr == 8:
-                                pv8(vh, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
-                            else:
-                                pv6(vh, vb, ne, st, ot, nrp, s0, c0, dv, a0, a1)
-                        elif mr == 8:
-                            pv8(vt, vb, ne, st, ot, nrp, s0, c0, dvp, a0, a1)
-                        else:
-                            pv6(vt, vb, ne, st, ot, nrp, s0, c0, dvp, a0, a1)
+                    if packed:
+                        strip_values(vh, vb, ne, st, ot, nrp, s0, dvp, dv, a0, a1, mr)
+                    else:
+                        strip_values(vt, vb, ne, st, ot, nrp, s0, dvp, dvp, a0, a1, mr)
             write_item(ot, nrp, m, l, nr, qi, hh, q_start, split, nsplit, out, lse, part_out,
                        part_lse)
 
