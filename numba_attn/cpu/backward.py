@@ -358,7 +358,7 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
         qi = np.empty(max_nrp, np.int64)
         rlo = np.empty(max_nrp, np.int64)
         rhi = np.empty(max_nrp, np.int64)
-        lz = np.zeros(max_nrp, np.int64)
+        lz = np.zeros(max(max_nrp, nkt), np.int64)  # zero offsets: lanes and key tile
         lr = np.empty(max_nrp, dt)
         de = np.empty(max_nrp, dt)
         slope_h = np.zeros(n_heads, dt)
@@ -495,7 +495,7 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
         dkt = np.zeros(dpad * max_nrp, dt)
         dvt = np.zeros(dvpad * max_nrp, dt)
         lj = np.empty(max_nrp, np.int64)
-        lz = np.zeros(max_nrp, np.int64)
+        lz = np.zeros(max(max_nrp, nqt), np.int64)  # zero offsets: lanes and query tile
         slope_h = np.zeros(n_heads, dt)
         if has_alibi:
             for h in range(n_heads):
@@ -635,7 +635,7 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
         qi = np.empty(max_nrp, np.int64)
         rlo = np.empty(max_nrp, np.int64)
         rhi = np.empty(max_nrp, np.int64)
-        lz = np.zeros(max_nrp, np.int64)
+        lz = np.zeros(max(max_nrp, nkt), np.int64)  # zero offsets: lanes and key tile
         lr = np.empty(max_nrp, dt)
         slope_h = np.zeros(n_heads, dt)
         if has_alibi:

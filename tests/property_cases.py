@@ -1,0 +1,358 @@
+"""Property cases: configurations drawn from the whole option space, each operation
+checked against numba_attn.reference.
+
+Run as a child process by tests/test_properties.py (so a crash is a reported failing
+example, not a dead suite)::
+
+    python tests/property_cases.py OPERATION --examples N [--seed S]
+
+Before each example the child prints ``CASE <json>`` (flushed); a failing example ends
+the run with ``FAIL <json>`` and the errors, a crash leaves the last CASE line as the
+configuration that killed it. ``python tests/property_cases.py OPERATION --case JSON``
+reruns one configuration.
+
+Tolerances follow the twice-naive-error rule: a result may be off from the float64 oracle
+by at most twice what the same dense algorithm computed naively in the storage dtype is
+off (the reference evaluated with its arrays kept in that dtype), plus a few ulps of the
+result's magnitude, normwise per output.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import traceback
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hyp_seed
+from hypothesis import strategies as st
+
+import numba_attn as na
+from numba_attn import reference as ref
+
+# Lengths: tiny, tile edges (block rows 8, key tiles 64, query tiles 64) and a little more.
+_EDGES = [1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129]
+_HEAD_DIMS = [8, 16, 24, 32, 40, 64, 80, 96, 128]
+# bias / mask broadcast forms, as (batch, heads, q, k) flags: 1 = broadcast axis.
+_BCAST = ["bhqk", "1hqk", "b1qk", "11qk", "bh1k", "111k", "hqk", "qk"]
+
+
+def _length(allow_zero=True):
+    opts = [st.sampled_from(_EDGES), st.integers(1, 160)]
+    if allow_zero:
+        opts.append(st.just(0))
+    return st.one_of(*opts)
+
+
+@st.composite
+def batched_config(draw, *, backward=False):
+    """One configuration of attention / attention_backward (JSON-serialisable)."""
+    hkv = draw(st.sampled_from([1, 1, 2, 3]))
+    group = draw(st.sampled_from([1, 2, 4]))
+    sq = draw(_length(allow_zero=True))
+    sk = draw(_length(allow_zero=True))
+    d = draw(st.sampled_from(_HEAD_DIMS))
+    cfg = dict(
+        B=draw(st.integers(1, 3)), Sq=sq, Sk=sk, H=hkv * group, Hkv=hkv, D=d,
+        Dv=draw(st.sampled_from([d, d, d, 16, 48])),
+        dtype=draw(st.sampled_from(["float32", "float64"])),
+        causal=draw(st.sampled_from([False, True, "top_left"])),
+        window=draw(st.sampled_from([(-1, -1), (-1, -1), (0, 0), (4, 0), (-1, 3), (17, 5),
+                                     (70, -1)])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 0.5, 30.0])),
+        scale=draw(st.sampled_from([None, None, 0.3])),
+        alibi=draw(st.sampled_from([None, None, "h", "bh"])),
+        bias=draw(st.sampled_from([None, None] + _BCAST)),
+        mask=draw(st.sampled_from([None, None, None] + _BCAST)),
+        kv_lens=draw(st.booleans()) and sk > 0,
+        sinks=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+    if backward:
+        cfg["dropout_p"] = draw(st.sampled_from([0.0, 0.0, 0.0, 0.2]))
+    return cfg
+
+
+def _bcast_shape(form, b, h, sq, sk):
+    """The array shape of a broadcast form: "hqk" is 3-D (h, q, k), "qk" 2-D."""
+    full = dict(b=b, h=h, q=sq, k=sk)
+    return tuple(1 if c == "1" else full[c] for c in form)
+
+
+def build(cfg):
+    """Arrays and keyword options of a batched configuration."""
+    rng = np.random.default_rng(cfg["seed"])
+    dt = np.dtype(cfg["dtype"])
+    b, sq, sk, h, hkv = cfg["B"], cfg["Sq"], cfg["Sk"], cfg["H"], cfg["Hkv"]
+    q = rng.standard_normal((b, sq, h, cfg["D"])).astype(dt)
+    k = rng.standard_normal((b, sk, hkv, cfg["D"])).astype(dt)
+    v = rng.standard_normal((b, sk, hkv, cfg["Dv"])).astype(dt)
+    kw = dict(causal=cfg["causal"], window=tuple(cfg["window"]), softcap=cfg["softcap"],
+              scale=cfg["scale"])
+    if cfg["alibi"] == "h":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, h)
+    elif cfg["alibi"] == "bh":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, (b, h))
+    if cfg["bias"]:
+        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, sq, sk)).astype(dt)
+    if cfg["mask"]:
+        kw["mask"] = rng.random(_bcast_shape(cfg["mask"], b, h, sq, sk)) > 0.25
+    if isinstance(cfg["kv_lens"], list):  # explicit lengths (regression cases)
+        kw["kv_lens"] = np.array(cfg["kv_lens"], np.int32)
+    elif cfg["kv_lens"]:
+        kw["kv_lens"] = rng.integers(0, sk + 1, b).astype(np.int32)
+    if cfg["sinks"]:
+        kw["sinks"] = rng.standard_normal(h)
+    if cfg.get("dropout_p"):
+        kw["dropout_p"] = cfg["dropout_p"]
+        kw["seed"] = int(cfg["seed"]) % 1000
+    return q, k, v, kw, rng
+
+
+@contextlib.contextmanager
+def naive_in(dtype):
+    """The reference evaluated with its arrays kept in ``dtype``: the naive dense
+    algorithm in the storage precision (whose error sets the tolerance)."""
+    saved = ref._f64
+    ref._f64 = lambda x: None if x is None else np.asarray(x, dtype=dtype)
+    try:
+        yield
+    finally:
+        ref._f64 = saved
+
+
+def compare(name, got, exact, naive, dtype, length):
+    """Error message, or None when got is within the twice-naive-error rule."""
+    got = np.asarray(got, np.float64)
+    exact = np.asarray(exact, np.float64)
+    naive = np.asarray(naive, np.float64)
+    if got.shape != exact.shape:
+        return f"{name}: shape {got.shape}, expected {exact.shape}"
+    inf = np.isneginf(exact)
+    if not np.array_equal(np.isneginf(got), inf):
+        return f"{name}: -inf at {np.argwhere(np.isneginf(got) != inf)[:4].tolist()}"
+    if not np.isfinite(got[~inf]).all():
+        return f"{name}: non-finite at {np.argwhere(~np.isfinite(got) & ~inf)[:4].tolist()}"
+    if got.size == 0:
+        return None
+    fin = ~inf
+    err = float(np.abs(got - exact)[fin].max(initial=0.0))
+    nerr = float(np.abs(naive - exact)[fin].max(initial=0.0))
+    mag = float(np.abs(exact)[fin].max(initial=0.0))
+    # floor: rounding of a length-``length`` reduction (what float64's naive error of 0
+    # cannot express)
+    tol = 2.0 * nerr + 4 * length * np.finfo(dtype).eps * max(mag, 1.0)
+    if err > tol:
+        return f"{name}: max error {err:.3g} > {tol:.3g} (naive {nerr:.3g}, |x| {mag:.3g})"
+    return None
+
+
+def _errors(names, got, exact, naive, dtype, cfg):
+    if "lens_q" in cfg:
+        length = sum(cfg["lens_q"]) + sum(cfg["lens_k"])
+    else:
+        length = cfg["B"] * (cfg["Sq"] + cfg["Sk"])
+    length += cfg["D"] + cfg["Dv"]
+    out = []
+    for n, g, e, v in zip(names, got, exact, naive):
+        if e is None:
+            continue
+        msg = compare(n, g, e, v, dtype, length)
+        if msg:
+            out.append(msg)
+    return out
+
+
+def check_forward(cfg):
+    q, k, v, kw, _ = build(cfg)
+    dt = q.dtype
+    got = na.attention(q, k, v, return_lse=True, **kw)
+    exact = ref.attention(q, k, v, return_lse=True, **kw)
+    with naive_in(dt):
+        naive = ref.attention(q, k, v, return_lse=True, **kw)
+    return _errors(["out", "lse"], got, exact, naive, dt, cfg)
+
+
+def check_backward(cfg):
+    q, k, v, kw, rng = build(cfg)
+    dt = q.dtype
+    out, lse = na.attention(q, k, v, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape).astype(dt)
+    flags = dict(return_dbias="bias" in kw, return_dsinks="sinks" in kw)
+    got = na.attention_backward(dout, q, k, v, out, lse, **kw, **flags)
+    got = _pad_grads(got, flags)
+    exact = ref.attention_backward(dout, q, k, v, out, lse, **kw)
+    with naive_in(dt):
+        naive = ref.attention_backward(dout, q, k, v, out, lse, **kw)
+    return _errors(["dq", "dk", "dv", "dbias", "dsinks"], got, exact, naive, dt, cfg)
+
+
+def _pad_grads(got, flags):
+    got = list(got)
+    dq, dk, dv = got[:3]
+    rest = got[3:]
+    dbias = rest.pop(0) if flags["return_dbias"] else None
+    dsinks = rest.pop(0) if flags["return_dsinks"] else None
+    return dq, dk, dv, dbias, dsinks
+
+
+@st.composite
+def varlen_config(draw, *, backward=False):
+    base = draw(batched_config(backward=backward))
+    n = draw(st.integers(1, 4))
+    base["lens_q"] = [draw(_length()) for _ in range(n)]
+    base["lens_k"] = [draw(_length()) for _ in range(n)]
+    base["B"] = n
+    # varlen bias/mask take (batch|1, heads|1, max_q|1, max_k|1) forms
+    base["bias"] = base["bias"] if base["bias"] and len(base["bias"]) == 4 else None
+    base["mask"] = base["mask"] if base["mask"] and len(base["mask"]) == 4 else None
+    return base
+
+
+def build_varlen(cfg):
+    rng = np.random.default_rng(cfg["seed"])
+    dt = np.dtype(cfg["dtype"])
+    lq, lk = cfg["lens_q"], cfg["lens_k"]
+    b, h, hkv = len(lq), cfg["H"], cfg["Hkv"]
+    cu_q = np.concatenate([[0], np.cumsum(lq)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(lk)]).astype(np.int32)
+    q = rng.standard_normal((cu_q[-1], h, cfg["D"])).astype(dt)
+    k = rng.standard_normal((cu_k[-1], hkv, cfg["D"])).astype(dt)
+    v = rng.standard_normal((cu_k[-1], hkv, cfg["Dv"])).astype(dt)
+    mq, mk = max(lq), max(lk)
+    kw = dict(causal=cfg["causal"], window=tuple(cfg["window"]), softcap=cfg["softcap"],
+              scale=cfg["scale"])
+    if cfg["alibi"] == "h":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, h)
+    elif cfg["alibi"] == "bh":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, (b, h))
+    if cfg["bias"]:
+        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, mq, mk)).astype(dt)
+    if cfg["mask"]:
+        kw["mask"] = rng.random(_bcast_shape(cfg["mask"], b, h, mq, mk)) > 0.25
+    if cfg["kv_lens"]:
+        kw["kv_lens"] = np.array([rng.integers(0, x + 1) for x in lk], np.int32)
+    if cfg["sinks"]:
+        kw["sinks"] = rng.standard_normal(h)
+    if cfg.get("dropout_p"):
+        kw["dropout_p"] = cfg["dropout_p"]
+        kw["seed"] = int(cfg["seed"]) % 1000
+    return q, k, v, cu_q, cu_k, kw, rng
+
+
+def check_varlen(cfg):
+    q, k, v, cu_q, cu_k, kw, _ = build_varlen(cfg)
+    dt = q.dtype
+    got = na.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    exact = ref.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    with naive_in(dt):
+        naive = ref.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    return _errors(["out", "lse"], got, exact, naive, dt, cfg)
+
+
+def check_varlen_backward(cfg):
+    q, k, v, cu_q, cu_k, kw, rng = build_varlen(cfg)
+    dt = q.dtype
+    out, lse = na.attention_varlen(q, k, v, cu_q, cu_k, return_lse=True, **kw)
+    dout = rng.standard_normal(out.shape).astype(dt)
+    flags = dict(return_dbias="bias" in kw, return_dsinks="sinks" in kw)
+    got = na.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, **kw, **flags)
+    got = _pad_grads(got, flags)
+    exact = ref.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, **kw)
+    with naive_in(dt):
+        naive = ref.attention_varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, **kw)
+    return _errors(["dq", "dk", "dv", "dbias", "dsinks"], got, exact, naive, dt, cfg)
+
+
+OPERATIONS = {
+    "forward": (batched_config(), check_forward),
+    "backward": (batched_config(backward=True), check_backward),
+    "varlen": (varlen_config(), check_varlen),
+    "varlen_backward": (varlen_config(backward=True), check_varlen_backward),
+}
+
+
+def run_case(op, cfg):
+    try:
+        return OPERATIONS[op][1](cfg)
+    except Exception:  # an exception on a valid configuration is a failure too
+        return ["raised: " + traceback.format_exc(limit=4)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("operation", choices=sorted(OPERATIONS))
+    p.add_argument("--examples", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="hypothesis seed (runs are derandomised)")
+    p.add_argument("--case", action="append",
+                   help="run this configuration (JSON) instead of drawing; repeatable")
+    p.add_argument("--keep-going", action="store_true",
+                   help="report every failing example instead of stopping at the first")
+    a = p.parse_args(argv)
+    if a.case:
+        bad = 0
+        for text in a.case:
+            print("CASE", text, flush=True)
+            errs = run_case(a.operation, json.loads(text))
+            print("\n".join(["FAIL " + text] + ["    " + e for e in errs]) if errs else "ok",
+                  flush=True)
+            bad += bool(errs)
+        return 1 if bad else 0
+    strategy, _ = OPERATIONS[a.operation]
+    failures = []
+
+    @settings(max_examples=a.examples, deadline=None, database=None,
+              derandomize=not a.seed,  # --seed S: another deterministic draw
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def prop(cfg):
+        line = json.dumps(cfg, sort_keys=True)
+        print("CASE", line, flush=True)
+        errs = run_case(a.operation, cfg)
+        if errs:
+            print("FAIL", line, flush=True)
+            for e in errs:
+                print("   ", e, flush=True)
+            failures.append(line)
+            if not a.keep_going:
+                raise AssertionError("failing example")
+
+    if a.seed:
+        prop = hyp_seed(a.seed)(prop)
+    try:
+        prop()
+    except AssertionError:
+        pass
+    print(f"DONE {a.operation}: {len(failures)} failing", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def spawn(operation, *args, timeout=900):
+    """Run this module in a child process; (returncode, stdout + stderr).
+
+    A negative return code is a signal (the child crashed): the last ``CASE`` line of the
+    output is the configuration it died on."""
+    import os
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), operation, *map(str, args)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout + r.stderr
+
+
+def report(rc, text, tail=40):
+    """A failure message: the failing (or last started) cases and the output's tail."""
+    lines = text.splitlines()
+    cases = [ln for ln in lines if ln.startswith("CASE ")]
+    keep = [ln for ln in lines if not ln.startswith("CASE ")]
+    head = f"child exited with {rc}"
+    if rc < 0 and cases:
+        head += f" (signal {-rc}) while running:\n  {cases[-1]}"
+    return head + "\n" + "\n".join(keep[-tail:])
