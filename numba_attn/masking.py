@@ -30,6 +30,35 @@ def key_range(i0, i1, off, klen, causal, wl, wr):
     return lo, hi
 
 
+def make_query_range(key_range):
+    """``query_range(j, lq, off, klen, causal, wl, wr)`` over a target's compiled
+    :func:`key_range` (CPU: the ``register_jitable`` one, CUDA: a device function).
+
+    The inverse of key_range, derived from it (so the visibility rule exists once):
+    queries [ilo, ihi) of a row of ``lq`` queries whose visible key range holds key ``j``.
+    Both ends of key_range are non-decreasing in the query, so two binary searches find it.
+    """
+    def query_range(j, lq, off, klen, causal, wl, wr):
+        lo_i, hi_i = 0, lq  # first i with hi(i) > j
+        while lo_i < hi_i:
+            mid = (lo_i + hi_i) // 2
+            if key_range(mid, mid + 1, off, klen, causal, wl, wr)[1] > j:
+                hi_i = mid
+            else:
+                lo_i = mid + 1
+        ilo = lo_i
+        lo_i, hi_i = ilo, lq  # first i >= ilo with lo(i) > j
+        while lo_i < hi_i:
+            mid = (lo_i + hi_i) // 2
+            if key_range(mid, mid + 1, off, klen, causal, wl, wr)[0] > j:
+                hi_i = mid
+            else:
+                lo_i = mid + 1
+        return ilo, lo_i
+
+    return query_range
+
+
 def tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr):
     """False when every query in [i0, i1) sees every key in [j0, j1) positionally."""
     if causal == 1 and j1 - 1 > i0 + off:

@@ -36,6 +36,7 @@ from .microkernels import pv6, pv8, qk6, qk8
 from .simd import block_rows, lanes, vexp, vload, vmul, vsplat, vstore, vsub, vtanh
 
 key_range = inline(masking.key_range)
+query_range = inline(masking.make_query_range(key_range))
 tile_needs_mask = inline(masking.tile_needs_mask)
 mix64 = inline(dr.mix64)
 row_key = inline(dr.row_key)
@@ -70,27 +71,6 @@ def score(qrow, krow, d, i, j, b, h, off, scale, softcap, slope, has_alibi, bias
 @inline
 def masked(mask, mstr, has_mask, b, h, i, j):
     return has_mask and not mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + j * mstr[3]]
-
-
-@inline
-def query_range(j, lq, off, klen, causal, wl, wr):
-    """Queries [ilo, ihi) of a row (``lq`` queries) whose key range holds key ``j``."""
-    lo_i, hi_i = 0, lq  # first i with hi(i) > j
-    while lo_i < hi_i:
-        mid = (lo_i + hi_i) // 2
-        if key_range(mid, mid + 1, off, klen, causal, wl, wr)[1] > j:
-            hi_i = mid
-        else:
-            lo_i = mid + 1
-    ilo = lo_i
-    lo_i, hi_i = ilo, lq  # first i >= ilo with lo(i) > j
-    while lo_i < hi_i:
-        mid = (lo_i + hi_i) // 2
-        if key_range(mid, mid + 1, off, klen, causal, wl, wr)[0] > j:
-            hi_i = mid
-        else:
-            lo_i = mid + 1
-    return ilo, lo_i
 
 
 @jit(parallel=True)
@@ -265,18 +245,23 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
 # tiled kernels on the SIMD micro-kernels ("rows in lanes", as the forward)
 # ---------------------------------------------------------------------------------------
 @inline
-def tile_fixup(st, n_o, nrs, li, lj, lh, oi, oj, oh, b, off, klen, causal, wl, wr, imax, jmax,
-               slope_h, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, positional):
-    """Masks, ALiBi and bias of an (outer, lanes) score tile. Element (o, r) is query
-    ``li[r] + oi[o]``, key ``lj[r] + oj[o]``, head ``lh[r] + oh[o]``; queries >= imax and
-    keys >= jmax (padding) are invisible."""
+def tile_fixup(st, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, off, klen, causal, wl, wr,
+               imax, jmax, slope_h, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask,
+               positional):
+    """Masks, ALiBi and bias of an (outer, lanes) score tile, element (o, r) at ``o * nrs +
+    r``. With ``q_in_lanes`` (the dq pass) lane ``r`` is query ``lpos[r]`` of head
+    ``lhead[r]`` and outer ``o`` is key ``o0 + o``; otherwise (the dk/dv pass) lane ``r`` is
+    key ``lpos[r]`` and outer ``o`` query ``o0 + o`` of head ``ohead``. Queries >= imax and
+    keys >= jmax (padding) are invisible. Every per-element array is indexed by the lane
+    only, so no scratch has to be as long as the outer tile."""
     ninf = -np.inf
     for o in range(n_o):
         for r in range(nrs):
             x = o * nrs + r
-            i = li[r] + oi[o]
-            j = lj[r] + oj[o]
-            h = lh[r] + oh[o]
+            if q_in_lanes:
+                i, j, h = lpos[r], o0 + o, lhead[r]
+            else:
+                i, j, h = o0 + o, lpos[r], ohead
             if positional:
                 if i >= imax or j >= jmax:
                     st[x] = ninf
@@ -295,14 +280,18 @@ def tile_fixup(st, n_o, nrs, li, lj, lh, oi, oj, oh, b, off, klen, causal, wl, w
 
 
 @inline
-def tile_dropout(mb, n_o, nrs, lkey, okey, lj, oj, thr, pscale):
-    """mb[o, r] = the dropout multiplier (0 or 1 / (1 - p)) of each element of a tile:
-    row key ``lkey[r] ^ okey[o]`` and key ``lj[r] + oj[o]`` (one of each pair is zero:
-    the query rows sit in the lanes or in the outer index)."""
+def tile_dropout(mb, n_o, nrs, rkey, lpos, o0, q_in_lanes, thr, pscale):
+    """mb[o, r] = the dropout multiplier (0 or 1 / (1 - p)) of each element of a tile laid
+    out as :func:`tile_fixup`'s: with ``q_in_lanes`` the row key of lane ``r`` is
+    ``rkey[r]`` and its key ``o0 + o``; otherwise the row key is ``rkey[o]`` (the outer
+    queries') and the key ``lpos[r]``."""
     zero = pscale * 0
     for o in range(n_o):
         for r in range(nrs):
-            keep = element_bits(lkey[r] ^ okey[o], np.uint64(lj[r] + oj[o])) >= thr
+            if q_in_lanes:
+                keep = element_bits(rkey[r], np.uint64(o0 + o)) >= thr
+            else:
+                keep = element_bits(rkey[o], np.uint64(lpos[r])) >= thr
             mb[o * nrs + r] = pscale if keep else zero
 
 
@@ -358,7 +347,6 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
         qi = np.empty(max_nrp, np.int64)
         rlo = np.empty(max_nrp, np.int64)
         rhi = np.empty(max_nrp, np.int64)
-        lz = np.zeros(max(max_nrp, nkt), np.int64)  # zero offsets: lanes and key tile
         lr = np.empty(max_nrp, dt)
         de = np.empty(max_nrp, dt)
         slope_h = np.zeros(n_heads, dt)
@@ -371,9 +359,7 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
         mb = np.empty(nkt * nrs, dt)
         kb = np.empty(nkt, np.int64)
         vb = np.empty(nkt, np.int64)
-        oj = np.empty(nkt, np.int64)
         rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
-        ozk = np.zeros(nkt, np.uint64)
         for r in range(nrp):
             rr = min(r, nr - 1)
             i = i0 + rr % nq
@@ -403,7 +389,6 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                 row = k_start + j0 + min(u, nk - 1)
                 kb[u] = (row * n_kv + kvh) * d
                 vb[u] = (row * n_kv + kvh) * dv
-                oj[u] = j0 + u
             for s0 in range(0, nrp, nrs):
                 slo = rlo[s0]
                 shi = rhi[s0]
@@ -427,11 +412,11 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                 for r in range(s0, s0 + nrs):
                     needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
                 if has_alibi or has_bias or has_mask or needs:
-                    tile_fixup(st, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, off, klen,
+                    tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
                                causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
                                bstr, has_bias, mask, mstr, has_mask, needs)
                 if has_drop:
-                    tile_dropout(mb, ne, nrs, rk[s0:], ozk, lz, oj, thr, pscale)
+                    tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
                 l0 = vload(lr, s0)
                 l1 = vload(lr, s0 + w)
                 d0 = vload(de, s0)
@@ -495,7 +480,6 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
         dkt = np.zeros(dpad * max_nrp, dt)
         dvt = np.zeros(dvpad * max_nrp, dt)
         lj = np.empty(max_nrp, np.int64)
-        lz = np.zeros(max(max_nrp, nqt), np.int64)  # zero offsets: lanes and query tile
         slope_h = np.zeros(n_heads, dt)
         if has_alibi:
             for h in range(n_heads):
@@ -507,12 +491,9 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
         pb = np.empty(nqt * nrs, dt)
         qb = np.empty(nqt, np.int64)
         ob = np.empty(nqt, np.int64)
-        oi = np.empty(nqt, np.int64)
-        oh = np.empty(nqt, np.int64)
         lrow = np.empty(nqt, dt)
         drow = np.empty(nqt, dt)
         okey = np.zeros(nqt, np.uint64)  # dropout row key of each query of a tile
-        lzk = np.zeros(max_nrp, np.uint64)
         for r in range(nrp):
             lj[r] = kj0 + r
             if r < nk:
@@ -533,8 +514,6 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                     t = q_start + i0 + min(u, ni - 1)
                     qb[u] = (t * n_heads + h) * d
                     ob[u] = (t * n_heads + h) * dv
-                    oi[u] = i0 + u
-                    oh[u] = h
                     lrow[u] = lse[t, h] if lse[t, h] > -np.inf else np.inf
                     drow[u] = delta[t, h]
                     if has_drop:
@@ -558,11 +537,11 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                     needs = sj1 - sj0 < nrs or tile_needs_mask(i0, i1, sj0, sj1, off, causal,
                                                                wl, wr)
                     if has_alibi or has_bias or has_mask or needs:
-                        tile_fixup(st, ni, nrs, lz, lj[s0:], lz, oi, lz, oh, b, off, klen,
+                        tile_fixup(st, ni, nrs, lj[s0:], lj, i0, h, False, b, off, klen,
                                    causal, wl, wr, lq, kj0 + nk, slope_h, has_alibi, bias,
                                    bstr, has_bias, mask, mstr, has_mask, needs)
                     if has_drop:
-                        tile_dropout(mb, ni, nrs, lzk, okey, lj[s0:], lz, thr, pscale)
+                        tile_dropout(mb, ni, nrs, okey, lj[s0:], i0, False, thr, pscale)
                     for ii in range(ni):
                         lvec = vsplat(lrow[ii])
                         dvec = vsplat(drow[ii])
@@ -635,7 +614,6 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
         qi = np.empty(max_nrp, np.int64)
         rlo = np.empty(max_nrp, np.int64)
         rhi = np.empty(max_nrp, np.int64)
-        lz = np.zeros(max(max_nrp, nkt), np.int64)  # zero offsets: lanes and key tile
         lr = np.empty(max_nrp, dt)
         slope_h = np.zeros(n_heads, dt)
         if has_alibi:
@@ -645,9 +623,7 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
         mb = np.empty(nkt * nrs, dt)
         kb = np.empty(nkt, np.int64)
         vb = np.empty(nkt, np.int64)
-        oj = np.empty(nkt, np.int64)
         rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
-        ozk = np.zeros(nkt, np.uint64)
         for r in range(nrp):
             rr = min(r, nr - 1)
             i = i0 + rr % nq
@@ -671,7 +647,6 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                 row = k_start + j0 + min(u, nk - 1)
                 kb[u] = (row * n_kv + kvh) * d
                 vb[u] = (row * n_kv + kvh) * dv
-                oj[u] = j0 + u
             for s0 in range(0, nrp, nrs):
                 slo = rlo[s0]
                 shi = rhi[s0]
@@ -693,10 +668,10 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                 for r in range(s0, s0 + nrs):
                     needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
                 if has_alibi or has_bias or has_mask or needs:
-                    tile_fixup(st, ne, nrs, qi[s0:], lz, hh[s0:], lz, oj, lz, b, off, klen,
+                    tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
                                causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
                                bstr, has_bias, mask, mstr, has_mask, needs)
-                tile_dropout(mb, ne, nrs, rk[s0:], ozk, lz, oj, thr, pscale)
+                tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
                 l0 = vload(lr, s0)
                 l1 = vload(lr, s0 + w)
                 for jj in range(ne):

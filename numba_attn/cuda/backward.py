@@ -23,6 +23,7 @@ from .. import dropout as dr
 from .. import masking
 
 key_range = cuda.jit(device=True, inline=True)(masking.key_range)
+query_range = cuda.jit(device=True, inline=True)(masking.make_query_range(key_range))
 mix64 = cuda.jit(device=True, inline=True)(dr.mix64)
 _G = dr.GOLDEN
 _ONE = np.uint64(1)
@@ -145,26 +146,6 @@ def dq_kernel(q, k, v, dout, lse, delta, dq, rows, tb, scale, causal, wl, wr, so
                          thr, pscale)
         for c in range(d):
             dq[t, h, c] += dsr * k[row, kvh, c]
-
-
-@cuda.jit(device=True, inline=True)
-def query_range(j, lq, off, klen, causal, wl, wr):
-    lo_i, hi_i = 0, lq
-    while lo_i < hi_i:
-        mid = (lo_i + hi_i) // 2
-        if key_range(mid, mid + 1, off, klen, causal, wl, wr)[1] > j:
-            hi_i = mid
-        else:
-            lo_i = mid + 1
-    ilo = lo_i
-    lo_i, hi_i = ilo, lq
-    while lo_i < hi_i:
-        mid = (lo_i + hi_i) // 2
-        if key_range(mid, mid + 1, off, klen, causal, wl, wr)[0] > j:
-            hi_i = mid
-        else:
-            lo_i = mid + 1
-    return ilo, lo_i
 
 
 @cuda.jit
