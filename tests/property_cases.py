@@ -1,5 +1,5 @@
 """Property cases: configurations drawn from the whole option space, each operation
-checked against numba_attn.reference.
+(forward, backward, varlen, varlen_backward, kvcache) checked against numba_attn.reference.
 
 Run as a child process by tests/test_properties.py (so a crash is a reported failing
 example, not a dead suite)::
@@ -13,8 +13,8 @@ reruns one configuration.
 
 Tolerances follow the twice-naive-error rule: a result may be off from the float64 oracle
 by at most twice what the same dense algorithm computed naively in the storage dtype is
-off (the reference evaluated with its arrays kept in that dtype), plus a few ulps of the
-result's magnitude, normwise per output.
+off (the reference evaluated with its arrays kept in the compute dtype: float32 for half
+storage), plus a few roundings of the reduction length, normwise per output.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def batched_config(draw, *, backward=False):
     cfg = dict(
         B=draw(st.integers(1, 3)), Sq=sq, Sk=sk, H=hkv * group, Hkv=hkv, D=d,
         Dv=draw(st.sampled_from([d, d, d, 16, 48])),
-        dtype=draw(st.sampled_from(["float32", "float64"])),
+        dtype=draw(st.sampled_from(["float32", "float64"] * 2 + ["float16", "bfloat16"])),
         causal=draw(st.sampled_from([False, True, "top_left"])),
         window=draw(st.sampled_from([(-1, -1), (-1, -1), (0, 0), (4, 0), (-1, 3), (17, 5),
                                      (70, -1)])),
@@ -73,6 +73,9 @@ def batched_config(draw, *, backward=False):
     )
     if backward:
         cfg["dropout_p"] = draw(st.sampled_from([0.0, 0.0, 0.0, 0.2]))
+    else:  # query alignment: padded queries (q_lens) or an explicit q_offset
+        cfg["q_align"] = draw(st.sampled_from([None, None, "q_lens", "q_offset"]))
+        cfg["q_offset"] = draw(st.integers(-sq - 2, sk + 2))
     return cfg
 
 
@@ -85,7 +88,7 @@ def _bcast_shape(form, b, h, sq, sk):
 def build(cfg):
     """Arrays and keyword options of a batched configuration."""
     rng = np.random.default_rng(cfg["seed"])
-    dt = np.dtype(cfg["dtype"])
+    dt = _storage_dtype(cfg["dtype"])
     b, sq, sk, h, hkv = cfg["B"], cfg["Sq"], cfg["Sk"], cfg["H"], cfg["Hkv"]
     q = rng.standard_normal((b, sq, h, cfg["D"])).astype(dt)
     k = rng.standard_normal((b, sk, hkv, cfg["D"])).astype(dt)
@@ -97,7 +100,8 @@ def build(cfg):
     elif cfg["alibi"] == "bh":
         kw["alibi_slopes"] = rng.uniform(0.01, 0.5, (b, h))
     if cfg["bias"]:
-        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, sq, sk)).astype(dt)
+        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, sq, sk)).astype(
+            np.float32 if dt.itemsize == 2 else dt)
     if cfg["mask"]:
         kw["mask"] = rng.random(_bcast_shape(cfg["mask"], b, h, sq, sk)) > 0.25
     if isinstance(cfg["kv_lens"], list):  # explicit lengths (regression cases)
@@ -109,7 +113,41 @@ def build(cfg):
     if cfg.get("dropout_p"):
         kw["dropout_p"] = cfg["dropout_p"]
         kw["seed"] = int(cfg["seed"]) % 1000
+    if cfg.get("q_align") == "q_lens":
+        kw["q_lens"] = rng.integers(0, sq + 1, b).astype(np.int32)
+    elif cfg.get("q_align") == "q_offset":
+        kw["q_offset"] = cfg["q_offset"]
     return q, k, v, kw, rng
+
+
+def _four(x):
+    x = np.asarray(x)
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
+def ref_padded(q, k, v, kw):
+    """The oracle of q_lens (FlashAttention's padded semantics): each row alone on its real
+    queries and keys, padded query rows out 0 and lse -inf."""
+    kw = dict(kw)
+    q_lens = kw.pop("q_lens")
+    kv_lens = kw.pop("kv_lens", None)
+    b, sq, h, _ = q.shape
+    out = np.zeros(q.shape[:3] + (v.shape[3],))
+    lse = np.full((b, h, sq), -np.inf)
+    for r in range(b):
+        ql = int(q_lens[r])
+        kl = k.shape[1] if kv_lens is None else int(kv_lens[r])
+        rkw = dict(kw)
+        if "alibi_slopes" in kw and np.ndim(kw["alibi_slopes"]) == 2:
+            rkw["alibi_slopes"] = kw["alibi_slopes"][r]
+        for name in ("bias", "mask"):
+            if name in kw:
+                x = _four(kw[name])
+                rkw[name] = x[r if x.shape[0] > 1 else 0][None][:, :, :ql, :kl]
+        o, ls = ref.attention(q[r:r + 1, :ql], k[r:r + 1, :kl], v[r:r + 1, :kl],
+                              return_lse=True, **rkw)
+        out[r, :ql], lse[r, :, :ql] = o[0], ls[0]
+    return out, lse
 
 
 @contextlib.contextmanager
@@ -117,6 +155,8 @@ def naive_in(dtype):
     """The reference evaluated with its arrays kept in ``dtype``: the naive dense
     algorithm in the storage precision (whose error sets the tolerance)."""
     saved = ref._f64
+    if np.dtype(dtype).itemsize == 2:  # half storage computes in float32
+        dtype = np.float32
     ref._f64 = lambda x: None if x is None else np.asarray(x, dtype=dtype)
     try:
         yield
@@ -124,8 +164,11 @@ def naive_in(dtype):
         ref._f64 = saved
 
 
-def compare(name, got, exact, naive, dtype, length):
-    """Error message, or None when got is within the twice-naive-error rule."""
+def compare(name, got, exact, naive, dtype, length, scale=0.0):
+    """Error message, or None when got is within the twice-naive-error rule.
+
+    ``scale``: a magnitude the floor uses when the result's own is smaller (a gradient that
+    cancels to ~0 still carries the rounding of terms as large as its siblings')."""
     got = np.asarray(got, np.float64)
     exact = np.asarray(exact, np.float64)
     naive = np.asarray(naive, np.float64)
@@ -138,13 +181,14 @@ def compare(name, got, exact, naive, dtype, length):
         return f"{name}: non-finite at {np.argwhere(~np.isfinite(got) & ~inf)[:4].tolist()}"
     if got.size == 0:
         return None
-    fin = ~inf
-    err = float(np.abs(got - exact)[fin].max(initial=0.0))
-    nerr = float(np.abs(naive - exact)[fin].max(initial=0.0))
-    mag = float(np.abs(exact)[fin].max(initial=0.0))
-    # floor: rounding of a length-``length`` reduction (what float64's naive error of 0
-    # cannot express)
-    tol = 2.0 * nerr + 4 * length * np.finfo(dtype).eps * max(mag, 1.0)
+    fin = ~inf & ~np.isneginf(naive)
+    err = float(np.abs(got[fin] - exact[fin]).max(initial=0.0))
+    nerr = float(np.abs(naive[fin] - exact[fin]).max(initial=0.0))
+    mag = max(float(np.abs(exact)[fin].max(initial=0.0)), scale)
+    # floor: a few roundings of a length-``length`` reduction; linear in float64, where
+    # the naive error (the oracle's own precision) is 0 and cannot speak, sqrt otherwise
+    grow = length if np.dtype(dtype) == np.float64 else math.sqrt(length)
+    tol = 2.0 * nerr + 4 * grow * _eps(dtype) * max(mag, 1.0)
     if err > tol:
         return f"{name}: max error {err:.3g} > {tol:.3g} (naive {nerr:.3g}, |x| {mag:.3g})"
     return None
@@ -156,11 +200,15 @@ def _errors(names, got, exact, naive, dtype, cfg):
     else:
         length = cfg["B"] * (cfg["Sq"] + cfg["Sk"])
     length += cfg["D"] + cfg["Dv"]
+    scale = 0.0
+    if names[0] == "dq":  # gradients: dq, dk, dv share their terms' scale
+        scale = max(float(np.abs(np.nan_to_num(x, neginf=0.0)).max(initial=0.0))
+                    for x in exact[:3])
     out = []
     for n, g, e, v in zip(names, got, exact, naive):
         if e is None:
             continue
-        msg = compare(n, g, e, v, dtype, length)
+        msg = compare(n, g, e, v, dtype, length, scale)
         if msg:
             out.append(msg)
     return out
@@ -170,9 +218,11 @@ def check_forward(cfg):
     q, k, v, kw, _ = build(cfg)
     dt = q.dtype
     got = na.attention(q, k, v, return_lse=True, **kw)
-    exact = ref.attention(q, k, v, return_lse=True, **kw)
+    oracle = ref_padded if "q_lens" in kw else (
+        lambda q, k, v, kw: ref.attention(q, k, v, return_lse=True, **kw))
+    exact = oracle(q, k, v, kw)
     with naive_in(dt):
-        naive = ref.attention(q, k, v, return_lse=True, **kw)
+        naive = oracle(q, k, v, kw)
     return _errors(["out", "lse"], got, exact, naive, dt, cfg)
 
 
@@ -180,14 +230,21 @@ def check_backward(cfg):
     q, k, v, kw, rng = build(cfg)
     dt = q.dtype
     out, lse = na.attention(q, k, v, return_lse=True, **kw)
+    # the forward first (with dropout, its own kernel): then its out/lse feed the backward
+    errs = _errors(["out", "lse"], (out, lse), ref.attention(q, k, v, return_lse=True, **kw),
+                   _naive(dt, ref.attention, q, k, v, return_lse=True, **kw), dt, cfg)
     dout = rng.standard_normal(out.shape).astype(dt)
     flags = dict(return_dbias="bias" in kw, return_dsinks="sinks" in kw)
     got = na.attention_backward(dout, q, k, v, out, lse, **kw, **flags)
     got = _pad_grads(got, flags)
     exact = ref.attention_backward(dout, q, k, v, out, lse, **kw)
+    naive = _naive(dt, ref.attention_backward, dout, q, k, v, out, lse, **kw)
+    return errs + _errors(["dq", "dk", "dv", "dbias", "dsinks"], got, exact, naive, dt, cfg)
+
+
+def _naive(dt, fn, *args, **kw):
     with naive_in(dt):
-        naive = ref.attention_backward(dout, q, k, v, out, lse, **kw)
-    return _errors(["dq", "dk", "dv", "dbias", "dsinks"], got, exact, naive, dt, cfg)
+        return fn(*args, **kw)
 
 
 def _pad_grads(got, flags):
@@ -214,7 +271,7 @@ def varlen_config(draw, *, backward=False):
 
 def build_varlen(cfg):
     rng = np.random.default_rng(cfg["seed"])
-    dt = np.dtype(cfg["dtype"])
+    dt = _storage_dtype(cfg["dtype"])
     lq, lk = cfg["lens_q"], cfg["lens_k"]
     b, h, hkv = len(lq), cfg["H"], cfg["Hkv"]
     cu_q = np.concatenate([[0], np.cumsum(lq)]).astype(np.int32)
@@ -230,7 +287,8 @@ def build_varlen(cfg):
     elif cfg["alibi"] == "bh":
         kw["alibi_slopes"] = rng.uniform(0.01, 0.5, (b, h))
     if cfg["bias"]:
-        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, mq, mk)).astype(dt)
+        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, mq, mk)).astype(
+            np.float32 if dt.itemsize == 2 else dt)
     if cfg["mask"]:
         kw["mask"] = rng.random(_bcast_shape(cfg["mask"], b, h, mq, mk)) > 0.25
     if cfg["kv_lens"]:
@@ -267,11 +325,118 @@ def check_varlen_backward(cfg):
     return _errors(["dq", "dk", "dv", "dbias", "dsinks"], got, exact, naive, dt, cfg)
 
 
+@st.composite
+def kvcache_config(draw):
+    """attention_with_kvcache over a filled cache (contiguous or paged, any block size),
+    appending ``n_new`` tokens (0: attend only); long rows reach the split-KV decode."""
+    hkv = draw(st.sampled_from([1, 2]))
+    group = draw(st.sampled_from([1, 2, 4, 8]))
+    b = draw(st.integers(1, 3))
+    d = draw(st.sampled_from([8, 16, 32, 64, 80, 128]))
+    n_new = draw(st.sampled_from([0, 1, 1, 1, 2, 7, 33]))
+    long = st.sampled_from([600, 1100, 2100])
+    lens = [draw(st.one_of(_length(), long)) for _ in range(b)]
+    return dict(
+        B=b, H=hkv * group, Hkv=hkv, D=d, Dv=draw(st.sampled_from([d, d, 16])),
+        lens=lens, n_new=n_new, Sq=n_new if n_new else draw(st.sampled_from([1, 1, 2, 5])),
+        cache_dtype=draw(st.sampled_from(["float32", "float64", "float16", "bfloat16"])),
+        kind=draw(st.sampled_from(["contiguous", "paged"])),
+        block_size=draw(st.sampled_from([1, 3, 5, 16, 64])),
+        causal=draw(st.sampled_from([False, True, True, "top_left"])),
+        window=draw(st.sampled_from([(-1, -1), (-1, -1), (4, 0), (300, -1), (40, 3)])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 2.0])),
+        scale=draw(st.sampled_from([None, None, 0.7])),
+        alibi=draw(st.sampled_from([None, None, "h", "bh"])),
+        bias=draw(st.sampled_from([None, None, None, "b1qk", "bhqk"])),
+        mask=draw(st.sampled_from([None, None, None, "bhqk", "11qk"])),
+        sinks=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def _eps(dtype):
+    if np.dtype(dtype).itemsize == 2:  # float16 / bfloat16 (ml_dtypes): finfo by name
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).eps)
+    return float(np.finfo(dtype).eps)
+
+
+def _storage_dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def check_kvcache(cfg):
+    rng = np.random.default_rng(cfg["seed"])
+    cdt = _storage_dtype(cfg["cache_dtype"])
+    qdt = np.dtype(np.float64 if cfg["cache_dtype"] == "float64" else np.float32)
+    b, h, hkv, d, dv = cfg["B"], cfg["H"], cfg["Hkv"], cfg["D"], cfg["Dv"]
+    lens, n, sq = np.array(cfg["lens"]), cfg["n_new"], cfg["Sq"]
+    cap = int(lens.max()) + n + 1
+    if cfg["kind"] == "contiguous":
+        cache = na.KVCache(b, cap, hkv, d, dtype=cdt, head_dim_v=dv)
+    else:
+        bs = cfg["block_size"]
+        cache = na.PagedKVCache(b, b * -(-cap // bs) + 1, bs, hkv, d, dtype=cdt,
+                                max_seqlen=cap, head_dim_v=dv)
+    kp = rng.standard_normal((b, int(lens.max()), hkv, d)).astype(cdt)
+    vp = rng.standard_normal((b, int(lens.max()), hkv, dv)).astype(cdt)
+    cache.append(kp, vp)
+    cache.seqlens = lens
+    q = rng.standard_normal((b, sq, h, d)).astype(qdt)
+    kn = rng.standard_normal((b, n, hkv, d)).astype(cdt) if n else None
+    vn = rng.standard_normal((b, n, hkv, dv)).astype(cdt) if n else None
+    sk = int(lens.max()) + n
+    kw = dict(causal=cfg["causal"], window=tuple(cfg["window"]), softcap=cfg["softcap"],
+              scale=cfg["scale"])
+    if cfg["alibi"] == "h":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, h)
+    elif cfg["alibi"] == "bh":
+        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, (b, h))
+    if cfg["bias"]:
+        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, sq, sk))
+    if cfg["mask"]:
+        kw["mask"] = rng.random(_bcast_shape(cfg["mask"], b, h, sq, sk)) > 0.25
+    if cfg["sinks"]:
+        kw["sinks"] = rng.standard_normal(h)
+    got = na.attention_with_kvcache(q, cache, kn, vn, return_lse=True, **kw)
+    errs = []
+    if cache.seqlens.tolist() != (lens + n).tolist():
+        errs.append(f"seqlens {cache.seqlens.tolist()}, expected {(lens + n).tolist()}")
+    # expected: each row on its own, over its prior keys and the new ones
+    exact = (np.zeros((b, sq, h, dv)), np.zeros((b, h, sq)))
+    naive = (np.zeros((b, sq, h, dv)), np.zeros((b, h, sq)))
+    for r in range(b):
+        L = int(lens[r]) + n
+        kk = np.concatenate([kp[r, :lens[r]]] + ([kn[r]] if n else []))[None]
+        vv = np.concatenate([vp[r, :lens[r]]] + ([vn[r]] if n else []))[None]
+        rkw = dict(kw)
+        if "alibi_slopes" in kw and kw["alibi_slopes"].ndim == 2:
+            rkw["alibi_slopes"] = kw["alibi_slopes"][r]
+        for name in ("bias", "mask"):
+            if name in kw:
+                x = kw[name]
+                rkw[name] = x[r if x.shape[0] > 1 else 0][None][..., :L]
+        for dest, ctx in ((exact, contextlib.nullcontext()), (naive, naive_in(qdt))):
+            with ctx:
+                o, lse = ref.attention(q[r:r + 1], kk, vv, return_lse=True, **rkw)
+            dest[0][r], dest[1][r] = o[0], lse[0]
+    length = int(lens.max()) + n + d + dv
+    for name, g, e, v in zip(["out", "lse"], got, exact, naive):
+        msg = compare(name, g, e, v, qdt, length)
+        if msg:
+            errs.append(msg)
+    return errs
+
+
 OPERATIONS = {
     "forward": (batched_config(), check_forward),
     "backward": (batched_config(backward=True), check_backward),
     "varlen": (varlen_config(), check_varlen),
     "varlen_backward": (varlen_config(backward=True), check_varlen_backward),
+    "kvcache": (kvcache_config(), check_kvcache),
 }
 
 
