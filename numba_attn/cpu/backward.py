@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import prange
 
 from .. import dropout as dr
 from .. import masking
 from .._jit import inline, jit
+from .atomics import fetch_add
 from .microkernels import pv6, pv8, qk6, qk8
 from .simd import block_rows, lanes, vexp, vload, vmul, vsplat, vstore, vsub, vtanh
 
@@ -176,6 +178,45 @@ def _drop_args(p, drop_p, seed):
             dt.type(1.0 / (1.0 - drop_p)))
 
 
+def _codes(p):
+    from ..masking import CAUSAL_CODES
+
+    cfg = p.config
+    return (np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
+            np.int64(cfg.window[1]))
+
+
+def _dq_schedule(p, items):
+    """Query items x kv heads by decreasing key tiles visited (the forward's costs)."""
+    from . import launch
+
+    cost = launch.item_costs(items, p.rows, *_codes(p), np.int64(BLOCK_K))
+    return launch.order_by_cost(cost, p.config.num_kv_heads)
+
+
+def _dkdv_schedule(p, kitems):
+    """Key items x kv heads by decreasing query tiles visited."""
+    from . import launch
+
+    cost = kitem_costs(kitems, p.rows, *_codes(p), np.int64(BLOCK_K))
+    return launch.order_by_cost(cost, p.config.num_kv_heads)
+
+
+@jit
+def kitem_costs(kitems, rows, causal, wl, wr, block_q):
+    """Query tiles each key item (batch row, first key, end key) visits."""
+    cost = np.empty(kitems.shape[0], np.int64)
+    for it in range(kitems.shape[0]):
+        b = kitems[it, 0]
+        lq, k_start, klen, off = rows[b, 1], rows[b, 2], rows[b, 3], rows[b, 4]
+        j0 = kitems[it, 1] - k_start
+        j1 = kitems[it, 2] - k_start
+        ilo = query_range(j0, lq, off, klen, causal, wl, wr)[0]
+        ihi = query_range(j1 - 1, lq, off, klen, causal, wl, wr)[1]
+        cost[it] = 1 + max(ihi - ilo, 0) // block_q
+    return cost
+
+
 def forward_dropout(p, drop_p, seed):
     """Forward with dropout of a contiguous dispatch.Problem: out (Tq, H, Dv), lse (Tq, H).
 
@@ -195,7 +236,8 @@ def forward_dropout(p, drop_p, seed):
     if len(items):
         with parallel_guard():
             tiled_dropout_out(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
-                              *_drop_args(p, drop_p, seed), np.int64(BLOCK_K))
+                              *_drop_args(p, drop_p, seed), np.int64(BLOCK_K),
+                              _dq_schedule(p, items), np.int64(numba.get_num_threads()))
     return out, lse
 
 
@@ -217,16 +259,17 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     common = _common(p, drop_p, seed)
     drop = (drop_p > 0.0,) + _drop_args(p, drop_p, seed)
     dbias = None
+    lanes_n = np.int64(numba.get_num_threads())
     with parallel_guard():
         group = p.config.group_size
         items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
         if len(items):
             tiled_dq(q, k, v, dout, lse, delta, dq, p.rows, items, *common, *drop,
-                     np.int64(BLOCK_K))
+                     np.int64(BLOCK_K), _dq_schedule(p, items), lanes_n)
         kitems = _blocks(p.rows, 2, 3, BLOCK_ROWS)
         if len(kitems):
             tiled_dkdv(q, k, v, dout, lse, delta, dk, dv, p.rows, kitems, *common, *drop,
-                       np.int64(BLOCK_K))
+                       np.int64(BLOCK_K), _dkdv_schedule(p, kitems), lanes_n)
         if bias_shape is not None:
             dbias = np.zeros(int(np.prod(bias_shape)), dt)
             if q.shape[0] and k.shape[0]:
@@ -312,7 +355,7 @@ def tile_softcap(st, dc, n, softcap):
 @jit(parallel=True)
 def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, softcap,
              slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop, seed,
-             thr, pscale, block_k):
+             thr, pscale, block_k, schedule, n_lanes):
     """dq of work items (batch row, first query, end query) x kv head: rows (query, head of
     the group) in lanes, key tiles of ``block_k``; S^T = K (scale Q)^T and dP^T = V dO^T by
     the QK micro-kernel, dS in vectors, dQ^T += K^T dS^T by the PV micro-kernel."""
@@ -331,15 +374,12 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
     for it in range(n_items):
         max_nq = max(max_nq, items[it, 2] - items[it, 1])
     max_nrp = (group * max_nq + nrs - 1) // nrs * nrs
-    for wk in prange(n_items * n_kv):
-        it = wk // n_kv
-        kvh = wk % n_kv
-        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
-        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
-        i0 = i_first - q_start
-        nq = i_end - i_first
-        nr = group * nq
-        nrp = (nr + nrs - 1) // nrs * nrs
+    n_work = n_items * n_kv
+    counter = np.zeros(1, np.int64)
+    for lane in prange(n_lanes):
+        # scratch of the lane, reused by its items (as the forward: fresh pages per
+        # item cost page faults); items in ``schedule`` order (decreasing cost)
+        # through an atomic counter, so the causal triangle balances over threads
         qt = np.zeros(d * max_nrp, dt)
         ot = np.zeros(dv * max_nrp, dt)
         dqt = np.zeros(dpad * max_nrp, dt)
@@ -350,9 +390,6 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
         lr = np.empty(max_nrp, dt)
         de = np.empty(max_nrp, dt)
         slope_h = np.zeros(n_heads, dt)
-        if has_alibi:
-            for h in range(n_heads):
-                slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
         st = np.empty(nkt * nrs, dt)
         dpt = np.empty(nkt * nrs, dt)
         dc = np.empty(nkt * nrs, dt)
@@ -360,93 +397,112 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
         kb = np.empty(nkt, np.int64)
         vb = np.empty(nkt, np.int64)
         rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
-        for r in range(nrp):
-            rr = min(r, nr - 1)
-            i = i0 + rr % nq
-            h = kvh * group + rr // nq
-            hh[r] = h
-            qi[r] = i
-            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
-            t = q_start + i
-            if has_drop:
-                rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
-            lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf  # exp(s - inf) = 0
-            de[r] = delta[t, h]
-            if r >= nr:
-                lr[r] = np.inf
-                continue
-            for c in range(d):
-                qt[c * nrp + r] = q[t, h, c] * scale
-            for c in range(dv):
-                ot[c * nrp + r] = dout[t, h, c]
-        lo, hi = key_range(i0, i0 + nq, off, klen, causal, wl, wr)
-        onev = vsplat(one)
-        scv = vsplat(scale)
-        for j0 in range(lo, hi, block_k):
-            j1 = min(j0 + block_k, hi)
-            nk = j1 - j0
-            for u in range(nkt):
-                row = k_start + j0 + min(u, nk - 1)
-                kb[u] = (row * n_kv + kvh) * d
-                vb[u] = (row * n_kv + kvh) * dv
-            for s0 in range(0, nrp, nrs):
-                slo = rlo[s0]
-                shi = rhi[s0]
-                for r in range(s0 + 1, s0 + nrs):
-                    slo = min(slo, rlo[r])
-                    shi = max(shi, rhi[r])
-                ne = min(j1, shi) - j0
-                if ne <= 0 or slo >= j1:
-                    continue
-                nep = (ne + mr - 1) // mr * mr
-                for u in range(0, nep, mr):
-                    if mr == 8:
-                        qk8(k, kb, u, qt, nrp, s0, d, st)
-                        qk8(v, vb, u, ot, nrp, s0, dv, dpt)
-                    else:
-                        qk6(k, kb, u, qt, nrp, s0, d, st)
-                        qk6(v, vb, u, ot, nrp, s0, dv, dpt)
-                if softcap > 0.0:
-                    tile_softcap(st, dc, ne * nrs, softcap)
-                needs = slo > j0
-                for r in range(s0, s0 + nrs):
-                    needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
-                if has_alibi or has_bias or has_mask or needs:
-                    tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
-                               causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
-                               bstr, has_bias, mask, mstr, has_mask, needs)
+        while True:
+            idx = fetch_add(counter, 0, 1)
+            if idx >= n_work:
+                break
+            wk = schedule[idx]
+            it = wk // n_kv
+            kvh = wk % n_kv
+            b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+            q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+            i0 = i_first - q_start
+            nq = i_end - i_first
+            nr = group * nq
+            nrp = (nr + nrs - 1) // nrs * nrs
+            qt[:d * nrp] = 0
+            ot[:dv * nrp] = 0
+            dqt[:dpad * nrp] = 0
+            if has_alibi:
+                for h in range(n_heads):
+                    slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
+            for r in range(nrp):
+                rr = min(r, nr - 1)
+                i = i0 + rr % nq
+                h = kvh * group + rr // nq
+                hh[r] = h
+                qi[r] = i
+                rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+                t = q_start + i
                 if has_drop:
-                    tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
-                l0 = vload(lr, s0)
-                l1 = vload(lr, s0 + w)
-                d0 = vload(de, s0)
-                d1 = vload(de, s0 + w)
-                for jj in range(ne):
-                    for half in range(2):
-                        x = jj * nrs + half * w
-                        p = vexp(vsub(vload(st, x), l0 if half == 0 else l1))
-                        dpv = vload(dpt, x)
-                        if has_drop:
-                            dpv = vmul(dpv, vload(mb, x))
-                        ds = vmul(p, vsub(dpv, d0 if half == 0 else d1))
-                        if softcap > 0.0:
-                            ds = vmul(ds, vload(dc, x))
-                        vstore(st, x, vmul(ds, scv))
-                for c0 in range(0, dpad, mr):
-                    if mr == 8:
-                        pv8(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
-                    else:
-                        pv6(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
-        for r in range(nr):
-            t = q_start + qi[r]
-            for c in range(d):
-                dq[t, hh[r], c] = dqt[c * nrp + r]
+                    rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
+                lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf  # exp(s - inf) = 0
+                de[r] = delta[t, h]
+                if r >= nr:
+                    lr[r] = np.inf
+                    continue
+                for c in range(d):
+                    qt[c * nrp + r] = q[t, h, c] * scale
+                for c in range(dv):
+                    ot[c * nrp + r] = dout[t, h, c]
+            lo, hi = key_range(i0, i0 + nq, off, klen, causal, wl, wr)
+            onev = vsplat(one)
+            scv = vsplat(scale)
+            for j0 in range(lo, hi, block_k):
+                j1 = min(j0 + block_k, hi)
+                nk = j1 - j0
+                for u in range(nkt):
+                    row = k_start + j0 + min(u, nk - 1)
+                    kb[u] = (row * n_kv + kvh) * d
+                    vb[u] = (row * n_kv + kvh) * dv
+                for s0 in range(0, nrp, nrs):
+                    slo = rlo[s0]
+                    shi = rhi[s0]
+                    for r in range(s0 + 1, s0 + nrs):
+                        slo = min(slo, rlo[r])
+                        shi = max(shi, rhi[r])
+                    ne = min(j1, shi) - j0
+                    if ne <= 0 or slo >= j1:
+                        continue
+                    nep = (ne + mr - 1) // mr * mr
+                    for u in range(0, nep, mr):
+                        if mr == 8:
+                            qk8(k, kb, u, qt, nrp, s0, d, st)
+                            qk8(v, vb, u, ot, nrp, s0, dv, dpt)
+                        else:
+                            qk6(k, kb, u, qt, nrp, s0, d, st)
+                            qk6(v, vb, u, ot, nrp, s0, dv, dpt)
+                    if softcap > 0.0:
+                        tile_softcap(st, dc, ne * nrs, softcap)
+                    needs = slo > j0
+                    for r in range(s0, s0 + nrs):
+                        needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
+                    if has_alibi or has_bias or has_mask or needs:
+                        tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
+                                   causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
+                                   bstr, has_bias, mask, mstr, has_mask, needs)
+                    if has_drop:
+                        tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
+                    l0 = vload(lr, s0)
+                    l1 = vload(lr, s0 + w)
+                    d0 = vload(de, s0)
+                    d1 = vload(de, s0 + w)
+                    for jj in range(ne):
+                        for half in range(2):
+                            x = jj * nrs + half * w
+                            p = vexp(vsub(vload(st, x), l0 if half == 0 else l1))
+                            dpv = vload(dpt, x)
+                            if has_drop:
+                                dpv = vmul(dpv, vload(mb, x))
+                            ds = vmul(p, vsub(dpv, d0 if half == 0 else d1))
+                            if softcap > 0.0:
+                                ds = vmul(ds, vload(dc, x))
+                            vstore(st, x, vmul(ds, scv))
+                    for c0 in range(0, dpad, mr):
+                        if mr == 8:
+                            pv8(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
+                        else:
+                            pv6(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
+            for r in range(nr):
+                t = q_start + qi[r]
+                for c in range(d):
+                    dq[t, hh[r], c] = dqt[c * nrp + r]
 
 
 @jit(parallel=True)
 def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causal, wl, wr,
                softcap, slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop,
-               seed, thr, pscale, block_q):
+               seed, thr, pscale, block_q, schedule, n_lanes):
     """dk / dv of work items (batch row, first key, end key) x kv head: keys in lanes, query
     tiles of ``block_q`` for each query head of the group; S = Q (scale K)^T and
     dP = dO V^T by the QK micro-kernel, dV^T += dO^T P and dK^T += Q^T dS by the PV one."""
@@ -466,24 +522,18 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
     for it in range(n_items):
         max_nk = max(max_nk, kitems[it, 2] - kitems[it, 1])
     max_nrp = (max_nk + nrs - 1) // nrs * nrs
-    for wk in prange(n_items * n_kv):
-        it = wk // n_kv
-        kvh = wk % n_kv
-        b, r_first, r_end = kitems[it, 0], kitems[it, 1], kitems[it, 2]
-        q_start, lq, k_start, klen, off = rows[b, 0], rows[b, 1], rows[b, 2], rows[b, 3], \
-            rows[b, 4]
-        kj0 = r_first - k_start
-        nk = r_end - r_first
-        nrp = (nk + nrs - 1) // nrs * nrs
+    n_work = n_items * n_kv
+    counter = np.zeros(1, np.int64)
+    for lane in prange(n_lanes):
+        # scratch of the lane, reused by its items (as the forward: fresh pages per
+        # item cost page faults); items in ``schedule`` order (decreasing cost)
+        # through an atomic counter, so the causal triangle balances over threads
         kt = np.zeros(d * max_nrp, dt)
         vt = np.zeros(dv * max_nrp, dt)
         dkt = np.zeros(dpad * max_nrp, dt)
         dvt = np.zeros(dvpad * max_nrp, dt)
         lj = np.empty(max_nrp, np.int64)
         slope_h = np.zeros(n_heads, dt)
-        if has_alibi:
-            for h in range(n_heads):
-                slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
         st = np.empty(nqt * nrs, dt)
         dpt = np.empty(nqt * nrs, dt)
         dc = np.empty(nqt * nrs, dt)
@@ -494,93 +544,113 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
         lrow = np.empty(nqt, dt)
         drow = np.empty(nqt, dt)
         okey = np.zeros(nqt, np.uint64)  # dropout row key of each query of a tile
-        for r in range(nrp):
-            lj[r] = kj0 + r
-            if r < nk:
+        while True:
+            idx = fetch_add(counter, 0, 1)
+            if idx >= n_work:
+                break
+            wk = schedule[idx]
+            it = wk // n_kv
+            kvh = wk % n_kv
+            b, r_first, r_end = kitems[it, 0], kitems[it, 1], kitems[it, 2]
+            q_start, lq, k_start, klen, off = rows[b, 0], rows[b, 1], rows[b, 2], rows[b, 3], \
+                rows[b, 4]
+            kj0 = r_first - k_start
+            nk = r_end - r_first
+            nrp = (nk + nrs - 1) // nrs * nrs
+            kt[:d * nrp] = 0
+            vt[:dv * nrp] = 0
+            dkt[:dpad * nrp] = 0
+            dvt[:dvpad * nrp] = 0
+            if has_alibi:
+                for h in range(n_heads):
+                    slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
+            for r in range(nrp):
+                lj[r] = kj0 + r
+                if r < nk:
+                    row = r_first + r
+                    for c in range(d):
+                        kt[c * nrp + r] = k[row, kvh, c] * scale
+                    for c in range(dv):
+                        vt[c * nrp + r] = v[row, kvh, c]
+            ilo = query_range(kj0, lq, off, klen, causal, wl, wr)[0]
+            ihi = query_range(kj0 + nk - 1, lq, off, klen, causal, wl, wr)[1]
+            onev = vsplat(one)
+            scv = vsplat(scale)
+            for h in range(kvh * group, kvh * group + group):
+                for i0 in range(ilo, ihi, block_q):
+                    i1 = min(i0 + block_q, ihi)
+                    ni = i1 - i0
+                    for u in range(nqt):
+                        t = q_start + i0 + min(u, ni - 1)
+                        qb[u] = (t * n_heads + h) * d
+                        ob[u] = (t * n_heads + h) * dv
+                        lrow[u] = lse[t, h] if lse[t, h] > -np.inf else np.inf
+                        drow[u] = delta[t, h]
+                        if has_drop:
+                            okey[u] = row_key(seed, np.uint64(b), np.uint64(h),
+                                              np.uint64(t - q_start))
+                    nip = (ni + mr - 1) // mr * mr
+                    for s0 in range(0, nrp, nrs):
+                        sj0 = kj0 + s0
+                        sj1 = min(kj0 + nk, sj0 + nrs)
+                        if sj0 >= sj1:
+                            continue
+                        for u in range(0, nip, mr):
+                            if mr == 8:
+                                qk8(q, qb, u, kt, nrp, s0, d, st)
+                                qk8(dout, ob, u, vt, nrp, s0, dv, dpt)
+                            else:
+                                qk6(q, qb, u, kt, nrp, s0, d, st)
+                                qk6(dout, ob, u, vt, nrp, s0, dv, dpt)
+                        if softcap > 0.0:
+                            tile_softcap(st, dc, ni * nrs, softcap)
+                        needs = sj1 - sj0 < nrs or tile_needs_mask(i0, i1, sj0, sj1, off, causal,
+                                                                   wl, wr)
+                        if has_alibi or has_bias or has_mask or needs:
+                            tile_fixup(st, ni, nrs, lj[s0:], lj, i0, h, False, b, off, klen,
+                                       causal, wl, wr, lq, kj0 + nk, slope_h, has_alibi, bias,
+                                       bstr, has_bias, mask, mstr, has_mask, needs)
+                        if has_drop:
+                            tile_dropout(mb, ni, nrs, okey, lj[s0:], i0, False, thr, pscale)
+                        for ii in range(ni):
+                            lvec = vsplat(lrow[ii])
+                            dvec = vsplat(drow[ii])
+                            for half in range(2):
+                                x = ii * nrs + half * w
+                                p = vexp(vsub(vload(st, x), lvec))
+                                dpv = vload(dpt, x)
+                                if has_drop:
+                                    m = vload(mb, x)
+                                    dpv = vmul(dpv, m)
+                                    vstore(pb, x, vmul(p, m))
+                                else:
+                                    vstore(pb, x, p)
+                                ds = vmul(p, vsub(dpv, dvec))
+                                if softcap > 0.0:
+                                    ds = vmul(ds, vload(dc, x))
+                                vstore(st, x, vmul(ds, scv))
+                        for c0 in range(0, dvpad, mr):
+                            if mr == 8:
+                                pv8(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
+                            else:
+                                pv6(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
+                        for c0 in range(0, dpad, mr):
+                            if mr == 8:
+                                pv8(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
+                            else:
+                                pv6(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
+            for r in range(nk):
                 row = r_first + r
                 for c in range(d):
-                    kt[c * nrp + r] = k[row, kvh, c] * scale
+                    dk[row, kvh, c] = dkt[c * nrp + r]
                 for c in range(dv):
-                    vt[c * nrp + r] = v[row, kvh, c]
-        ilo = query_range(kj0, lq, off, klen, causal, wl, wr)[0]
-        ihi = query_range(kj0 + nk - 1, lq, off, klen, causal, wl, wr)[1]
-        onev = vsplat(one)
-        scv = vsplat(scale)
-        for h in range(kvh * group, kvh * group + group):
-            for i0 in range(ilo, ihi, block_q):
-                i1 = min(i0 + block_q, ihi)
-                ni = i1 - i0
-                for u in range(nqt):
-                    t = q_start + i0 + min(u, ni - 1)
-                    qb[u] = (t * n_heads + h) * d
-                    ob[u] = (t * n_heads + h) * dv
-                    lrow[u] = lse[t, h] if lse[t, h] > -np.inf else np.inf
-                    drow[u] = delta[t, h]
-                    if has_drop:
-                        okey[u] = row_key(seed, np.uint64(b), np.uint64(h),
-                                          np.uint64(t - q_start))
-                nip = (ni + mr - 1) // mr * mr
-                for s0 in range(0, nrp, nrs):
-                    sj0 = kj0 + s0
-                    sj1 = min(kj0 + nk, sj0 + nrs)
-                    if sj0 >= sj1:
-                        continue
-                    for u in range(0, nip, mr):
-                        if mr == 8:
-                            qk8(q, qb, u, kt, nrp, s0, d, st)
-                            qk8(dout, ob, u, vt, nrp, s0, dv, dpt)
-                        else:
-                            qk6(q, qb, u, kt, nrp, s0, d, st)
-                            qk6(dout, ob, u, vt, nrp, s0, dv, dpt)
-                    if softcap > 0.0:
-                        tile_softcap(st, dc, ni * nrs, softcap)
-                    needs = sj1 - sj0 < nrs or tile_needs_mask(i0, i1, sj0, sj1, off, causal,
-                                                               wl, wr)
-                    if has_alibi or has_bias or has_mask or needs:
-                        tile_fixup(st, ni, nrs, lj[s0:], lj, i0, h, False, b, off, klen,
-                                   causal, wl, wr, lq, kj0 + nk, slope_h, has_alibi, bias,
-                                   bstr, has_bias, mask, mstr, has_mask, needs)
-                    if has_drop:
-                        tile_dropout(mb, ni, nrs, okey, lj[s0:], i0, False, thr, pscale)
-                    for ii in range(ni):
-                        lvec = vsplat(lrow[ii])
-                        dvec = vsplat(drow[ii])
-                        for half in range(2):
-                            x = ii * nrs + half * w
-                            p = vexp(vsub(vload(st, x), lvec))
-                            dpv = vload(dpt, x)
-                            if has_drop:
-                                m = vload(mb, x)
-                                dpv = vmul(dpv, m)
-                                vstore(pb, x, vmul(p, m))
-                            else:
-                                vstore(pb, x, p)
-                            ds = vmul(p, vsub(dpv, dvec))
-                            if softcap > 0.0:
-                                ds = vmul(ds, vload(dc, x))
-                            vstore(st, x, vmul(ds, scv))
-                    for c0 in range(0, dvpad, mr):
-                        if mr == 8:
-                            pv8(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
-                        else:
-                            pv6(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
-                    for c0 in range(0, dpad, mr):
-                        if mr == 8:
-                            pv8(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
-                        else:
-                            pv6(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
-        for r in range(nk):
-            row = r_first + r
-            for c in range(d):
-                dk[row, kvh, c] = dkt[c * nrp + r]
-            for c in range(dv):
-                dv_out[row, kvh, c] = dvt[c * nrp + r]
+                    dv_out[row, kvh, c] = dvt[c * nrp + r]
 
 
 @jit(parallel=True)
 def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, softcap, slopes,
                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, seed, thr, pscale,
-                      block_k):
+                      block_k, schedule, n_lanes):
     """The dropout forward's output from the forward's ``lse``: ``out_i = sum_j exp(s_ij -
     lse_i) keep_ij / (1 - p) v_j``, tiled as ``tiled_dq`` (S^T by the QK micro-kernel, O^T
     += V^T P by the PV one)."""
@@ -599,15 +669,12 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
     for it in range(n_items):
         max_nq = max(max_nq, items[it, 2] - items[it, 1])
     max_nrp = (group * max_nq + nrs - 1) // nrs * nrs
-    for wk in prange(n_items * n_kv):
-        it = wk // n_kv
-        kvh = wk % n_kv
-        b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
-        q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
-        i0 = i_first - q_start
-        nq = i_end - i_first
-        nr = group * nq
-        nrp = (nr + nrs - 1) // nrs * nrs
+    n_work = n_items * n_kv
+    counter = np.zeros(1, np.int64)
+    for lane in prange(n_lanes):
+        # scratch of the lane, reused by its items (as the forward: fresh pages per
+        # item cost page faults); items in ``schedule`` order (decreasing cost)
+        # through an atomic counter, so the causal triangle balances over threads
         qt = np.zeros(d * max_nrp, dt)
         ot = np.zeros(dvpad * max_nrp, dt)
         hh = np.empty(max_nrp, np.int64)
@@ -616,75 +683,90 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
         rhi = np.empty(max_nrp, np.int64)
         lr = np.empty(max_nrp, dt)
         slope_h = np.zeros(n_heads, dt)
-        if has_alibi:
-            for h in range(n_heads):
-                slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
         st = np.empty(nkt * nrs, dt)
         mb = np.empty(nkt * nrs, dt)
         kb = np.empty(nkt, np.int64)
         vb = np.empty(nkt, np.int64)
         rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
-        for r in range(nrp):
-            rr = min(r, nr - 1)
-            i = i0 + rr % nq
-            h = kvh * group + rr // nq
-            hh[r] = h
-            qi[r] = i
-            rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
-            t = q_start + i
-            rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
-            lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf
-            if r >= nr:
-                lr[r] = np.inf
-                continue
-            for c in range(d):
-                qt[c * nrp + r] = q[t, h, c] * scale
-        lo, hi = key_range(i0, i0 + nq, off, klen, causal, wl, wr)
-        for j0 in range(lo, hi, block_k):
-            j1 = min(j0 + block_k, hi)
-            nk = j1 - j0
-            for u in range(nkt):
-                row = k_start + j0 + min(u, nk - 1)
-                kb[u] = (row * n_kv + kvh) * d
-                vb[u] = (row * n_kv + kvh) * dv
-            for s0 in range(0, nrp, nrs):
-                slo = rlo[s0]
-                shi = rhi[s0]
-                for r in range(s0 + 1, s0 + nrs):
-                    slo = min(slo, rlo[r])
-                    shi = max(shi, rhi[r])
-                ne = min(j1, shi) - j0
-                if ne <= 0 or slo >= j1:
+        while True:
+            idx = fetch_add(counter, 0, 1)
+            if idx >= n_work:
+                break
+            wk = schedule[idx]
+            it = wk // n_kv
+            kvh = wk % n_kv
+            b, i_first, i_end = items[it, 0], items[it, 1], items[it, 2]
+            q_start, k_start, klen, off = rows[b, 0], rows[b, 2], rows[b, 3], rows[b, 4]
+            i0 = i_first - q_start
+            nq = i_end - i_first
+            nr = group * nq
+            nrp = (nr + nrs - 1) // nrs * nrs
+            qt[:d * nrp] = 0
+            ot[:dvpad * nrp] = 0
+            if has_alibi:
+                for h in range(n_heads):
+                    slope_h[h] = slopes[b if slopes.shape[0] > 1 else 0, h]
+            for r in range(nrp):
+                rr = min(r, nr - 1)
+                i = i0 + rr % nq
+                h = kvh * group + rr // nq
+                hh[r] = h
+                qi[r] = i
+                rlo[r], rhi[r] = key_range(i, i + 1, off, klen, causal, wl, wr)
+                t = q_start + i
+                rk[r] = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
+                lr[r] = lse[t, h] if lse[t, h] > -np.inf else np.inf
+                if r >= nr:
+                    lr[r] = np.inf
                     continue
-                nep = (ne + mr - 1) // mr * mr
-                for u in range(0, nep, mr):
-                    if mr == 8:
-                        qk8(k, kb, u, qt, nrp, s0, d, st)
-                    else:
-                        qk6(k, kb, u, qt, nrp, s0, d, st)
-                if softcap > 0.0:
-                    tile_softcap(st, mb, ne * nrs, softcap)
-                needs = slo > j0
-                for r in range(s0, s0 + nrs):
-                    needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
-                if has_alibi or has_bias or has_mask or needs:
-                    tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
-                               causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
-                               bstr, has_bias, mask, mstr, has_mask, needs)
-                tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
-                l0 = vload(lr, s0)
-                l1 = vload(lr, s0 + w)
-                for jj in range(ne):
-                    x = jj * nrs
-                    vstore(st, x, vmul(vexp(vsub(vload(st, x), l0)), vload(mb, x)))
-                    vstore(st, x + w, vmul(vexp(vsub(vload(st, x + w), l1)), vload(mb, x + w)))
-                onev = vsplat(one)
-                for c0 in range(0, dvpad, mr):
-                    if mr == 8:
-                        pv8(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
-                    else:
-                        pv6(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
-        for r in range(nr):
-            t = q_start + qi[r]
-            for c in range(dv):
-                out[t, hh[r], c] = ot[c * nrp + r]
+                for c in range(d):
+                    qt[c * nrp + r] = q[t, h, c] * scale
+            lo, hi = key_range(i0, i0 + nq, off, klen, causal, wl, wr)
+            for j0 in range(lo, hi, block_k):
+                j1 = min(j0 + block_k, hi)
+                nk = j1 - j0
+                for u in range(nkt):
+                    row = k_start + j0 + min(u, nk - 1)
+                    kb[u] = (row * n_kv + kvh) * d
+                    vb[u] = (row * n_kv + kvh) * dv
+                for s0 in range(0, nrp, nrs):
+                    slo = rlo[s0]
+                    shi = rhi[s0]
+                    for r in range(s0 + 1, s0 + nrs):
+                        slo = min(slo, rlo[r])
+                        shi = max(shi, rhi[r])
+                    ne = min(j1, shi) - j0
+                    if ne <= 0 or slo >= j1:
+                        continue
+                    nep = (ne + mr - 1) // mr * mr
+                    for u in range(0, nep, mr):
+                        if mr == 8:
+                            qk8(k, kb, u, qt, nrp, s0, d, st)
+                        else:
+                            qk6(k, kb, u, qt, nrp, s0, d, st)
+                    if softcap > 0.0:
+                        tile_softcap(st, mb, ne * nrs, softcap)
+                    needs = slo > j0
+                    for r in range(s0, s0 + nrs):
+                        needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
+                    if has_alibi or has_bias or has_mask or needs:
+                        tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
+                                   causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
+                                   bstr, has_bias, mask, mstr, has_mask, needs)
+                    tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
+                    l0 = vload(lr, s0)
+                    l1 = vload(lr, s0 + w)
+                    for jj in range(ne):
+                        x = jj * nrs
+                        vstore(st, x, vmul(vexp(vsub(vload(st, x), l0)), vload(mb, x)))
+                        vstore(st, x + w, vmul(vexp(vsub(vload(st, x + w), l1)), vload(mb, x + w)))
+                    onev = vsplat(one)
+                    for c0 in range(0, dvpad, mr):
+                        if mr == 8:
+                            pv8(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
+                        else:
+                            pv6(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
+            for r in range(nr):
+                t = q_start + qi[r]
+                for c in range(dv):
+                    out[t, hh[r], c] = ot[c * nrp + r]

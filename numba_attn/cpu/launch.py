@@ -61,12 +61,17 @@ def item_costs(items, rows, causal, wl, wr, block_k):
     return cost
 
 
+def order_by_cost(cost, per_item):
+    """Work indices (item * per_item + sub-index) by decreasing cost of their item: the
+    order the kernels' lanes take work in (forward and backward alike)."""
+    return np.argsort(-np.repeat(cost, per_item), kind="stable").astype(np.int64)
+
+
 def balanced_schedule(items, rows, cfg, block_k, nsplit, threads):
     """Work indices by decreasing cost; the kernel deals them round-robin to its lanes."""
     cost = item_costs(items, rows, np.int64(CAUSAL_CODES[cfg.causal]),
                       np.int64(cfg.window[0]), np.int64(cfg.window[1]), np.int64(block_k))
-    per_work = np.repeat(cost, cfg.num_kv_heads * nsplit)
-    return np.argsort(-per_work, kind="stable").astype(np.int64)
+    return order_by_cost(cost, cfg.num_kv_heads * nsplit)
 
 
 def sparse_schedule(items, rows, mods, cfg, block_k, nsplit):
