@@ -12,7 +12,7 @@ import numpy as np
 from . import dispatch as dp
 from .config import AttentionError, BackendUnavailable, check_flag
 from .dropout import check_dropout
-from .functional import _check_cu, _check_max, build_problem, canon_qkv
+from .functional import _check_cu, _check_max, batched_rows, build_problem, canon_qkv
 from .interop import Array, like
 
 __all__ = ["attention_backward", "attention_varlen_backward"]
@@ -100,7 +100,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        mask: Array | None = None, kv_lens: Array | None = None,
                        sinks: Array | None = None, dropout_p: float = 0.0,
                        seed: int | None = None, return_dbias: bool = False,
-                       return_dsinks: bool = False, backend: str = "auto") -> tuple:
+                       return_dsinks: bool = False, backend: str = "auto",
+                       q_lens: Array | None = None, q_offset: int | None = None) -> tuple:
     """Gradients of :func:`numba_attn.attention` (FlashAttention-2's backward).
 
     Scores are recomputed from ``lse`` (nothing seqlen_q x seqlen_k is stored);
@@ -115,8 +116,10 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     out, lse : arrays
         Exactly as ``attention(..., return_lse=True)`` returned them for these inputs and
         options (the same ``dropout_p`` and ``seed``).
-    causal, window, scale, softcap, alibi_slopes, bias, mask, kv_lens, sinks
-        The options of the forward call.
+    causal, window, scale, softcap, alibi_slopes, bias, mask, kv_lens, q_lens, q_offset, sinks
+        The options of the forward call (padded query rows of ``q_lens`` get zero
+        gradients). :func:`numba_attn.attention_vjp` keeps them with the forward, so they
+        cannot differ.
     dropout_p : float in [0, 1), default 0.0
     seed : int, optional
         The forward's dropout seed (required when ``dropout_p > 0``); the keep mask is
@@ -170,15 +173,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
     dv = v.shape[3]
     _check_grad_inputs(dout, out, lse, (bsz, sq, h, dv), (bsz, h, sq), dt, device)
-    kl = None
-    if kv_lens is not None:
-        kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
-    rows = np.zeros((bsz, 5), np.int64)
-    rows[:, 0] = np.arange(bsz) * sq
-    rows[:, 1] = sq
-    rows[:, 2] = np.arange(bsz) * sk
-    rows[:, 3] = sk if kl is None else kl
-    rows[:, 4] = sk - sq
+    rows, kl, ql = batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device)
     backend = _device_backend(device, backend)
     qp = dp.host("q", q, cdt).reshape(bsz * sq, h, d)
     kp = dp.host("k", k, cdt).reshape(bsz * sk, hkv, d)
@@ -188,7 +183,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt)
+        has_kv_lens=kl is not None or ql is not None, out_dtype=dt)
     dout_p = dp.host("dout", dout, cdt).reshape(bsz * sq, h, dv)
     out_p = dp.host("out", out, cdt).reshape(bsz * sq, h, dv)
     lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).transpose(0, 2, 1)).reshape(
@@ -204,7 +199,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
             alibi_slopes=None if alibi_slopes is None else dp.host("alibi_slopes",
                                                                    alibi_slopes), bias=None if
             bias is None else dp.host("bias", bias), mask=None if mask is None else
-            dp.host("mask", mask), kv_lens=kl, sinks=p.sinks, dropout_p=drop_p, seed=seed_v)
+            dp.host("mask", mask), kv_lens=kl, sinks=p.sinks, dropout_p=drop_p, seed=seed_v,
+            q_lens=ql, q_offset=q_offset)
 
     grads = _run(p, dout_p, out_p, lse_p, drop_p, seed_v, bias, return_dbias, return_dsinks,
                  backend, ref_call)
@@ -294,7 +290,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt)
+        has_kv_lens=kl is not None or ql is not None, out_dtype=dt)
     dout_p = dp.host("dout", dout, cdt)
     out_p = dp.host("out", out, cdt)
     lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).T)

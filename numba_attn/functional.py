@@ -311,23 +311,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
     dv = v.shape[3]
     out_ref, out = out, check_out(out, (bsz, sq, h, dv), dt)
-    kl = ql = None
-    if kv_lens is not None:
-        kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
-    if q_lens is not None:
-        ql = dp.check_int_vector("q_lens", q_lens, bsz, 0, sq)
-        if device != "cpu":
-            raise AttentionError("q_lens: supported for host arrays only (for now); pack the "
-                                 "rows and use attention_varlen on the device")
-    rows = np.zeros((bsz, 5), np.int64)
-    rows[:, 0] = np.arange(bsz) * sq
-    rows[:, 1] = sq if ql is None else ql
-    rows[:, 2] = np.arange(bsz) * sk
-    rows[:, 3] = sk if kl is None else kl
-    if q_offset is not None:  # chunked calls: query i sits at key position i + q_offset
-        rows[:, 4] = check_offset("q_offset", q_offset)
-    else:
-        rows[:, 4] = sk - sq if ql is None else rows[:, 3] - ql
+    rows, kl, ql = batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device)
     if device != "cpu":
         from .cuda import dispatch_cuda  # device arrays stay on the device
 
@@ -355,6 +339,30 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     if not return_lse:
         return like(q, o)
     return like(q, o), like(q, _lse_bhs(lse, bsz, sq, h))
+
+
+def batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device):
+    """The Problem's rows table of a batched (B, S, H, D) call, checked: (rows, kv_lens,
+    q_lens), the lengths as int64 vectors or None. The forward and the backward build it
+    here, so their alignment rules cannot differ."""
+    kl = ql = None
+    if kv_lens is not None:
+        kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, sk)
+    if q_lens is not None:
+        ql = dp.check_int_vector("q_lens", q_lens, bsz, 0, sq)
+        if device != "cpu":
+            raise AttentionError("q_lens: supported for host arrays only (for now); pack the "
+                                 "rows and use attention_varlen on the device")
+    rows = np.zeros((bsz, 5), np.int64)
+    rows[:, 0] = np.arange(bsz) * sq
+    rows[:, 1] = sq if ql is None else ql
+    rows[:, 2] = np.arange(bsz) * sk
+    rows[:, 3] = sk if kl is None else kl
+    if q_offset is not None:  # chunked calls: query i sits at key position i + q_offset
+        rows[:, 4] = check_offset("q_offset", q_offset)
+    else:
+        rows[:, 4] = sk - sq if ql is None else rows[:, 3] - ql
+    return rows, kl, ql
 
 
 def check_offset(name, x):

@@ -128,10 +128,13 @@ def _slopes_row(slopes, b, h):
 def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0,
               alibi_slopes=None, bias=None, mask=None, kv_lens=None, sinks=None,
               return_lse=False, q_offset=None, dropout_p=0.0, seed=None, score_mod=None,
-              score_mod_args=(), mask_mod=None, mask_mod_args=()):
+              score_mod_args=(), mask_mod=None, mask_mod_args=(), q_lens=None):
     """Reference of :func:`numba_attn.attention`; q (B, Sq, H, D), k/v (B, Sk, Hkv, D[v]).
 
-    Query ``i`` sits at key position ``i + q_offset`` (default ``Sk - Sq``).
+    Query ``i`` sits at key position ``i + q_offset`` (default ``Sk - Sq``). With
+    ``q_lens`` row ``b`` has ``q_lens[b]`` real queries and is aligned to its real lengths
+    (``off = kv_lens[b] - q_lens[b]``, unless ``q_offset`` is given); padded query rows
+    give out 0 and lse -inf.
     score_mod / mask_mod are evaluated elementwise in float64 on the full score matrix.
     Returns out (B, Sq, H, Dv) float64 and, with ``return_lse``, lse (B, H, Sq).
     """
@@ -141,22 +144,34 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     bsz, sq, h, d = q.shape
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    off = sk - sq if q_offset is None else int(q_offset)
     out = np.zeros((bsz, sq, h, v.shape[3]))
     lse = np.full((bsz, h, sq), -np.inf)
     for b in range(bsz):
+        ql, klen, off = _row_lengths(b, sq, sk, q_lens, kv_lens, q_offset)
         bias_b = _batch_slice(bias, b, bsz)
         mask_b = _batch_slice(mask, b, bsz)
-        out[b], lse[b] = attention_rows(
-            q[b], k[b], v[b], off=off, klen=sk if kv_lens is None else int(kv_lens[b]),
+        drop = _dropout(dropout_p, seed, b, h, sq, sk)
+        out[b, :ql], lse[b, :, :ql] = attention_rows(
+            q[b, :ql], k[b], v[b], off=off, klen=klen,
             scale=scale, causal=causal, window=tuple(window), softcap=float(softcap),
             slopes=_slopes_row(alibi_slopes, b, h),
-            bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk)),
-            mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk)),
-            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, sq, sk), b=b,
+            bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk))[:, :ql],
+            mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk))[:, :ql],
+            sink=sinks, dropout=None if drop is None else (drop[0][:, :ql], drop[1]), b=b,
             score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
             mask_mod_args=mask_mod_args)
     return (out, lse) if return_lse else out
+
+
+def _row_lengths(b, sq, sk, q_lens, kv_lens, q_offset):
+    """(real queries, real keys, alignment offset) of batch row ``b``."""
+    ql = sq if q_lens is None else int(q_lens[b])
+    klen = sk if kv_lens is None else int(kv_lens[b])
+    if q_offset is not None:
+        off = int(q_offset)
+    else:
+        off = sk - sq if q_lens is None else klen - ql
+    return ql, klen, off
 
 
 def _dropout(dropout_p, seed, b, h, lq, lk):
@@ -324,11 +339,12 @@ def _reduce_to(full, shape):
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1), scale=None,
                        softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
-                       sinks=None, dropout_p=0.0, seed=None):
+                       sinks=None, dropout_p=0.0, seed=None, q_lens=None, q_offset=None):
     """Reference of :func:`numba_attn.attention_backward`.
 
     Returns (dq, dk, dv, dbias, dsinks), float64; dbias has the shape ``bias`` was given
-    in (None without bias), dsinks (H,) (None without sinks).
+    in (None without bias), dsinks (H,) (None without sinks). ``q_lens`` / ``q_offset``
+    as :func:`attention`; padded query rows get zero gradients.
     """
     from .config import normalize_causal
 
@@ -342,17 +358,19 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1)
     dbias = np.zeros((bsz, h, sq, sk))
     dsinks = np.zeros(h)
     for b in range(bsz):
+        ql, klen, off = _row_lengths(b, sq, sk, q_lens, kv_lens, q_offset)
         bias_b = _batch_slice(bias, b, bsz)
         mask_b = _batch_slice(mask, b, bsz)
+        drop = _dropout(dropout_p, seed, b, h, sq, sk)
         r = attention_rows_backward(
-            dout[b], q[b], k[b], v[b], out[b], _f64(lse[b]), off=sk - sq,
-            klen=sk if kv_lens is None else int(kv_lens[b]), scale=scale, causal=causal,
+            dout[b, :ql], q[b, :ql], k[b], v[b], out[b, :ql], _f64(lse[b])[:, :ql], off=off,
+            klen=klen, scale=scale, causal=causal,
             window=tuple(window), softcap=float(softcap),
             slopes=_slopes_row(alibi_slopes, b, h),
-            bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk)),
-            mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk)),
-            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, sq, sk))
-        dq[b], dk[b], dv[b], dbias[b] = r[:4]
+            bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk))[:, :ql],
+            mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk))[:, :ql],
+            sink=sinks, dropout=None if drop is None else (drop[0][:, :ql], drop[1]))
+        dq[b, :ql], dk[b], dv[b], dbias[b, :, :ql] = r[:4]
         dsinks += r[4]
     return (dq, dk, dv, None if bias is None else _reduce_to(dbias, np.shape(bias)),
             None if sinks is None else dsinks)

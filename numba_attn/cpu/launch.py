@@ -108,6 +108,18 @@ def _dummy(dtype, ndim=1):
     return _EMPTY[key]
 
 
+def _clear_padding(rows, out, lse):
+    """Query rows no batch row owns (padding of ``q_lens``): out 0, lse -inf; no work item
+    writes them, and garbage there would reach a cast or a user's ``out``."""
+    if int(np.maximum(rows[:, 1], 0).sum()) >= out.shape[0]:
+        return
+    pad = np.ones(out.shape[0], bool)
+    for b in range(rows.shape[0]):
+        pad[rows[b, 0]:rows[b, 0] + max(rows[b, 1], 0)] = False
+    out[pad] = 0
+    lse[pad] = -np.inf
+
+
 def forward(p):
     """Run the CPU forward on a dispatch.Problem; returns out (Tq, H, Dv), lse (Tq, H)."""
     cfg = p.config
@@ -119,6 +131,7 @@ def forward(p):
     lse = np.empty((tq, cfg.num_heads), dt)
     if tq == 0:
         return out, lse
+    _clear_padding(p.rows, out, lse)
     threads = numba.get_num_threads()
     mods = p.extra.get("mods")
     block_q, block_k, fused = plan(cfg, p.max_seqlen_q, p.max_seqlen_k, p.batch, threads)
