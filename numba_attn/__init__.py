@@ -12,7 +12,8 @@ from .cache import KVCache, PagedKVCache
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .config import AttentionConfig, AttentionError, BackendUnavailable
 from .dispatch import available_backends
-from .backward import attention_backward, attention_varlen_backward
+from .backward import (attention_backward, attention_varlen_backward, attention_varlen_vjp,
+                       attention_vjp)
 from .functional import attention, attention_varlen, merge_states
 from .kvcache import attention_with_kvcache
 from .layers import MultiHeadAttention
@@ -35,6 +36,8 @@ __all__ = [
     "attention_varlen",
     "attention_backward",
     "attention_varlen_backward",
+    "attention_vjp",
+    "attention_varlen_vjp",
     "available_backends",
     "merge_states",
     "MultiHeadAttention",

@@ -7,6 +7,8 @@ Device arrays are staged through the host for now (validation and packing are nu
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import dispatch as dp
@@ -15,7 +17,8 @@ from .dropout import check_dropout
 from .functional import _check_cu, _check_max, batched_rows, build_problem, canon_qkv
 from .interop import Array, like
 
-__all__ = ["attention_backward", "attention_varlen_backward"]
+__all__ = ["attention_backward", "attention_varlen_backward", "attention_vjp",
+           "attention_varlen_vjp"]
 
 
 def _check_grad_inputs(dout, out, lse, out_shape, lse_shape, dt, device):
@@ -290,7 +293,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None or ql is not None, out_dtype=dt)
+        has_kv_lens=kl is not None, out_dtype=dt)
     dout_p = dp.host("dout", dout, cdt)
     out_p = dp.host("out", out, cdt)
     lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).T)
@@ -313,3 +316,141 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
     res = _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
                   bias)
     return res if device == "cpu" else _to_device_like(q, res)
+
+
+_MOD_OPTIONS = ("score_mod", "mask_mod", "block_mask")
+
+
+def _vjp_options(opts, fn_name):
+    """The forward options a vjp keeps, checked before anything runs."""
+    for name in ("return_lse", "out"):
+        if name in opts:
+            raise TypeError(f"{fn_name}() got an unexpected keyword argument {name!r} (the "
+                            "vjp keeps out and lse itself)")
+    for name in _MOD_OPTIONS:
+        if opts.get(name) is not None:
+            from .mods import ModError
+
+            raise ModError(f"{name}: the backward does not support mods yet; the forward "
+                           "alone runs them (numba_attn.attention)")
+    opts = dict(opts)
+    if float(opts.get("dropout_p", 0.0) or 0.0) > 0.0 and opts.get("seed") is None:
+        # the one seed both passes use: the vjp owns it, so it cannot go missing
+        opts["seed"] = int(np.random.SeedSequence().entropy % (1 << 63))
+    return opts
+
+
+def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
+                  return_dsinks: bool = False, **options: Any) -> tuple:
+    """Forward attention and its vector-Jacobian product, with the options kept together.
+
+    ``out, vjp = attention_vjp(q, k, v, **options)`` runs
+    ``attention(q, k, v, **options)`` and returns its output with a function ``vjp(dout)``
+    that gives the gradients. The options (causal, window, masks, lengths, dropout ...)
+    and the residuals (out, lse) live inside ``vjp``, so the backward cannot be called
+    with other options than the forward (forgetting ``causal=True`` in a separate
+    :func:`attention_backward` call silently gives other gradients).
+
+    Parameters
+    ----------
+    q, k, v : arrays as :func:`numba_attn.attention`
+    return_dbias : bool, default False
+        ``vjp`` also returns the gradient of ``bias`` (in its given shape).
+    return_dsinks : bool, default False
+        ``vjp`` also returns the gradient of ``sinks``.
+    **options
+        Any keyword of :func:`numba_attn.attention` except ``return_lse`` and ``out``.
+        With ``dropout_p > 0`` and no ``seed``, a fresh seed is drawn and kept for both
+        passes. ``score_mod`` / ``mask_mod`` / ``block_mask`` have no backward yet.
+
+    Returns
+    -------
+    out : array (batch, seqlen_q, num_heads, head_dim_v)
+    vjp : callable
+        ``vjp(dout) -> (dq, dk, dv)``, then ``dbias`` and ``dsinks`` when asked for.
+
+    Raises
+    ------
+    AttentionError, TypeError, BackendUnavailable
+        As :func:`numba_attn.attention`, before anything runs; ``ModError`` for mods.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 5, 2, 8)) for _ in range(3))
+    >>> out, vjp = numba_attn.attention_vjp(q, k, v, causal=True)
+    >>> dq, dk, dv = vjp(np.ones_like(out))
+    >>> ref = numba_attn.attention_backward(np.ones_like(out), q, k, v,
+    ...                                     *numba_attn.attention(q, k, v, causal=True,
+    ...                                                           return_lse=True),
+    ...                                     causal=True)
+    >>> all(np.allclose(a, b) for a, b in zip((dq, dk, dv), ref))
+    True
+    """
+    from .functional import attention
+
+    opts = _vjp_options(options, "attention_vjp")
+    bwd = {n: opts[n] for n in opts if n not in ("score_mod_args", "mask_mod_args")}
+    return_dbias = check_flag("return_dbias", return_dbias)
+    return_dsinks = check_flag("return_dsinks", return_dsinks)
+    if return_dbias and opts.get("bias") is None:
+        raise AttentionError("return_dbias: True needs a bias")
+    if return_dsinks and opts.get("sinks") is None:
+        raise AttentionError("return_dsinks: True needs sinks")
+    out, lse = attention(q, k, v, return_lse=True, **opts)
+
+    def vjp(dout: Array) -> tuple:
+        return attention_backward(dout, q, k, v, out, lse, return_dbias=return_dbias,
+                                  return_dsinks=return_dsinks, **bwd)
+
+    return out, vjp
+
+
+def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
+                         cu_seqlens_k: Array, *, return_dbias: bool = False,
+                         return_dsinks: bool = False, **options: Any) -> tuple:
+    """:func:`attention_vjp` for packed rows: ``attention_varlen`` and its vjp.
+
+    Parameters
+    ----------
+    q, k, v, cu_seqlens_q, cu_seqlens_k : as :func:`numba_attn.attention_varlen`
+    return_dbias, return_dsinks : bool, default False
+        As :func:`attention_vjp`.
+    **options
+        Any keyword of :func:`numba_attn.attention_varlen` except ``return_lse`` / ``out``.
+
+    Returns
+    -------
+    out : array (total_q, num_heads, head_dim_v)
+    vjp : callable
+        ``vjp(dout) -> (dq, dk, dv)``, then ``dbias`` / ``dsinks`` when asked for.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((7, 2, 8)) for _ in range(3))
+    >>> cu = np.array([0, 3, 7], np.int32)
+    >>> out, vjp = numba_attn.attention_varlen_vjp(q, k, v, cu, cu, causal=True)
+    >>> [g.shape for g in vjp(np.ones_like(out))]
+    [(7, 2, 8), (7, 2, 8), (7, 2, 8)]
+    """
+    from .functional import attention_varlen
+
+    opts = _vjp_options(options, "attention_varlen_vjp")
+    bwd = {n: opts[n] for n in opts if n not in ("score_mod_args", "mask_mod_args")}
+    return_dbias = check_flag("return_dbias", return_dbias)
+    return_dsinks = check_flag("return_dsinks", return_dsinks)
+    if return_dbias and opts.get("bias") is None:
+        raise AttentionError("return_dbias: True needs a bias")
+    if return_dsinks and opts.get("sinks") is None:
+        raise AttentionError("return_dsinks: True needs sinks")
+    out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **opts)
+
+    def vjp(dout: Array) -> tuple:
+        return attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                         return_dbias=return_dbias,
+                                         return_dsinks=return_dsinks, **bwd)
+
+    return out, vjp
