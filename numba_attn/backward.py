@@ -322,7 +322,8 @@ _MOD_OPTIONS = ("score_mod", "mask_mod", "block_mask")
 
 
 def _vjp_options(opts, fn_name):
-    """The forward options a vjp keeps, checked before anything runs."""
+    """The forward options a vjp keeps, checked before anything runs: (forward options,
+    backward options)."""
     for name in ("return_lse", "out"):
         if name in opts:
             raise TypeError(f"{fn_name}() got an unexpected keyword argument {name!r} (the "
@@ -337,7 +338,9 @@ def _vjp_options(opts, fn_name):
     if float(opts.get("dropout_p", 0.0) or 0.0) > 0.0 and opts.get("seed") is None:
         # the one seed both passes use: the vjp owns it, so it cannot go missing
         opts["seed"] = int(np.random.SeedSequence().entropy % (1 << 63))
-    return opts
+    bwd = {n: x for n, x in opts.items()
+           if n not in _MOD_OPTIONS + ("score_mod_args", "mask_mod_args")}
+    return opts, bwd
 
 
 def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
@@ -390,8 +393,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     """
     from .functional import attention
 
-    opts = _vjp_options(options, "attention_vjp")
-    bwd = {n: opts[n] for n in opts if n not in ("score_mod_args", "mask_mod_args")}
+    opts, bwd = _vjp_options(options, "attention_vjp")
     return_dbias = check_flag("return_dbias", return_dbias)
     return_dsinks = check_flag("return_dsinks", return_dsinks)
     if return_dbias and opts.get("bias") is None:
@@ -438,8 +440,7 @@ def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     """
     from .functional import attention_varlen
 
-    opts = _vjp_options(options, "attention_varlen_vjp")
-    bwd = {n: opts[n] for n in opts if n not in ("score_mod_args", "mask_mod_args")}
+    opts, bwd = _vjp_options(options, "attention_varlen_vjp")
     return_dbias = check_flag("return_dbias", return_dbias)
     return_dsinks = check_flag("return_dsinks", return_dsinks)
     if return_dbias and opts.get("bias") is None:

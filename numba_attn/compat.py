@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dispatch as dp
+from .autograd import wants_grad
 from .config import AttentionError, check_flag, check_int
 from .functional import attention, attention_varlen, build_problem, run_and_finish
 from .interop import Array, is_torch, like, to_numpy
@@ -558,14 +559,22 @@ def scaled_dot_product_attention(query: Array, key: Array, value: Array,
     b = int(np.prod(lead, dtype=np.int64)) if lead else 1
     L, S, E, Ev = qs[-2], ks[-2], qs[-1], vs[-1]
 
+    grad = wants_grad(query, key, value, attn_mask)  # torch autograd: stay in torch ops
+
     def bshd(name, x, heads, seq, dim):
+        if grad:
+            return x.reshape(b, heads, seq, dim).transpose(1, 2)
         return np.swapaxes(to_numpy(name, x).reshape(b, heads, seq, dim), 1, 2)
 
     q4 = bshd("query", query, hq, L, E)
     k4 = bshd("key", key, hk, S, ks[-1])
     v4 = bshd("value", value, vs[-3] if nd >= 3 else 1, vs[-2], Ev)
     bias = mask = None
-    if attn_mask is not None:
+    if attn_mask is not None and grad and attn_mask.dtype.is_floating_point:
+        bias = attn_mask  # a tensor bias: its gradient flows (broadcast by attention)
+        if bias.dim() > 4 or (bias.dim() > 2 and nd > 4):
+            bias = bias.broadcast_to(lead + (hq, L, S)).reshape(b, hq, L, S)
+    elif attn_mask is not None:
         m = dp.host_operand("attn_mask", attn_mask, "biuf", "a bool or float array")
         full = lead + (hq, L, S)
         if m.ndim > 4 or (m.ndim > 2 and nd > 4):
@@ -580,5 +589,7 @@ def scaled_dot_product_attention(query: Array, key: Array, value: Array,
         else:
             bias = m
     out = attention(q4, k4, v4, causal=causal, scale=scale, bias=bias, mask=mask)
+    if grad:
+        return out.transpose(1, 2).reshape(qs[:-1] + (Ev,))
     res = np.ascontiguousarray(np.swapaxes(out, 1, 2)).reshape(qs[:-1] + (Ev,))
     return like(query, res)

@@ -10,6 +10,7 @@ import numpy as np
 from . import dispatch as dp
 from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError, check_flag, check_int
+from .autograd import wants_grad
 from .dropout import check_dropout
 from .interop import Array, is_torch, like, to_numpy
 from . import mods
@@ -298,6 +299,16 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     >>> bool(np.allclose(o, ref, atol=1e-5))
     True
     """
+    if wants_grad(q, k, v, bias, sinks):  # torch tensors requiring grad: a grad_fn
+        from . import autograd
+
+        return autograd.attention(
+            q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
+            alibi_slopes=alibi_slopes, bias=bias, mask=mask, kv_lens=kv_lens, q_lens=q_lens,
+            sinks=sinks, return_lse=return_lse, out=out, dropout_p=dropout_p, seed=seed,
+            score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
+            mask_mod_args=mask_mod_args, block_mask=block_mask, backend=backend,
+            q_offset=q_offset)
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
                                 "(batch, seqlen_k, num_kv_heads, head_dim)")
     return_lse = check_flag("return_lse", return_lse)
@@ -445,6 +456,16 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     >>> numba_attn.attention_varlen(q, kv, kv, cu_q, cu_k, causal=True).shape
     (5, 4, 8)
     """
+    if wants_grad(q, k, v, bias, sinks):  # torch tensors requiring grad: a grad_fn
+        from . import autograd
+
+        return autograd.attention_varlen(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, causal=causal, window=window, scale=scale,
+            softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
+            kv_lens=kv_lens, sinks=sinks, return_lse=return_lse, out=out, dropout_p=dropout_p,
+            seed=seed, score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
+            mask_mod_args=mask_mod_args, block_mask=block_mask, backend=backend)
     dt, cdt, device = canon_qkv(q, k, v, 3, "(total_q, num_heads, head_dim)",
                                 "(total_k, num_kv_heads, head_dim)")
     return_lse = check_flag("return_lse", return_lse)

@@ -1,0 +1,164 @@
+"""torch autograd through numba_attn: ``attention`` / ``attention_varlen`` on torch CPU
+tensors that require grad return tensors with a ``grad_fn``.
+
+One ``torch.autograd.Function`` per entry point runs the numpy forward on detached views
+and saves only its inputs, ``out`` and ``lse`` (what FlashAttention saves); its backward
+is :func:`numba_attn.attention_backward` / ``attention_varlen_backward`` with the forward's
+own options, so ``loss.backward()`` flows through numba_attn like through torch's SDPA.
+Gradients reach q, k, v, a float ``bias`` and ``sinks`` (when they require grad); ``lse``
+(``return_lse=True``) comes back non-differentiable. torch is never imported here: the
+Function classes are built on the first tensor that needs them, from ``sys.modules``.
+"""
+from __future__ import annotations
+
+import sys
+
+from .config import AttentionError
+from .interop import is_torch
+
+__all__ = ["wants_grad", "attention", "attention_varlen"]
+
+
+def wants_grad(*xs) -> bool:
+    """True when some argument is a torch tensor requiring grad and grad mode is on.
+
+    >>> import numpy as np
+    >>> from numba_attn.autograd import wants_grad
+    >>> wants_grad(np.zeros(2), None)
+    False
+    """
+    if not any(is_torch(x) for x in xs):
+        return False
+    torch = sys.modules["torch"]
+    return torch.is_grad_enabled() and any(is_torch(x) and x.requires_grad for x in xs)
+
+
+_FUNCTIONS: dict = {}
+
+
+def _detach(x):
+    return x.detach() if is_torch(x) else x
+
+
+def _grad_or_none(x, need, g):
+    return g if need and is_torch(x) else None
+
+
+def _functions():
+    """The two Function classes, built once torch has been imported by the caller."""
+    if _FUNCTIONS:
+        return _FUNCTIONS
+    torch = sys.modules["torch"]
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, opts, q, k, v, bias, sinks):
+            from .functional import attention as fwd
+
+            out, lse = fwd(q.detach(), k.detach(), v.detach(), bias=_detach(bias),
+                           sinks=_detach(sinks), return_lse=True, **opts[0])
+            ctx.opts = opts[1]
+            ctx.save_for_backward(q, k, v, out, lse, bias, sinks)
+            ctx.mark_non_differentiable(lse)
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, dout, _dlse):
+            from .backward import attention_backward
+
+            q, k, v, out, lse, bias, sinks = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            want_db = bool(need[4]) and bias is not None
+            want_ds = bool(need[5]) and sinks is not None
+            g = attention_backward(dout.detach(), q.detach(), k.detach(), v.detach(), out,
+                                   lse, bias=_detach(bias), sinks=_detach(sinks),
+                                   return_dbias=want_db, return_dsinks=want_ds, **ctx.opts)
+            g = list(g)
+            dbias = g.pop(3) if want_db else None
+            dsinks = g.pop(3) if want_ds else None
+            return (None, g[0] if need[1] else None, g[1] if need[2] else None,
+                    g[2] if need[3] else None, dbias, dsinks)
+
+    class AttentionVarlen(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, opts, q, k, v, cu_q, cu_k, bias, sinks):
+            from .functional import attention_varlen as fwd
+
+            out, lse = fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k,
+                           bias=_detach(bias), sinks=_detach(sinks), return_lse=True,
+                           **opts[0])
+            ctx.opts = opts[1]
+            ctx.cu = (cu_q, cu_k)
+            ctx.save_for_backward(q, k, v, out, lse, bias, sinks)
+            ctx.mark_non_differentiable(lse)
+            return out, lse
+
+        @staticmethod
+        def backward(ctx, dout, _dlse):
+            from .backward import attention_varlen_backward
+
+            q, k, v, out, lse, bias, sinks = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            want_db = bool(need[6]) and bias is not None
+            want_ds = bool(need[7]) and sinks is not None
+            g = attention_varlen_backward(dout.detach(), q.detach(), k.detach(), v.detach(),
+                                          out, lse, *ctx.cu, bias=_detach(bias),
+                                          sinks=_detach(sinks), return_dbias=want_db,
+                                          return_dsinks=want_ds, **ctx.opts)
+            g = list(g)
+            dbias = g.pop(3) if want_db else None
+            dsinks = g.pop(3) if want_ds else None
+            return (None, g[0] if need[1] else None, g[1] if need[2] else None,
+                    g[2] if need[3] else None, None, None, dbias, dsinks)
+
+    _FUNCTIONS.update(attention=Attention, attention_varlen=AttentionVarlen)
+    return _FUNCTIONS
+
+
+def _check(opts, out):
+    """(forward options, backward options), checked before anything runs."""
+    from .backward import _vjp_options
+
+    if out is not None:
+        raise AttentionError("out: not supported when an input requires grad (autograd "
+                             "needs a fresh output tensor)")
+    return _vjp_options(opts, "attention")
+
+
+def _promote(x, ref):
+    """A numpy/None bias or sinks next to torch inputs: as a tensor (no grad)."""
+    if x is None or is_torch(x):
+        return x
+    torch = sys.modules["torch"]
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(x))
+
+
+def attention(q, k, v, *, bias=None, sinks=None, return_lse=False, out=None, **opts):
+    """:func:`numba_attn.attention` with a ``grad_fn`` (called by it for tensors that
+    require grad); same arguments.
+
+    >>> from numba_attn.autograd import attention
+    >>> attention.__name__
+    'attention'
+    """
+    opts = _check(opts, out)
+    o, lse = _functions()["attention"].apply(opts, q, k, v, _promote(bias, q),
+                                             _promote(sinks, q))
+    return (o, lse) if return_lse else o
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, sinks=None,
+                     return_lse=False, out=None, **opts):
+    """:func:`numba_attn.attention_varlen` with a ``grad_fn``; same arguments.
+
+    >>> from numba_attn.autograd import attention_varlen
+    >>> attention_varlen.__name__
+    'attention_varlen'
+    """
+    opts = _check(opts, out)
+    o, lse = _functions()["attention_varlen"].apply(opts, q, k, v, cu_seqlens_q,
+                                                    cu_seqlens_k, _promote(bias, q),
+                                                    _promote(sinks, q))
+    return (o, lse) if return_lse else o
