@@ -40,7 +40,8 @@ class Shape:
     num_kv_heads: int
     head_dim: int
     causal: bool
-    kind: str = "prefill"  # "prefill" (compute bound) or "decode" (bandwidth bound)
+    kind: str = "prefill"  # "prefill" (compute bound), "decode" (bandwidth bound) or
+    #                        "backward" (attention_backward of a prefill)
     dtype: str = "float32"  # of q, k, v (prefill) or of the KV cache (decode: q float32)
     after_matmul: bool = False  # a 512 x 512 numpy matmul (untimed) before every call
 
@@ -51,8 +52,9 @@ class Shape:
         dt = "" if self.dtype == "float32" else (
             f" {self.dtype} cache" if self.kind == "decode" else f" {self.dtype}")
         mm = " after matmul" if self.after_matmul else ""
+        bw = " backward" if self.kind == "backward" else ""
         return (f"B{self.batch} H{self.num_heads}{hk} Sq{self.seqlen_q} Sk{self.seqlen_k} "
-                f"D{self.head_dim}{c}{dt}{mm}")
+                f"D{self.head_dim}{c}{dt}{mm}{bw}")
 
 
 def _decode(name, sk, **kw):
@@ -70,6 +72,8 @@ SHAPES = (
     _decode("llama3_8b_decode_16k", 16384),
     _decode("llama3_8b_decode_16k_float16", 16384, dtype="float16"),
     _decode("llama3_8b_decode_16k_bfloat16", 16384, dtype="bfloat16"),
+    Shape("gpt2_backward_2k", 1, 2048, 2048, 16, 16, 64, False, "backward"),
+    Shape("gpt2_backward_2k_causal", 1, 2048, 2048, 16, 16, 64, True, "backward"),
 )
 
 QUICK_SHAPES = (
@@ -82,6 +86,8 @@ QUICK_SHAPES = (
     _decode("llama3_8b_decode_4k_after_matmul", 4096, after_matmul=True),
     _decode("llama3_8b_decode_4k_float16", 4096, dtype="float16"),
     _decode("llama3_8b_decode_4k_bfloat16", 4096, dtype="bfloat16"),
+    Shape("gpt2_backward_512", 1, 512, 512, 16, 16, 64, False, "backward"),
+    Shape("gpt2_backward_512_causal", 1, 512, 512, 16, 16, 64, True, "backward"),
 )
 
 
@@ -98,9 +104,12 @@ def visible_pairs(seqlen_q, seqlen_k, causal):
 
 
 def flops(shape: Shape):
-    """Floating-point operations of one forward call (QK^T and PV, visible pairs only)."""
+    """Floating-point operations of one call, visible pairs only: a forward does QK^T and
+    PV; a backward QK^T again, dP = dO V^T, dV += P^T dO, dQ += dS K, dK += dS^T Q
+    (2.5x a forward)."""
     pairs = visible_pairs(shape.seqlen_q, shape.seqlen_k, shape.causal)
-    return 4 * shape.batch * shape.num_heads * shape.head_dim * pairs
+    fwd = 4 * shape.batch * shape.num_heads * shape.head_dim * pairs
+    return fwd * 5 // 2 if shape.kind == "backward" else fwd
 
 
 def storage_dtype(shape: Shape):
@@ -175,6 +184,14 @@ def numba_attn_call(shape: Shape, q, k, v):
             return numba_attn.attention_with_kvcache(q, cache, causal=causal)
         return _Timed(decode, before)
 
+    if shape.kind == "backward":
+        out, lse = numba_attn.attention(q, k, v, causal=causal, return_lse=True)
+        dout = np.random.default_rng(SEED + 1).standard_normal(out.shape).astype(out.dtype)
+
+        def backward():
+            return numba_attn.attention_backward(dout, q, k, v, out, lse, causal=causal)
+        return _Timed(backward, before)
+
     def call():
         return numba_attn.attention(q, k, v, causal=causal)
     return _Timed(call, before)
@@ -199,6 +216,8 @@ def numpy_peer_reason(shape: Shape):
     why = peer_shape_reason(shape)
     if why:
         return why
+    if shape.kind == "backward":
+        return "numpy peer: no backward (compared with torch's autograd)"
     nbytes = shape.seqlen_q * shape.seqlen_k * 4
     if nbytes > NUMPY_SCORES_LIMIT:
         return (f"numpy peer skipped: one head's {shape.seqlen_q} x {shape.seqlen_k} score "
@@ -269,6 +288,15 @@ def torch_peer(shape: Shape, q, k, v, threads=None):
     if is_causal and shape.seqlen_q != shape.seqlen_k:
         raise NotImplementedError("torch peer: causal with seqlen_q != seqlen_k differs")
     kw = {"enable_gqa": True} if shape.num_kv_heads != shape.num_heads else {}
+    if shape.kind == "backward":  # autograd of SDPA: the forward graph built once, untimed
+        tq, tk, tv = (x.requires_grad_() for x in (tq, tk, tv))
+        out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=is_causal, **kw)
+        dout = torch.from_numpy(np.random.default_rng(SEED + 1).standard_normal(
+            tuple(out.shape)).astype(q.dtype))
+
+        def backward():
+            return torch.autograd.grad(out, (tq, tk, tv), dout, retain_graph=True)
+        return backward
 
     def call():
         with torch.inference_mode():
