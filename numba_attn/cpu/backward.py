@@ -298,28 +298,42 @@ def tile_fixup(st, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, off, klen, c
     keys >= jmax (padding) are invisible. Every per-element array is indexed by the lane
     only, so no scratch has to be as long as the outer tile."""
     ninf = -np.inf
-    for o in range(n_o):
+    if q_in_lanes:  # a query per lane: its key range once, then down the outer keys
         for r in range(nrs):
-            x = o * nrs + r
-            if q_in_lanes:
-                i, j, h = lpos[r], o0 + o, lhead[r]
-            else:
-                i, j, h = o0 + o, lpos[r], ohead
-            if positional:
-                if i >= imax or j >= jmax:
-                    st[x] = ninf
-                    continue
-                lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
-                if j < lo or j >= hi:
-                    st[x] = ninf
-                    continue
-            if masked(mask, mstr, has_mask, b, h, i, j):
-                st[x] = ninf
-                continue
-            if has_alibi:
-                st[x] -= slope_h[h] * abs(i + off - j)
-            if has_bias:
-                st[x] += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + j * bstr[3]]
+            i, h = lpos[r], lhead[r]
+            lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
+            if i >= imax:
+                lo, hi = 0, 0
+            hi = min(hi, jmax)
+            for o in range(n_o):
+                tile_element(st, o * nrs + r, i, o0 + o, h, lo, hi, b, off, slope_h,
+                             has_alibi, bias, bstr, has_bias, mask, mstr, has_mask,
+                             positional)
+    else:  # a query per outer row: its key range once, then across the key lanes
+        for o in range(n_o):
+            i = o0 + o
+            lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
+            if i >= imax:
+                lo, hi = 0, 0
+            hi = min(hi, jmax)
+            for r in range(nrs):
+                tile_element(st, o * nrs + r, i, lpos[r], ohead, lo, hi, b, off, slope_h,
+                             has_alibi, bias, bstr, has_bias, mask, mstr, has_mask,
+                             positional)
+
+
+@inline
+def tile_element(st, x, i, j, h, lo, hi, b, off, slope_h, has_alibi, bias, bstr, has_bias,
+                 mask, mstr, has_mask, positional):
+    """One score of a tile: -inf outside the query's key range [lo, hi) (when
+    ``positional``) or the mask, else ALiBi and bias added."""
+    if (positional and (j < lo or j >= hi)) or masked(mask, mstr, has_mask, b, h, i, j):
+        st[x] = -np.inf
+        return
+    if has_alibi:
+        st[x] -= slope_h[h] * abs(i + off - j)
+    if has_bias:
+        st[x] += bias[b * bstr[0] + h * bstr[1] + i * bstr[2] + j * bstr[3]]
 
 
 @inline
