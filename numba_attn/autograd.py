@@ -13,10 +13,53 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 from .config import AttentionError
 from .interop import is_torch
 
-__all__ = ["wants_grad", "attention", "attention_varlen"]
+__all__ = ["wants_grad", "attention", "attention_varlen", "register", "vjp_options"]
+
+# forward and backward of each entry point, registered by functional.py and backward.py
+# (they sit above this module: importing them here would be a cycle)
+_IMPL: dict = {}
+
+
+def register(kind: str, **fns) -> None:
+    """Record ``forward=`` / ``backward=`` of entry point ``kind`` for the Functions.
+
+    >>> from numba_attn import autograd
+    >>> sorted(autograd._IMPL["attention"])
+    ['backward', 'forward']
+    """
+    _IMPL.setdefault(kind, {}).update(fns)
+
+
+_MOD_OPTIONS = ("score_mod", "mask_mod", "block_mask")
+
+
+def vjp_options(opts, fn_name):
+    """The forward options a vjp keeps, checked before anything runs: (forward options,
+    backward options)."""
+    for name in ("return_lse", "out"):
+        if name in opts:
+            raise TypeError(f"{fn_name}() got an unexpected keyword argument {name!r} (the "
+                            "vjp keeps out and lse itself)")
+    for name in _MOD_OPTIONS:
+        if opts.get(name) is not None:
+            from .mods import ModError
+
+            raise ModError(f"{name}: the backward does not support mods yet; the forward "
+                           "alone runs them (numba_attn.attention)")
+    opts = dict(opts)
+    if float(opts.get("dropout_p", 0.0) or 0.0) > 0.0 and opts.get("seed") is None:
+        # the one seed both passes use: the vjp owns it, so it cannot go missing
+        opts["seed"] = int(np.random.SeedSequence().entropy % (1 << 63))
+    bwd = {n: x for n, x in opts.items()
+           if n not in _MOD_OPTIONS + ("score_mod_args", "mask_mod_args")}
+    return opts, bwd
+
+
 
 
 def wants_grad(*xs) -> bool:
@@ -53,8 +96,7 @@ def _functions():
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, opts, q, k, v, bias, sinks):
-            from .functional import attention as fwd
-
+            fwd = _IMPL["attention"]["forward"]
             out, lse = fwd(q.detach(), k.detach(), v.detach(), bias=_detach(bias),
                            sinks=_detach(sinks), return_lse=True, **opts[0])
             ctx.opts = opts[1]
@@ -64,8 +106,7 @@ def _functions():
 
         @staticmethod
         def backward(ctx, dout, _dlse):
-            from .backward import attention_backward
-
+            attention_backward = _IMPL["attention"]["backward"]
             q, k, v, out, lse, bias, sinks = ctx.saved_tensors
             need = ctx.needs_input_grad
             want_db = bool(need[4]) and bias is not None
@@ -82,8 +123,7 @@ def _functions():
     class AttentionVarlen(torch.autograd.Function):
         @staticmethod
         def forward(ctx, opts, q, k, v, cu_q, cu_k, bias, sinks):
-            from .functional import attention_varlen as fwd
-
+            fwd = _IMPL["attention_varlen"]["forward"]
             out, lse = fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k,
                            bias=_detach(bias), sinks=_detach(sinks), return_lse=True,
                            **opts[0])
@@ -95,8 +135,7 @@ def _functions():
 
         @staticmethod
         def backward(ctx, dout, _dlse):
-            from .backward import attention_varlen_backward
-
+            attention_varlen_backward = _IMPL["attention_varlen"]["backward"]
             q, k, v, out, lse, bias, sinks = ctx.saved_tensors
             need = ctx.needs_input_grad
             want_db = bool(need[6]) and bias is not None
@@ -117,12 +156,10 @@ def _functions():
 
 def _check(opts, out):
     """(forward options, backward options), checked before anything runs."""
-    from .backward import _vjp_options
-
     if out is not None:
         raise AttentionError("out: not supported when an input requires grad (autograd "
                              "needs a fresh output tensor)")
-    return _vjp_options(opts, "attention")
+    return vjp_options(opts, "attention")
 
 
 def _promote(x, ref):
@@ -130,8 +167,6 @@ def _promote(x, ref):
     if x is None or is_torch(x):
         return x
     torch = sys.modules["torch"]
-    import numpy as np
-
     return torch.from_numpy(np.asarray(x))
 
 

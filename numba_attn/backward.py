@@ -13,6 +13,7 @@ import numpy as np
 
 from . import dispatch as dp
 from .config import AttentionError, BackendUnavailable, check_flag
+from .autograd import register, vjp_options
 from .dropout import check_dropout
 from .functional import _check_cu, _check_max, batched_rows, build_problem, canon_qkv
 from .interop import Array, like
@@ -318,31 +319,6 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
     return res if device == "cpu" else _to_device_like(q, res)
 
 
-_MOD_OPTIONS = ("score_mod", "mask_mod", "block_mask")
-
-
-def _vjp_options(opts, fn_name):
-    """The forward options a vjp keeps, checked before anything runs: (forward options,
-    backward options)."""
-    for name in ("return_lse", "out"):
-        if name in opts:
-            raise TypeError(f"{fn_name}() got an unexpected keyword argument {name!r} (the "
-                            "vjp keeps out and lse itself)")
-    for name in _MOD_OPTIONS:
-        if opts.get(name) is not None:
-            from .mods import ModError
-
-            raise ModError(f"{name}: the backward does not support mods yet; the forward "
-                           "alone runs them (numba_attn.attention)")
-    opts = dict(opts)
-    if float(opts.get("dropout_p", 0.0) or 0.0) > 0.0 and opts.get("seed") is None:
-        # the one seed both passes use: the vjp owns it, so it cannot go missing
-        opts["seed"] = int(np.random.SeedSequence().entropy % (1 << 63))
-    bwd = {n: x for n, x in opts.items()
-           if n not in _MOD_OPTIONS + ("score_mod_args", "mask_mod_args")}
-    return opts, bwd
-
-
 def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
                   return_dsinks: bool = False, **options: Any) -> tuple:
     """Forward attention and its vector-Jacobian product, with the options kept together.
@@ -393,7 +369,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     """
     from .functional import attention
 
-    opts, bwd = _vjp_options(options, "attention_vjp")
+    opts, bwd = vjp_options(options, "attention_vjp")
     return_dbias = check_flag("return_dbias", return_dbias)
     return_dsinks = check_flag("return_dsinks", return_dsinks)
     if return_dbias and opts.get("bias") is None:
@@ -440,7 +416,7 @@ def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     """
     from .functional import attention_varlen
 
-    opts, bwd = _vjp_options(options, "attention_varlen_vjp")
+    opts, bwd = vjp_options(options, "attention_varlen_vjp")
     return_dbias = check_flag("return_dbias", return_dbias)
     return_dsinks = check_flag("return_dsinks", return_dsinks)
     if return_dbias and opts.get("bias") is None:
@@ -455,3 +431,7 @@ def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                                          return_dsinks=return_dsinks, **bwd)
 
     return out, vjp
+
+
+register("attention", backward=attention_backward)
+register("attention_varlen", backward=attention_varlen_backward)

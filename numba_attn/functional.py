@@ -10,6 +10,7 @@ import numpy as np
 from . import dispatch as dp
 from ._jit import parallel_guard
 from .config import AttentionConfig, AttentionError, check_flag, check_int
+from . import autograd
 from .autograd import wants_grad
 from .dropout import check_dropout
 from .interop import Array, is_torch, like, to_numpy
@@ -300,8 +301,6 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     True
     """
     if wants_grad(q, k, v, bias, sinks):  # torch tensors requiring grad: a grad_fn
-        from . import autograd
-
         return autograd.attention(
             q, k, v, causal=causal, window=window, scale=scale, softcap=softcap,
             alibi_slopes=alibi_slopes, bias=bias, mask=mask, kv_lens=kv_lens, q_lens=q_lens,
@@ -457,8 +456,6 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     (5, 4, 8)
     """
     if wants_grad(q, k, v, bias, sinks):  # torch tensors requiring grad: a grad_fn
-        from . import autograd
-
         return autograd.attention_varlen(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k, causal=causal, window=window, scale=scale,
@@ -615,3 +612,7 @@ def merge_states(out_a: Array, lse_a: Array, out_b: Array,
         kernel(oa, la, ob, lb, o, lse)
     return (like(out_a, o.reshape(oshape).astype(dt, copy=False)),
             like(out_a, lse.reshape(want)))
+
+
+autograd.register("attention", forward=attention)
+autograd.register("attention_varlen", forward=attention_varlen)
