@@ -117,7 +117,7 @@ def mha_forward_train(layer, x, *, context=None, positions=None, cache=None, kv_
     """``layer.forward(..., train=True)``: the forward, keeping what the backward needs."""
     from .dropout import check_dropout
     from .functional import attention
-    from .layers import check_hidden, check_lora, check_positions, linear
+    from .projections import check_hidden, check_lora, check_positions, linear
     from .norm import rms_norm
 
     dt = layer.dtype
@@ -185,7 +185,7 @@ def mha_backward(layer, dy):
     ``lora.<target>.B`` for each LoRA target given (``q``, ``k``, ``v``, ``o``).
     """
     from .backward import attention_backward
-    from .layers import check_hidden
+    from .projections import check_hidden
 
     tape = getattr(layer, "_tape", None)
     if tape is None:
@@ -241,7 +241,7 @@ def mla_forward_train(layer, x, *, positions=None, cache=None, kv_lens=None, mas
     """``MultiHeadLatentAttention.forward(..., train=True)``: the naive form, taped."""
     from .dropout import check_dropout
     from .functional import attention
-    from .layers import check_hidden, check_positions, linear
+    from .projections import check_hidden, check_positions, linear
     from .norm import rms_norm
 
     if cache is not None:
@@ -290,7 +290,7 @@ def mla_forward_train(layer, x, *, positions=None, cache=None, kv_lens=None, mas
 def mla_backward(layer, dy):
     """``MultiHeadLatentAttention.backward(dy)``: (dx, grads keyed like state_dict())."""
     from .backward import attention_backward
-    from .layers import check_hidden
+    from .projections import check_hidden
 
     tape = getattr(layer, "_tape", None)
     if tape is None:
