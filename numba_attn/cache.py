@@ -35,9 +35,10 @@ def _storage_dtype(dtype, device):
     except TypeError:
         raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
     dp.check_float("dtype", np.empty(0, dt))
-    if device == "cuda" and dt not in (np.float16, np.float32, np.float64):
-        raise TypeError(f"dtype: a device cache stores float16, float32 or float64 (what "
-                        f"the cuda kernels read), got {dt}")
+    if device == "cuda" and dt not in (np.float16, np.float32, np.float64) and \
+            not dp._is_bfloat16(dt):
+        raise TypeError(f"dtype: a device cache stores float16, bfloat16, float32 or "
+                        f"float64 (what the cuda kernels read), got {dt}")
     return dt
 
 
@@ -207,8 +208,8 @@ class KVCache(_CacheBase):
     num_kv_heads, head_dim : int
     dtype : numpy dtype, default float32
         float16, bfloat16, float32 or float64 on the CPU (float32/float64 are read in
-        place; other dtypes are converted per call); float16, float32 or float64 on CUDA
-        (read in place, float32 accumulation for float16).
+        place; other dtypes are converted per call); float16, bfloat16, float32 or float64
+        on CUDA (read in place, float32 accumulation for float16 and bfloat16).
     device : {"cpu", "cuda"}, default "cpu"
         "cuda" stores numba device arrays.
     head_dim_v : int, default head_dim

@@ -104,9 +104,10 @@ def host(name, x, dtype=None):
     Read-only inputs (``np.load(mmap_mode="r")``, ``np.frombuffer``) are copied: Numba
     types read-only arrays apart and would compile a second kernel variant for them.
 
-    Small optional inputs (bias, mask, kv_lens, cu_seqlens, ...) given as device arrays
-    are copied to the host for validation; q/k/v device mixing is rejected earlier, in
-    ``functional.canon_qkv``.
+    Small optional inputs (kv_lens, cu_seqlens, sinks, alibi_slopes: their values are
+    checked) given as device arrays are copied to the host for validation; device bias
+    and mask of a device problem stay on the device (:func:`strided_operand`); q/k/v
+    device mixing is rejected earlier, in ``functional.canon_qkv``.
     """
     if array_device(x) != "cpu":
         x = x.copy_to_host() if hasattr(x, "copy_to_host") else (
@@ -135,29 +136,48 @@ def host_operand(name, x, kinds, what):
     return a
 
 
-def strided_operand(name, x, full_shape, dtype):
+BIAS_WHAT = "a real (float or int) array; pass a boolean mask as mask="
+MASK_WHAT = ("a boolean array (True = may attend); use mask.astype(bool) or pass it as "
+             "bias")
+
+
+def broadcast_4d(name, shape, full_shape):
+    """``shape`` padded to 4-D, or an error naming ``name`` when it does not broadcast to
+    ``full_shape`` (b, h, sq, sk)."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) > 4:
+        raise AttentionError(f"{name}: at most 4-D (batch, heads, seqlen_q, seqlen_k), "
+                             f"got shape {shape}")
+    shape4 = (1,) * (4 - len(shape)) + shape
+    axes = ("batch", "heads", "seqlen_q", "seqlen_k")
+    for ax, n, want in zip(axes, shape4, full_shape):
+        if n != 1 and n != want:
+            raise AttentionError(
+                f"{name}: shape {shape} does not broadcast to (batch, heads, seqlen_q, "
+                f"seqlen_k) = {tuple(full_shape)} (axis {ax} is {n}, expected 1 or {want})"
+            )
+    return shape4
+
+
+def strided_operand(name, x, full_shape, dtype, device="cpu"):
     """Validate a bias/mask broadcastable to ``full_shape`` (b, h, sq, sk).
 
     Returns (flat contiguous array, int64 element strides with 0 on broadcast axes).
-    Trailing axes align as numpy broadcasting does.
+    Trailing axes align as numpy broadcasting does. A device array of a device problem
+    (``device="cuda"``) is checked from its shape and dtype only and stays on the device
+    (cast or made contiguous there when needed).
     """
+    if device == "cuda" and array_device(x) == "cuda":
+        from .cuda import dispatch_cuda
+
+        got = dispatch_cuda.strided_operand(name, x, full_shape, dtype)
+        if got is not None:
+            return got
     if dtype == np.bool_:
-        x = host_operand(name, x, "b", "a boolean array (True = may attend); use "
-                         "mask.astype(bool) or pass it as bias")
+        x = host_operand(name, x, "b", MASK_WHAT)
     else:
-        x = host_operand(name, x, "fiu", "a real (float or int) array; pass a boolean "
-                         "mask as mask=")
-    if x.ndim > 4:
-        raise AttentionError(f"{name}: at most 4-D (batch, heads, seqlen_q, seqlen_k), "
-                             f"got shape {x.shape}")
-    shape = (1,) * (4 - x.ndim) + x.shape
-    axes = ("batch", "heads", "seqlen_q", "seqlen_k")
-    for ax, n, want in zip(axes, shape, full_shape):
-        if n != 1 and n != want:
-            raise AttentionError(
-                f"{name}: shape {x.shape} does not broadcast to (batch, heads, seqlen_q, "
-                f"seqlen_k) = {tuple(full_shape)} (axis {ax} is {n}, expected 1 or {want})"
-            )
+        x = host_operand(name, x, "fiu", BIAS_WHAT)
+    shape = broadcast_4d(name, x.shape, full_shape)
     x = np.ascontiguousarray(x.reshape(shape), dtype=dtype)
     strides = np.array([0 if n == 1 else s // x.itemsize for n, s in zip(shape, x.strides)],
                        dtype=np.int64)

@@ -42,9 +42,9 @@ def build_problem(*, q, k, v, rows, block_table, block_size, max_seqlen_q, max_s
         sinks=dp.check_sinks(sinks, h, cdt))
     check_representable(cfg, cdt)
     if bias is not None:
-        p.bias, p.bias_strides = dp.strided_operand("bias", bias, full, cdt)
+        p.bias, p.bias_strides = dp.strided_operand("bias", bias, full, cdt, device)
     if mask is not None:
-        p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_)
+        p.mask, p.mask_strides = dp.strided_operand("mask", mask, full, np.bool_, device)
     if score_mod is not None or mask_mod is not None or block_mask is not None or (
             mods.given(score_mod_args) or mods.given(mask_mod_args)):
         spec = mods.prepare(score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask,

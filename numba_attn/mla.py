@@ -35,6 +35,7 @@ from .layers import (
     hf_get,
     hf_rope,
     linear,
+    require_cuda,
     to_device_if,
     to_host,
 )
@@ -55,11 +56,17 @@ class MLACache:
         Width of the shared (rotated) rope key.
     dtype : numpy dtype, default float32
         float32 or float64.
+    device : {"cpu", "cuda"}, default "cpu"
+        "cuda" keeps the storage on the GPU (a numba device array): new entries are
+        appended there and the absorbed attention reads it in place on the CUDA backend
+        (the layer's projections stay on the host; only the new entries, the absorbed
+        queries and the latent outputs travel).
 
     Attributes
     ----------
-    kv : ndarray (batch, max_seqlen, 1, kv_lora_rank + qk_rope_head_dim)
+    kv : array (batch, max_seqlen, 1, kv_lora_rank + qk_rope_head_dim)
         Storage: ``kv[b, t, 0, :kv_lora_rank]`` is token t's latent, the rest its rope key.
+        A numpy array, or a numba device array for ``device="cuda"``.
     seqlens : ndarray (batch,) int32
         Valid tokens per row.
 
@@ -71,7 +78,8 @@ class MLACache:
     ((2, 4096, 1, 576), 2304)
     """
 
-    def __init__(self, batch, max_seqlen, kv_lora_rank, qk_rope_head_dim, dtype=np.float32):
+    def __init__(self, batch, max_seqlen, kv_lora_rank, qk_rope_head_dim, dtype=np.float32,
+                 device="cpu"):
         for name, v in (("batch", batch), ("max_seqlen", max_seqlen),
                         ("kv_lora_rank", kv_lora_rank), ("qk_rope_head_dim", qk_rope_head_dim)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -79,10 +87,19 @@ class MLACache:
         dt = np.dtype(dtype)
         if dt not in (np.float32, np.float64):
             raise TypeError(f"dtype: an MLACache stores float32 or float64, got {dt}")
+        if device not in ("cpu", "cuda"):
+            raise AttentionError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         self.batch, self.max_seqlen = int(batch), int(max_seqlen)
         self.kv_lora_rank, self.qk_rope_head_dim = int(kv_lora_rank), int(qk_rope_head_dim)
-        self.dtype = dt
-        self.kv = np.zeros((self.batch, self.max_seqlen, 1, self.head_dim), dt)
+        self.dtype, self.device = dt, device
+        shape = (self.batch, self.max_seqlen, 1, self.head_dim)
+        if device == "cuda":
+            require_cuda()
+            from numba import cuda
+
+            self.kv = cuda.device_array(shape, dt)  # never read outside the valid prefix
+        else:
+            self.kv = np.zeros(shape, dt)
         self.seqlens = np.zeros(self.batch, np.int32)
 
     @property
@@ -123,14 +140,26 @@ class MLACache:
     def _write(self, old, entries):
         """entries (batch, n, head_dim) at positions old[b] .. old[b] + n - 1."""
         n = entries.shape[1]
-        for b in range(self.batch):
-            self.kv[b, old[b]:old[b] + n, 0] = entries[b]
+        if self.device == "cuda":  # one append kernel: O(new entries), not O(cache)
+            from numba import cuda
+
+            from .cuda import cache_ops
+
+            slots = (np.arange(self.batch, dtype=np.int64)[:, None] * self.max_seqlen
+                     + old[:, None] + np.arange(n, dtype=np.int64)[None, :]).reshape(-1)
+            store = self.kv.reshape(self.batch * self.max_seqlen, 1, self.head_dim)
+            new = cuda.to_device(np.ascontiguousarray(entries, dtype=self.dtype))
+            cache_ops.append_rows(store, cuda.to_device(slots), new, self.batch * n)
+        else:
+            for b in range(self.batch):
+                self.kv[b, old[b]:old[b] + n, 0] = entries[b]
         self.seqlens[:] = old + n
 
     def __repr__(self):
+        dev = "" if self.device == "cpu" else f", device={self.device!r}"
         return (f"MLACache(batch={self.batch}, max_seqlen={self.max_seqlen}, kv_lora_rank="
-                f"{self.kv_lora_rank}, qk_rope_head_dim={self.qk_rope_head_dim}, seqlens="
-                f"{self.seqlens.tolist()})")
+                f"{self.kv_lora_rank}, qk_rope_head_dim={self.qk_rope_head_dim}{dev}, "
+                f"seqlens={self.seqlens.tolist()})")
 
 
 def yarn_mscale(factor, mscale=1.0):
@@ -325,10 +354,10 @@ class MultiHeadLatentAttention(ParameterMixin):
                 f"{self.kv_lora_rank}, qk_nope_head_dim={self.qk_nope_head_dim}, "
                 f"qk_rope_head_dim={self.qk_rope_head_dim}, v_head_dim={self.v_head_dim})")
 
-    def new_cache(self, batch, max_seqlen):
-        """An empty :class:`MLACache` sized for this layer."""
+    def new_cache(self, batch, max_seqlen, device="cpu"):
+        """An empty :class:`MLACache` sized for this layer (``device="cuda"``: on the GPU)."""
         return MLACache(batch, max_seqlen, self.kv_lora_rank, self.qk_rope_head_dim,
-                        self.dtype)
+                        self.dtype, device)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x, *, positions=None, cache=None, kv_lens=None, mask=None, backend=None,
@@ -462,6 +491,10 @@ class MultiHeadLatentAttention(ParameterMixin):
         rows[:, 3] = new
         rows[:, 4] = new - sq
         store = cache.kv.reshape(bsz * cache.max_seqlen, 1, d)
+        on_dev = cache.device == "cuda"
+        if on_dev:  # a device cache: the absorbed attention runs where the cache lives
+            require_cuda()
+            q_abs, = to_device_if("cuda", q_abs)
         # the value is the latent part of the key: give the kernel the same storage as
         # value (head_dim_v = d) and keep the first kv_lora_rank output channels
         p = build_problem(
@@ -469,11 +502,13 @@ class MultiHeadLatentAttention(ParameterMixin):
             block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=int(new.max()),
             batch=bsz, causal=self.causal, window=(-1, -1), scale=self.scale, softcap=0.0,
             alibi_slopes=None, bias=None, mask=mask, sinks=None, has_kv_lens=False,
-            out_dtype=self.dtype, device="cpu")
+            out_dtype=self.dtype, device="cuda" if on_dev else "cpu")
         dp.select(p, backend)  # an unusable backend raises before the cache is written
         entries = np.concatenate([c, k_pe[:, :, 0]], axis=-1)
         cache._write(old, entries)
         o, _ = run_and_finish(p, backend, None, (bsz * sq, h, d))
+        if on_dev:
+            o = o.copy_to_host()  # (b*s, h, d): the latent outputs (and d - r rope channels)
         o_lat = o[..., :r].transpose(1, 0, 2)  # (h, b*s, r)
         o = np.matmul(o_lat, w_uv.transpose(0, 2, 1))  # (h, b*s, dv)
         return o.transpose(1, 0, 2).reshape(bsz, sq, h, self.v_head_dim)

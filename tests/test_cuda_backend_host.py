@@ -76,8 +76,10 @@ def _toolchain_missing():
                "pip install nvidia-cuda-nvcc nvidia-cuda-nvrtc"
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_forward_kernel_compiles_for_sm90(dtype):
+@pytest.mark.parametrize("dtype, dynamic", [(np.float16, False), (np.float32, False),
+                                            (np.float64, False), ("bfloat16", False),
+                                            (np.float32, True), (np.float64, True)])
+def test_forward_kernel_compiles_for_sm90(dtype, dynamic):
     """Real numba-cuda typing + NVVM lowering of the forward kernel (no GPU needed)."""
     pytest.importorskip("numba.cuda", reason="numba-cuda not installed")
     why = _toolchain_missing()
@@ -87,24 +89,80 @@ def test_forward_kernel_compiles_for_sm90(dtype):
     from numba import cuda, types
 
     from numba_attn.cuda import forward as fk
+    from numba_attn.cuda.ptxas_report import kernel_args
 
+    bf16 = dtype == "bfloat16"  # bfloat16 storage reaches the kernel as uint16 bits
+    dtype = np.uint16 if bf16 else dtype
     acc = np.float64 if dtype == np.float64 else np.float32
-    kern = fk.make_forward(acc, 64, 64, 4, 4, 32, 4)
-
-    def a(shape, dt):
-        return np.zeros(shape, dt)
-
-    args = (a((2, 2, 2), dtype), a((2, 2, 2), dtype), a((2, 2, 2), dtype), a((2, 2, 2), dtype),
-            a((2, 2), acc), a((2, 2, 2, 2), acc), a((2, 2, 2), acc), a(16, np.int64),
-            np.int64(10), a((2, 1), np.int32), np.int64(1), np.dtype(acc).type(1),
-            np.int64(0), np.int64(0), np.int64(0), np.dtype(acc).type(0), a((1, 1), acc),
-            True, a(1, acc), a(1, np.int64), True, a(1, np.bool_), a(1, np.int64), True,
-            a(1, acc), True, (), (), a((1, 1, 1, 1), np.int8), np.int64(1), np.int64(1))
-    sig = types.void(*(numba.typeof(x) for x in args))
+    kern = fk.make_forward(acc, 64, 64, 4, 4, 32, 4, bf16=bf16, dynamic=dynamic,
+                           heads=2 if dynamic else None)  # dynamic: half a group per block
+    sig = types.void(*(numba.typeof(x) for x in kernel_args(dtype, acc)))
     ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
     assert "shfl.sync.bfly" in ptx  # the warp reductions are real shuffles
     if dtype != np.float64:
         assert ".f64" not in ptx  # no silent double-precision math in float32 kernels
+    # dynamic tiles: one extern shared buffer, no static tile and no runtime helper call
+    assert (".extern .shared" in ptx) == dynamic
+    assert "numba_attempt_nocopy_reshape" not in ptx
+    if bf16:  # widening is a shift and a register move, no conversion call
+        assert "shl.b32" in ptx and "call" not in ptx.split("// .globl")[-1]
+
+
+def test_bfloat16_helper_kernels_compile_for_sm90():
+    """The bfloat16 variants of the split merge, rotary and RMSNorm kernels type and lower."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda not installed")
+    why = _toolchain_missing()
+    if why:
+        pytest.skip(why[:300])
+    from numba import cuda, types
+
+    from numba_attn.cuda import forward as fk
+    from numba_attn.cuda import rope
+
+    f32, u16, i64 = types.float32, types.uint16, types.int64
+    cuda.compile_ptx(fk.merge_splits_bf16.py_func,
+                     types.void(f32[:, :, :, ::1], f32[:, :, ::1], u16[:, :, ::1],
+                                f32[:, ::1]), cc=(9, 0))
+    cuda.compile_ptx(fk.merge_states_bf16.py_func,
+                     types.void(u16[:, :, :, ::1], f32[:, :, ::1], u16[:, :, :, ::1],
+                                f32[:, :, ::1], u16[:, :, :, ::1], f32[:, :, ::1]), cc=(9, 0))
+    cuda.compile_ptx(rope._rotary_bf16.py_func,
+                     types.void(u16[:, :, ::1], f32[:, ::1], f32[:, ::1], i64[::1],
+                                u16[:, :, ::1], types.boolean), cc=(9, 0))
+    from numba_attn.cuda import bf16 as bfm
+    from numba_attn.cuda import norm
+
+    rms = norm._make(types.float32, bfm.loader(True, "float32"), bfm.storer(True))
+    cuda.compile_ptx(rms.py_func, types.void(u16[:, ::1], f32[::1], f32, u16[:, ::1]),
+                     cc=(9, 0))
+
+
+@pytest.mark.parametrize("dtype, plan, dynamic", [
+    ("float32", (64, 64, 1, 16, 64, 4), False),
+    ("float64", (64, 64, 1, 16, 32, 4), False),
+    ("bfloat16", (128, 128, 4, 4, 32, 4), False),
+    ("float32", (576, 576, 16, 1, 8, 4), True),
+])
+def test_ptxas_reading_agrees_with_the_launch_layout(dtype, plan, dynamic):
+    """ptxas (an independent assembler) sees exactly the shared memory launch.shared_bytes
+    plans for a static kernel, none for a dynamic one, and no register spills."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda not installed")
+    why = _toolchain_missing()
+    if why:
+        pytest.skip(why[:300])
+    import shutil
+
+    if not shutil.which("ptxas"):
+        pytest.skip("ptxas not on PATH (CUDA toolkit / nvidia-cuda-nvcc)")
+    from numba_attn.cuda import launch
+    from numba_attn.cuda.ptxas_report import read_forward
+
+    r = read_forward(dtype, *plan, dynamic=dynamic)
+    item = 8 if dtype == "float64" else 4
+    want = 0 if dynamic else launch.shared_bytes(item, *plan)
+    assert r["static_shared"] == want, r["ptxas"]
+    assert r["spill_stores"] == r["spill_loads"] == 0, r["ptxas"]
+    assert 0 < r["registers"] <= 255
 
 
 def _rel_bias(score, b, h, i, j, table):
@@ -115,9 +173,15 @@ def _doc_mask(b, h, i, j, doc):
     return doc[b, i] == doc[b, j] and j <= i
 
 
-def test_forward_kernel_with_mods_compiles_for_sm90():
+@pytest.mark.parametrize("storage, dynamic, heads", [
+    (np.float32, False, None), ("bfloat16", False, None), (np.float32, True, 2),
+    ("bfloat16", True, 2)], ids=["float32", "bfloat16", "float32-dynamic-chunked",
+                                 "bfloat16-dynamic-chunked"])
+def test_forward_kernel_with_mods_compiles_for_sm90(storage, dynamic, heads):
     """User mods as device functions (star-args over tuples of arrays) and the block-mask
-    tile skipping type and lower with the real numba-cuda compiler."""
+    tile skipping type and lower with the real numba-cuda compiler, alone and with
+    bfloat16 storage, dynamic shared tiles and a group spread over blocks (one kernel
+    specialisation key covers them all)."""
     pytest.importorskip("numba.cuda", reason="numba-cuda not installed")
     why = _toolchain_missing()
     if why:
@@ -126,20 +190,18 @@ def test_forward_kernel_with_mods_compiles_for_sm90():
     from numba import cuda, types
 
     from numba_attn.cuda import forward as fk
+    from numba_attn.cuda.ptxas_report import kernel_args
 
+    bf16 = storage == "bfloat16"
     acc = np.float32
-    kern = fk.make_forward(acc, 64, 64, 4, 4, 32, 4, _rel_bias, _doc_mask, True, 1, 1)
-
-    def a(shape, dt):
-        return np.zeros(shape, dt)
-
-    args = (a((2, 2, 2), acc), a((2, 2, 2), acc), a((2, 2, 2), acc), a((2, 2, 2), acc),
-            a((2, 2), acc), a((2, 2, 2, 2), acc), a((2, 2, 2), acc), a(16, np.int64),
-            np.int64(10), a((2, 1), np.int32), np.int64(1), acc(1), np.int64(0),
-            np.int64(0), np.int64(0), acc(0), a((1, 1), acc), True, a(1, acc),
-            a(1, np.int64), True, a(1, np.bool_), a(1, np.int64), True, a(1, acc), True,
-            (a((4, 9), np.float64),), (a((2, 8), np.int64),), a((1, 1, 2, 2), np.int8),
-            np.int64(4), np.int64(4))
+    kern = fk.make_forward(acc, 64, 64, 4, 4, 32, 4, bf16=bf16, dynamic=dynamic, heads=heads,
+                           smod=_rel_bias, mmod=_doc_mask, blocks=True, n_sargs=1, n_margs=1)
+    assert kern is not fk.make_forward(acc, 64, 64, 4, 4, 32, 4, bf16=bf16, dynamic=dynamic,
+                                       heads=heads)  # mods are part of the key
+    args = kernel_args(np.uint16 if bf16 else storage, acc,
+                       sargs=(np.zeros((4, 9), np.float64),),
+                       margs=(np.zeros((2, 8), np.int64),), bflags_shape=(1, 1, 2, 2))
     sig = types.void(*(numba.typeof(x) for x in args))
     ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
     assert "shfl.sync.bfly" in ptx
+    assert (".extern .shared" in ptx) == dynamic

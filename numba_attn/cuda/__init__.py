@@ -86,10 +86,10 @@ class CUDABackend(_dp.Backend):
             reasons.append(f"data lives on {problem.device!r}; the cuda backend reads host "
                            "or CUDA device arrays")
         for name in ("q", "k", "v"):
-            dt = np.dtype(getattr(problem, name).dtype)
-            if dt not in (np.float16, np.float32, np.float64):
+            dt = _dp.as_np_dtype(getattr(problem, name).dtype)
+            if dt not in (np.float16, np.float32, np.float64) and not _dp._is_bfloat16(dt):
                 reasons.append(f"{name}: dtype {dt} is not supported by the cuda kernels "
-                               "(float16, float32, float64)")
+                               "(float16, bfloat16, float32, float64)")
                 break
         cfg = problem.config
         from .launch import plan  # numba-cuda is importable once unavailable_reason is None

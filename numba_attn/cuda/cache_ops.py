@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from numba import cuda
 
+from . import bf16 as bfm
+
 THREADS = 128
 
 
@@ -39,7 +41,10 @@ def _grid(n):
 
 
 def append_rows(store, slots, new, n):
-    """Launch helper: ``new`` holds ``n`` tokens (any leading shape, C-contiguous)."""
+    """Launch helper: ``new`` holds ``n`` tokens (any leading shape, C-contiguous).
+
+    bfloat16 storage and tokens are copied as their uint16 bits."""
+    store, new = bfm.bits(store), bfm.bits(new)
     new3 = new.reshape(n, store.shape[1], store.shape[2])
     if n:
         blocks, threads = _grid(new3.size)
@@ -47,5 +52,6 @@ def append_rows(store, slots, new, n):
 
 
 def copy_page(pages, src, dst):
+    pages = bfm.bits(pages)
     blocks, threads = _grid(pages.shape[1] * pages.shape[2] * pages.shape[3])
     _copy_page[blocks, threads](pages, int(src), int(dst))

@@ -14,18 +14,24 @@ from numba import cuda
 
 from .. import dispatch as dp
 from ..config import AttentionError
+from . import bf16 as bfm
 from . import forward as fk
 from .launch import STORAGE_DTYPES, elementwise_grid
 
 __all__ = ["as_device", "like", "pack", "check_out", "run_into", "lse_bhs", "lse_transpose",
-           "merge_states"]
+           "merge_states", "strided_operand"]
 
 
 def as_device(name, x):
-    """A numba device array viewing ``x`` (numba, CuPy, torch CUDA, ...), or an error naming it."""
+    """A numba device array viewing ``x`` (numba, CuPy, torch CUDA, ...), or an error naming it.
+
+    bfloat16 arrays keep their ``ml_dtypes.bfloat16`` dtype (a torch tensor is viewed
+    through its bits: its interface says only ``<V2``)."""
     if hasattr(x, "copy_to_host"):
         return x
     if hasattr(x, "__cuda_array_interface__"):
+        if type(x).__module__.split(".")[0] == "torch" and bfm.is_bf16(x.dtype):
+            return bfm.from_bits(bfm.bits(x))
         return cuda.as_cuda_array(x)
     if dp.array_device(x) == "cuda" and hasattr(x, "__dlpack__"):
         raise TypeError(f"{name}: a DLPack-only device array ({type(x).__name__}); pass an "
@@ -37,10 +43,14 @@ def as_device(name, x):
 def like(ref, x):
     """``x`` (a numba device array) as the kind of array ``ref`` is, without a copy."""
     mod = type(ref).__module__.split(".")[0]
-    if mod == "cupy" and "cupy" in sys.modules:
+    bf16 = bfm.is_bf16(x.dtype)
+    if mod == "cupy" and "cupy" in sys.modules and not bf16:  # CuPy has no bfloat16
         return sys.modules["cupy"].asarray(x)
     if mod == "torch" and "torch" in sys.modules:
-        return sys.modules["torch"].as_tensor(x, device="cuda")
+        torch = sys.modules["torch"]
+        if bf16:  # through the bits: torch reads "<u2", not the "<V2" of bfloat16
+            return torch.as_tensor(bfm.bits(x), device="cuda").view(torch.bfloat16)
+        return torch.as_tensor(x, device="cuda")
     return x
 
 
@@ -63,28 +73,63 @@ def _contiguous(x, dtype, shape):
 def pack(q, k, v, cdt):
     """q (B, Sq, H, D) or (Tq, H, D), k/v likewise -> (T, heads, dim) device arrays.
 
-    float16/32/64 keep their storage dtype (the kernels accumulate in ``cdt``); other
-    dtypes (bfloat16) are refused with a TypeError naming the argument.
+    float16/32/64 and bfloat16 keep their storage dtype (the kernels accumulate in
+    ``cdt``; bfloat16 is copied, when it must be, through its uint16 bits).
     """
     res = []
     for name, x in (("q", q), ("k", k), ("v", v)):
-        dt = np.dtype(x.dtype)
-        if dt not in STORAGE_DTYPES:
+        dt = dp.as_np_dtype(x.dtype)
+        if dt not in STORAGE_DTYPES and not bfm.is_bf16(dt):
             raise TypeError(f"{name}: {dt} device arrays are not supported by the cuda kernels "
-                            "(float16, float32, float64); cast on the device first")
+                            "(float16, bfloat16, float32, float64); cast on the device first")
         a = as_device(name, x)
         shape = (int(np.prod(a.shape[:-2], dtype=np.int64)),) + tuple(a.shape[-2:])
-        res.append(_contiguous(a, dt, shape))  # a view when already contiguous
+        if bfm.is_bf16(dt):
+            res.append(bfm.from_bits(_contiguous(bfm.bits(a), bfm.BITS, shape)))
+        else:
+            res.append(_contiguous(a, dt, shape))  # a view when already contiguous
     return tuple(res)
+
+
+def strided_operand(name, x, full_shape, dtype):
+    """A device bias/mask checked from its shape and dtype alone (no copy to the host).
+
+    Returns (flat C-contiguous device array of ``dtype``, int64 element strides with 0 on
+    broadcast axes), as :func:`numba_attn.dispatch.strided_operand`; the same errors.
+    A C-contiguous array of ``dtype`` is used in place; another dtype or layout is cast /
+    copied on the device. None (the host path decides) for what this cannot copy on the
+    device: bfloat16 bias, 1-D non-contiguous arrays.
+    """
+    dt = dp.as_np_dtype(x.dtype)
+    if np.dtype(dtype) == np.bool_:
+        if dt.kind != "b":
+            raise TypeError(f"{name}: expected {dp.MASK_WHAT}, got dtype {dt}")
+    elif dt.kind not in "fiu" and not bfm.is_bf16(dt):
+        raise TypeError(f"{name}: expected {dp.BIAS_WHAT}, got dtype {dt}")
+    shape4 = dp.broadcast_4d(name, x.shape, full_shape)
+    if bfm.is_bf16(dt):
+        return None
+    a = as_device(name, x)
+    if a.ndim == 0 or (a.ndim == 1 and not a.is_c_contiguous()):
+        return None
+    if np.dtype(a.dtype) != np.dtype(dtype) or not a.is_c_contiguous():
+        if a.ndim == 1:
+            a = a.reshape(1, a.size)
+        a = _contiguous(a, np.dtype(dtype), tuple(a.shape))
+    strides, step = [], 1
+    for n in reversed(shape4):
+        strides.append(0 if n == 1 else step)
+        step *= n
+    return a.reshape(a.size), np.array(strides[::-1], dtype=np.int64)
 
 
 def check_out(out, shape, dtype):
     """Validate a device ``out=`` array (shape and dtype as on the host); returns it."""
     if tuple(out.shape) != tuple(shape):
         raise AttentionError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
-    if np.dtype(out.dtype) != np.dtype(dtype):
+    if dp.as_np_dtype(out.dtype) != np.dtype(dtype):
         raise TypeError(f"out: expected dtype {np.dtype(dtype)} (the dtype of q), got "
-                        f"{np.dtype(out.dtype)}")
+                        f"{dp.as_np_dtype(out.dtype)}")
     as_device("out", out)
     return out
 
@@ -108,6 +153,8 @@ def run_into(p, backend, out, out_shape):
     if isinstance(o, np.ndarray):
         o = cuda.to_device(np.ascontiguousarray(o))
     src = o.reshape(tuple(out_shape))  # 3-D (varlen) or 4-D (batched), like out
+    if bfm.is_bf16(src.dtype) and bfm.is_bf16(dev.dtype):
+        src, dev = bfm.bits(src), bfm.bits(dev)  # a bit copy (the kernels see uint16)
     if src.size:
         grid, threads = elementwise_grid(src.size)
         fk.COPY_KERNELS[src.ndim][grid, threads](src, dev)
@@ -142,25 +189,29 @@ def merge_states(out_a, lse_a, out_b, lse_b):
             raise AttentionError(f"{name}: a host array while out_a is on the device; pass "
                                  "all four arrays on the same device")
         arrs[name] = as_device(name, x)
-    dt = np.dtype(arrs["out_a"].dtype)
-    if dt not in STORAGE_DTYPES:
-        raise TypeError(f"out_a: dtype {dt} is not supported on the device (float16, float32, "
-                        "float64)")
+    dt = dp.as_np_dtype(arrs["out_a"].dtype)
+    bf16 = bfm.is_bf16(dt)
+    if dt not in STORAGE_DTYPES and not bf16:
+        raise TypeError(f"out_a: dtype {dt} is not supported on the device (float16, "
+                        "bfloat16, float32, float64)")
     for name in ("out_b",):
-        if np.dtype(arrs[name].dtype) != dt:
+        if dp.as_np_dtype(arrs[name].dtype) != dt:
             raise TypeError(f"{name}: dtype {arrs[name].dtype} differs from out_a's {dt}")
     cdt = dp.compute_dtype(dt)
     shape_o = tuple(out_a.shape)
     shape_l = tuple(lse_a.shape)
     s, h, dv = shape_o[-3:]
     lead = int(np.prod(shape_o[:-3], dtype=np.int64))
-    oa = _contiguous(arrs["out_a"], dt, (lead, s, h, dv))
-    ob = _contiguous(arrs["out_b"], dt, (lead, s, h, dv))
+    sdt = bfm.BITS if bf16 else dt  # bfloat16 outputs travel as their bits
+    oa = _contiguous(bfm.bits(arrs["out_a"]), sdt, (lead, s, h, dv))
+    ob = _contiguous(bfm.bits(arrs["out_b"]), sdt, (lead, s, h, dv))
     la = _contiguous(arrs["lse_a"], cdt, (lead, h, s))
     lb = _contiguous(arrs["lse_b"], cdt, (lead, h, s))
-    o = cuda.device_array((lead, s, h, dv), dt)
+    o = cuda.device_array((lead, s, h, dv), sdt)
     lse = cuda.device_array((lead, h, s), cdt)
     if o.size:
         grid, threads = elementwise_grid(o.size)
-        fk.merge_states[grid, threads](oa, la, ob, lb, o, lse)
+        kern = fk.merge_states_bf16 if bf16 else fk.merge_states
+        kern[grid, threads](oa, la, ob, lb, o, lse)
+    o = bfm.from_bits(o) if bf16 else o
     return like(out_a, o.reshape(shape_o)), like(out_a, lse.reshape(shape_l))

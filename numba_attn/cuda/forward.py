@@ -1,12 +1,15 @@
 """Flash-attention forward on the GPU (``@cuda.jit``), the twin of ``cpu/forward.py``.
 
-One thread block per (work item, kv head, key split); a work item is a tile of queries of
-one batch row (``items`` as on the CPU). The block holds every query head of the GQA
-group for its queries: ``rows = group * block_q`` score rows, ``r = g * nq + (i - i0)``,
-spread over the warps (``rows_per_warp`` consecutive rows per warp). For each key tile:
+One thread block per (work item, kv head [x head chunk], key split); a work item is a tile
+of queries of one batch row (``items`` as on the CPU). The block holds every query head of
+the GQA group (or a chunk of it, when the group's tiles would not fit) for its queries:
+``rows = group * block_q`` score rows, ``r = g * nq + (i - i0)``, spread over the warps
+(``rows_per_warp`` consecutive rows per warp). For each key tile:
 
 * the K/V tile is staged once in shared memory (float32, or float64 for float64 data)
-  through the block table, and serves every query head of the group;
+  through the block table, and serves every query head of the group; the tiles (q, k, v,
+  p and the tile's storage rows) sit in one static buffer, or in dynamic shared memory
+  for tiles past the 48 KiB static limit (``dynamic``, offsets from :func:`dynamic_layout`);
 * lane ``l`` of a warp scores keys ``l, l + 32, ...`` of the tile against all rows of its
   warp (q rows are in shared memory, already scaled);
 * soft-cap, ALiBi, bias, mask and positional masking as DESIGN.md orders them;
@@ -20,9 +23,13 @@ Storage addressing is the CPU one: key ``j`` of row ``b`` is storage row
 (``gridDim.z > 1``, decode-sized problems) write partial results to ``part_out`` /
 ``part_lse`` that :func:`merge_splits` combines with the LSE rule; split 0 carries the sink.
 
-Kernels are built per specialisation (dtype, head dims, group, tile sizes, warps) by
-:func:`make_forward`; everything else is a runtime argument. They run unchanged under the
-CUDA simulator (tests add warp shuffles to the simulator there).
+bfloat16 storage reaches the kernel as uint16 bits (``bf16``): widened on load, rounded
+to nearest even on store (:mod:`numba_attn.cuda.bf16`).
+
+Kernels are built per specialisation (dtype, head dims, group, tile sizes, warps,
+bfloat16 storage, dynamic tiles, heads per block, and the user's score_mod / mask_mod as
+device functions) by :func:`make_forward`; everything else is a runtime argument. They
+run unchanged under the CUDA simulator (tests add warp shuffles to the simulator there).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import numpy as np
 from numba import cuda
 
 from .. import masking
+from . import bf16 as bfm
 
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
@@ -110,34 +118,73 @@ def device_mod(fn, kind, nargs):
     return dev
 
 
-def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps, smod=None, mmod=None,
-                 blocks=False, n_sargs=0, n_margs=0):
+def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps, *, bf16=False,
+                 dynamic=False, heads=None, smod=None, mmod=None, blocks=False, n_sargs=0,
+                 n_margs=0):
     """The forward kernel specialised on its compile-time constants (cached).
 
-    Launch as ``kernel[(n_items, num_kv_heads, nsplit), 32 * num_warps](...)``. ``meta`` is
-    one int64 vector (a single host-to-device copy): ``rows`` (batch, 5) flattened, then
-    ``items`` (n_items, 3) flattened from offset ``items_off``.
+    ``bf16``: q, k, v and out are bfloat16 storage given as uint16 bits (see
+    :mod:`numba_attn.cuda.bf16`); the kernel widens on load and rounds on store.
+    ``dynamic``: the tiles live in dynamic shared memory (one buffer carved as
+    :func:`dynamic_layout` says), so they may exceed the 48 KiB of static shared memory;
+    launch with ``kernel[grid, threads, stream, launch.shared_bytes(...)]``.
+    ``heads``: query heads per block (a divisor of ``group``, default all of them); a
+    group too large for one block's tiles (MLA: 128 heads over one latent kv head) is
+    spread over ``group // heads`` blocks, ``blockIdx.y = kv_head * (group // heads) +
+    chunk``.
+
+    Launch as ``kernel[(n_items, num_kv_heads * (group // heads), nsplit), 32 * num_warps]``.
+    ``meta`` is one int64 vector (a single host-to-device copy): ``rows`` (batch, 5)
+    flattened, then ``items`` (n_items, 3) flattened from offset ``items_off``.
 
     ``smod`` / ``mmod``: user mods (numba_attn.mods) compiled in as device functions (one
     kernel per function object); ``blocks``: a block mask's flags skip empty tiles.
     """
-    key = (np.dtype(acc_dtype).str, d, dv, group, block_q, block_k, num_warps, smod, mmod,
-           blocks, n_sargs, n_margs)
+    heads = group if heads is None else int(heads)
+    if heads < 1 or group % heads:
+        raise ValueError(f"heads: {heads} does not divide the group size {group}")
+    key = (np.dtype(acc_dtype).str, d, dv, group, block_q, block_k, num_warps, bool(bf16),
+           bool(dynamic), heads, smod, mmod, bool(blocks), n_sargs, n_margs)
     kern = _KERNELS.get(key)
     if kern is None:
-        kern = _KERNELS[key] = _build_forward(np.dtype(acc_dtype), d, dv, group, block_q,
-                                              block_k, num_warps, smod, mmod, blocks,
-                                              n_sargs, n_margs)
+        kern = _KERNELS[key] = _build_forward(
+            np.dtype(acc_dtype), d, dv, group, block_q, block_k, num_warps, bool(bf16),
+            bool(dynamic), heads, smod, mmod, bool(blocks), n_sargs, n_margs)
     return kern
 
 
-def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=None,
-                   blocks=False, n_sargs=0, n_margs=0):
+def dynamic_layout(acc_itemsize, d, dv, group, block_q, block_k, num_warps):
+    """Offsets (in accumulator elements) of the tiles in the dynamic shared buffer:
+    ``krow`` (block_k int64) first, so every tile stays aligned, then q, k, v, p.
+    Returns (q0, k0, v0, p0, end); ``end * acc_itemsize`` bytes in all."""
+    rows = group * block_q
+    qrows = -(-rows // num_warps) * num_warps
+    pcols = -(-block_k // WARP) * WARP
+    q0 = block_k * 8 // acc_itemsize
+    k0 = q0 + qrows * d
+    v0 = k0 + block_k * (d + 1)
+    p0 = v0 + block_k * dv
+    return q0, k0, v0, p0, p0 + qrows * pcols
+
+
+def _build_forward(acc_dtype, D, DV, GROUP_ALL, BLOCK_Q, BK, NW, BF16, DYN, GROUP, smod,
+                   mmod, blocks, n_sargs, n_margs):
+    CHUNKS = GROUP_ALL // GROUP  # blocks per kv head (GROUP: query heads of this block)
     HAS_SMOD = smod is not None
     HAS_MMOD = mmod is not None
-    BLOCKS = bool(blocks) and HAS_MMOD
+    BLOCKS = blocks and HAS_MMOD
     SMOD = device_mod(smod, "score", n_sargs) if HAS_SMOD else _no_score_mod
     MMOD = device_mod(mmod, "mask", n_margs) if HAS_MMOD else _no_mask_mod
+
+    @cuda.jit(device=True, inline=True)
+    def whole_group(y):
+        return y, 0
+
+    @cuda.jit(device=True, inline=True)
+    def head_chunk(y):
+        return y // CHUNKS, y % CHUNKS
+
+    HEAD_BLOCK = whole_group if CHUNKS == 1 else head_chunk  # blockIdx.y -> (kv head, chunk)
     ACC = numba.from_dtype(acc_dtype)
     CAST = numba.float64 if acc_dtype == np.float64 else numba.float32
     ZERO = acc_dtype.type(0.0)
@@ -153,24 +200,40 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
     PCOLS = KPL * WARP
     NACC = RPW * VPL
     NSC = RPW * KPL
+    LOAD = bfm.loader(BF16, acc_dtype)  # stored element -> accumulator dtype
+    STORE = bfm.storer(BF16)  # accumulator -> stored element
+    Q0, K0, V0, P0, END = dynamic_layout(acc_dtype.itemsize, D, DV, GROUP, BLOCK_Q, BK, NW)
+
+    if not DYN:  # one static buffer (krow apart): the same offsets as the dynamic one
+        Q0, K0, V0, P0, END = 0, K0 - Q0, V0 - Q0, P0 - Q0, END - Q0
+
+    @cuda.jit(device=True, inline=True)
+    def static_tiles():
+        buf = cuda.shared.array(END, ACC)
+        ibuf = cuda.shared.array(BK, numba.int64)
+        return buf, ibuf
+
+    @cuda.jit(device=True, inline=True)
+    def dynamic_tiles():
+        buf = cuda.shared.array(0, ACC)  # both views start at the dynamic buffer: krow
+        ibuf = cuda.shared.array(0, numba.int64)  # takes its first BK int64, tiles follow
+        return buf, ibuf
+
+    TILES = dynamic_tiles if DYN else static_tiles
 
     @cuda.jit
     def flash_forward(q, k, v, out, lse, part_out, part_lse, meta, items_off, block_table,
                       block_size, scale, causal, wl, wr, softcap, slopes, has_alibi, bias,
                       bstr, has_bias, mask, mstr, has_mask, sinks, has_sinks, sargs, margs,
                       bflags, bq, bk):
-        q_s = cuda.shared.array((QROWS, D), ACC)
-        k_s = cuda.shared.array((BK, DP), ACC)
-        v_s = cuda.shared.array((BK, DV), ACC)
-        krow = cuda.shared.array(BK, numba.int64)
-        p_s = cuda.shared.array((QROWS, PCOLS), ACC)
+        sm, krow = TILES()  # tiles: q_s, k_s, v_s, p_s at Q0, K0, V0, P0 (row-major)
         acc = cuda.local.array(NACC, ACC)
         sc = cuda.local.array(NSC, ACC)
         m = cuda.local.array(RPW, ACC)
         l = cuda.local.array(RPW, ACC)
 
         it = cuda.blockIdx.x
-        kvh = cuda.blockIdx.y
+        kvh, hc = HEAD_BLOCK(cuda.blockIdx.y)  # query heads kvh * GROUP_ALL + hc * GROUP + g
         split = cuda.blockIdx.z
         nsplit = cuda.gridDim.z
         tid = cuda.threadIdx.x
@@ -194,14 +257,14 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
             c = idx % D
             val = ZERO
             if r < nr:
-                val = CAST(q[i_first + r % nq, kvh * GROUP + r // nq, c]) * scale
-            q_s[r, c] = val
+                val = LOAD(q[i_first + r % nq, kvh * GROUP_ALL + hc * GROUP + r // nq, c]) * scale
+            sm[Q0 + r * D + c] = val
         for rr in range(RPW):
             r = w * RPW + rr
             m[rr] = NEG_INF
             l[rr] = ZERO
             if has_sinks and split == 0 and r < nr:
-                m[rr] = sinks[kvh * GROUP + r // nq]
+                m[rr] = sinks[kvh * GROUP_ALL + hc * GROUP + r // nq]
                 l[rr] = ONE
             for u in range(VPL):
                 acc[rr * VPL + u] = ZERO
@@ -214,7 +277,9 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                 all_full = True
                 bb = b if bflags.shape[0] > 1 else 0
                 for r in range(nr):
-                    hb = kvh * GROUP + r // nq if bflags.shape[1] > 1 else 0
+                    hb = 0
+                    if bflags.shape[1] > 1:
+                        hb = kvh * GROUP_ALL + hc * GROUP + r // nq
                     for kb in range(j0 // bk, (j0 + nk - 1) // bk + 1):
                         f = bflags[bb, hb, (i0 + r % nq) // bq, kb]
                         if f != 0:
@@ -233,11 +298,11 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
             for idx in range(tid, nk * D, NT):
                 jj = idx // D
                 c = idx % D
-                k_s[jj, c] = k[krow[jj], kvh, c]
+                sm[K0 + jj * DP + c] = LOAD(k[krow[jj], kvh, c])
             for idx in range(tid, nk * DV, NT):
                 jj = idx // DV
                 c = idx % DV
-                v_s[jj, c] = v[krow[jj], kvh, c]
+                sm[V0 + jj * DV + c] = LOAD(v[krow[jj], kvh, c])
             cuda.syncthreads()
             positional = tile_needs_mask(i0, i1, j0, j0 + nk, off, causal, wl, wr)
 
@@ -248,9 +313,9 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                     sc[rr * KPL + t] = ZERO
                 if jj < nk:
                     for c in range(D):
-                        kc = k_s[jj, c]
+                        kc = sm[K0 + jj * DP + c]
                         for rr in range(RPW):
-                            sc[rr * KPL + t] += q_s[w * RPW + rr, c] * kc
+                            sc[rr * KPL + t] += sm[Q0 + (w * RPW + rr) * D + c] * kc
 
             for rr in range(RPW):
                 r = w * RPW + rr
@@ -258,7 +323,7 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                 if r < nr:  # warp-uniform
                     g = r // nq
                     i = i0 + r % nq
-                    h = kvh * GROUP + g
+                    h = kvh * GROUP_ALL + hc * GROUP + g
                     mx = NEG_INF
                     for t in range(KPL):
                         jj = lane + WARP * t
@@ -291,7 +356,7 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                     m_new = max(m[rr], mx)
                 if m_new == NEG_INF:  # no row, or nothing visible yet (warp-uniform)
                     for t in range(KPL):
-                        p_s[w * RPW + rr, lane + WARP * t] = ZERO
+                        sm[P0 + (w * RPW + rr) * PCOLS + lane + WARP * t] = ZERO
                     continue
                 alpha = ZERO
                 if m[rr] > NEG_INF:
@@ -302,7 +367,7 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                     p = ZERO
                     if s > NEG_INF:
                         p = math.exp(s - m_new)
-                    p_s[w * RPW + rr, lane + WARP * t] = p
+                    sm[P0 + (w * RPW + rr) * PCOLS + lane + WARP * t] = p
                     ps += p
                 ps = warp_sum(ps)
                 l[rr] = l[rr] * alpha + ps
@@ -314,16 +379,16 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                 for u in range(VPL):
                     c = lane + WARP * u
                     if c < DV:
-                        vc = v_s[jj, c]
+                        vc = sm[V0 + jj * DV + c]
                         for rr in range(RPW):
-                            acc[rr * VPL + u] += p_s[w * RPW + rr, jj] * vc
+                            acc[rr * VPL + u] += sm[P0 + (w * RPW + rr) * PCOLS + jj] * vc
 
         for rr in range(RPW):
             r = w * RPW + rr
             if r >= nr:
                 continue
             tq = i_first + r % nq
-            h = kvh * GROUP + r // nq
+            h = kvh * GROUP_ALL + hc * GROUP + r // nq
             inv = ZERO
             lv = NEG_INF
             if l[rr] > 0:
@@ -333,7 +398,7 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
                 c = lane + WARP * u
                 if c < DV:
                     if nsplit == 1:
-                        out[tq, h, c] = acc[rr * VPL + u] * inv
+                        out[tq, h, c] = STORE(acc[rr * VPL + u] * inv)
                     else:
                         part_out[split, tq, h, c] = acc[rr * VPL + u] * inv
             if lane == 0:
@@ -345,61 +410,76 @@ def _build_forward(acc_dtype, D, DV, GROUP, BLOCK_Q, BK, NW, smod=None, mmod=Non
     return flash_forward
 
 
-@cuda.jit
-def merge_splits(part_out, part_lse, out, lse):
-    """out (Tq, H, Dv), lse (Tq, H) from nsplit partial results; one thread per element."""
-    nsplit, tq, n_heads, dv = part_out.shape
-    e = cuda.grid(1)
-    if e >= tq * n_heads * dv:
-        return
-    c = e % dv
-    h = (e // dv) % n_heads
-    t = e // (dv * n_heads)
-    mx = part_lse[0, t, h]
-    for s in range(1, nsplit):
-        mx = max(mx, part_lse[s, t, h])
-    if mx == -math.inf:
-        out[t, h, c] = 0
+def _make_merge_splits(STORE):
+    @cuda.jit
+    def merge_splits(part_out, part_lse, out, lse):
+        """out (Tq, H, Dv), lse (Tq, H) from nsplit partial results; one thread each."""
+        nsplit, tq, n_heads, dv = part_out.shape
+        e = cuda.grid(1)
+        if e >= tq * n_heads * dv:
+            return
+        c = e % dv
+        h = (e // dv) % n_heads
+        t = e // (dv * n_heads)
+        mx = part_lse[0, t, h]
+        for s in range(1, nsplit):
+            mx = max(mx, part_lse[s, t, h])
+        if mx == -math.inf:
+            out[t, h, c] = 0
+            if c == 0:
+                lse[t, h] = mx
+            return
+        tot = mx - mx  # a zero of lse's type (mx is finite here)
+        val = tot
+        for s in range(nsplit):
+            wgt = math.exp(part_lse[s, t, h] - mx)
+            tot += wgt
+            if wgt > 0:
+                val += wgt * part_out[s, t, h, c]
+        out[t, h, c] = STORE(val / tot)
         if c == 0:
-            lse[t, h] = mx
-        return
-    tot = mx - mx  # a zero of lse's type (mx is finite here)
-    val = tot
-    for s in range(nsplit):
-        wgt = math.exp(part_lse[s, t, h] - mx)
-        tot += wgt
-        if wgt > 0:
-            val += wgt * part_out[s, t, h, c]
-    out[t, h, c] = val / tot
-    if c == 0:
-        lse[t, h] = mx + math.log(tot)
+            lse[t, h] = mx + math.log(tot)
+
+    return merge_splits
 
 
-@cuda.jit
-def merge_states(out_a, lse_a, out_b, lse_b, out, lse):
-    """out (N, S, H, Dv), lse (N, H, S): merge two partial states; one thread per element."""
-    n, sq, n_heads, dv = out_a.shape
-    e = cuda.grid(1)
-    if e >= n * sq * n_heads * dv:
-        return
-    c = e % dv
-    h = (e // dv) % n_heads
-    i = (e // (dv * n_heads)) % sq
-    bi = e // (dv * n_heads * sq)
-    la = lse_a[bi, h, i]
-    lb = lse_b[bi, h, i]
-    mx = max(la, lb)
-    if mx == -math.inf:
-        out[bi, i, h, c] = 0
+merge_splits = _make_merge_splits(bfm.storer(False))
+merge_splits_bf16 = _make_merge_splits(bfm.storer(True))  # out as bfloat16 bits
+
+
+def _make_merge_states(LOAD, STORE):
+    @cuda.jit
+    def merge_states(out_a, lse_a, out_b, lse_b, out, lse):
+        """out (N, S, H, Dv), lse (N, H, S): merge two partial states; one thread each."""
+        n, sq, n_heads, dv = out_a.shape
+        e = cuda.grid(1)
+        if e >= n * sq * n_heads * dv:
+            return
+        c = e % dv
+        h = (e // dv) % n_heads
+        i = (e // (dv * n_heads)) % sq
+        bi = e // (dv * n_heads * sq)
+        la = lse_a[bi, h, i]
+        lb = lse_b[bi, h, i]
+        mx = max(la, lb)
+        if mx == -math.inf:
+            out[bi, i, h, c] = 0
+            if c == 0:
+                lse[bi, h, i] = mx
+            return
+        wa = math.exp(la - mx)
+        wb = math.exp(lb - mx)
+        tot = wa + wb
+        out[bi, i, h, c] = STORE((wa * LOAD(out_a[bi, i, h, c])
+                                  + wb * LOAD(out_b[bi, i, h, c])) / tot)
         if c == 0:
-            lse[bi, h, i] = mx
-        return
-    wa = math.exp(la - mx)
-    wb = math.exp(lb - mx)
-    tot = wa + wb
-    out[bi, i, h, c] = (wa * out_a[bi, i, h, c] + wb * out_b[bi, i, h, c]) / tot
-    if c == 0:
-        lse[bi, h, i] = mx + math.log(tot)
+            lse[bi, h, i] = mx + math.log(tot)
+
+    return merge_states
+
+
+merge_states = _make_merge_states(bfm.storer(False), bfm.storer(False))  # identities
+merge_states_bf16 = _make_merge_states(bfm.load, bfm.store)  # outputs as bfloat16 bits
 
 
 @cuda.jit

@@ -13,13 +13,21 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
-from ..config import AttentionError
+from ..config import AttentionError, BackendUnavailable
 from ..cpu.launch import make_items as _make_items
 from ..dispatch import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
+from . import bf16 as bfm
 from . import forward as fk
 
 SHARED_BYTES = 46 * 1024  # static shared memory per block stays under the 48 KiB limit
+# Tiles that static shared memory caps below DYNAMIC_BELOW_BK keys (large head dims: MLA's
+# absorbed D = 576 gets one key per tile) move to dynamic shared memory, up to
+# DYNAMIC_BUDGET bytes per block (two such blocks per Hopper SM; to be tuned on a GPU).
+DYNAMIC_BELOW_BK = 8
+DYNAMIC_BUDGET = 100 * 1024
+STATIC_LIMIT = 48 * 1024  # a launch above this needs the kernel's opt-in attribute
+ROWS_PER_BLOCK = 16  # largest head chunk when a GQA group must be spread over blocks
 MAX_SPLITS = 64  # gridDim.z limit
 STORAGE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -28,7 +36,10 @@ _local = threading.local()
 
 @contextmanager
 def tuning(**kw):
-    """Force plan fields (block_q, block_k, num_warps, nsplit) in this thread (tests)."""
+    """Force plan fields (block_q, block_k, num_warps, nsplit, heads, dynamic) in this
+    thread (tests, tuning on a GPU). ``heads``: query heads per block (a divisor of the
+    group). ``dynamic=True`` puts the tiles in dynamic shared memory (budget
+    ``dynamic_budget``, default the device's opt-in limit), ``False`` never does."""
     old = getattr(_local, "tuning", {})
     _local.tuning = {**old, **kw}
     try:
@@ -43,6 +54,8 @@ class Plan:
     block_k: int
     num_warps: int
     rows_target: int
+    dynamic: int = 0  # bytes of dynamic shared memory per block (0: static tiles)
+    heads: int = 0  # query heads per block (0: the whole group)
 
 
 def _next_pow2(n):
@@ -61,24 +74,103 @@ _PLANS = {}
 
 
 def plan(acc_dtype, d, dv, group, max_q):
-    """Tile sizes for one shape class (cached); None when even the smallest tile does not fit."""
+    """Tile sizes for one shape class (cached); None when even the smallest tile does not fit.
+
+    The whole GQA group shares a block when its tiles fit; otherwise the group is spread
+    over blocks of ``heads`` query heads (the largest divisor of the group, at most
+    ROWS_PER_BLOCK, that fits).
+    """
     force = getattr(_local, "tuning", {})
-    key = (np.dtype(acc_dtype).str, d, dv, group, _next_pow2(max_q), tuple(sorted(force.items())))
+    key = (np.dtype(acc_dtype).str, d, dv, group, _next_pow2(max_q),
+           tuple(sorted(force.items())), max_dynamic_shared())
     got = _PLANS.get(key, False)
     if got is not False:
         return got
+    result = None
+    # the whole group, else chunks of at most ROWS_PER_BLOCK heads (the 16 score rows a
+    # 4-warp block holds elsewhere: ptxas reads 216 registers + 320 B stack for 16 MLA
+    # heads at D = 576, 247 + 672 B for 32)
+    divisors = [group] + [hb for hb in range(min(group - 1, ROWS_PER_BLOCK), 0, -1)
+                          if group % hb == 0]
+    for hb in ([force["heads"]] if force.get("heads") else divisors):
+        result = _plan_heads(acc_dtype, d, dv, hb, max_q, force)
+        if result is not None:
+            if hb != group:
+                result = Plan(result.block_q, result.block_k, result.num_warps,
+                              result.rows_target, result.dynamic, hb)
+            break
+    _PLANS[key] = result
+    return result
+
+
+def _plan_heads(acc_dtype, d, dv, group, max_q, force):
+    """The plan of a block holding ``group`` query heads, or None."""
     item = np.dtype(acc_dtype).itemsize
     block_q = force.get("block_q") or max(1, min(_next_pow2(max_q), 16 // group))
     rows = group * block_q
     num_warps = force.get("num_warps") or max(1, min(4, rows))
     result = None
     cands = [force["block_k"]] if force.get("block_k") else [64, 32, 16, 8, 4, 2, 1]
-    for bk in cands:
-        if shared_bytes(item, d, dv, group, block_q, bk, num_warps) <= SHARED_BYTES:
-            result = Plan(block_q, bk, num_warps, rows)
-            break
-    _PLANS[key] = result
+    dyn = force.get("dynamic")
+    if dyn is not True:
+        for bk in cands:
+            if shared_bytes(item, d, dv, group, block_q, bk, num_warps) <= SHARED_BYTES:
+                result = Plan(block_q, bk, num_warps, rows)
+                break
+    small = result is None or result.block_k < DYNAMIC_BELOW_BK
+    budget = min(force.get("dynamic_budget") or DYNAMIC_BUDGET, max_dynamic_shared())
+    if dyn is True or (dyn is None and small and budget > STATIC_LIMIT):
+        if dyn is True:
+            budget = force.get("dynamic_budget") or max_dynamic_shared()
+        for bk in cands:
+            nbytes = shared_bytes(item, d, dv, group, block_q, bk, num_warps)
+            if nbytes <= budget and (result is None or bk > result.block_k or dyn is True):
+                result = Plan(block_q, bk, num_warps, rows, nbytes)
+                break
     return result
+
+
+_DYN_LIMIT = []
+
+
+def max_dynamic_shared():
+    """Bytes of dynamic shared memory a block may opt in to (cached): the device's
+    ``MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`` (227 KiB on Hopper), Hopper's figure under the
+    simulator, the static limit (no dynamic tiles) when unknown or after a failed opt-in."""
+    if not _DYN_LIMIT:
+        try:
+            from numba import config
+
+            if config.ENABLE_CUDASIM:
+                n = 227 * 1024
+            else:
+                n = int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        except Exception:  # pragma: no cover - attribute missing on odd drivers
+            n = STATIC_LIMIT
+        _DYN_LIMIT.append(n)
+    return _DYN_LIMIT[0]
+
+
+_OPTED_IN = {}
+DYNAMIC_FAILURE = []  # why an opt-in failed (the plans then stay static)
+
+
+def opt_in_shared(kernel, args, nbytes):
+    """Let the compiled ``kernel`` overload for ``args`` use ``nbytes`` of dynamic shared
+    memory (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES); needed above 48 KiB."""
+    from numba import config
+
+    if nbytes <= STATIC_LIMIT or config.ENABLE_CUDASIM:
+        return
+    overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    if _OPTED_IN.get(id(overload), 0) >= nbytes:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    cufunc = overload._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, int(nbytes), cufunc.handle, cufunc.device.id)
+    _OPTED_IN[id(overload)] = nbytes
 
 
 _SM_COUNT = []
@@ -170,7 +262,9 @@ def forward(p):
     acc = np.dtype(p.compute_dtype)
     on_host = p.device != "cuda"
     tq, h, dv = p.q.shape[0], cfg.num_heads, cfg.head_dim_v
-    out_dt = np.dtype(p.out_dtype) if not on_host and p.out_dtype in STORAGE_DTYPES else acc
+    bf16 = not on_host and bfm.is_bf16(p.out_dtype)  # q, k, v, out: bfloat16 storage
+    out_dt = np.dtype(p.out_dtype) if not on_host and (p.out_dtype in STORAGE_DTYPES
+                                                       or bf16) else acc
     buf = p.extra.get("out_buffer")
     if not on_host and buf is not None and not hasattr(buf, "copy_to_host"):
         raise AttentionError("out: a host array while q, k, v are device arrays; pass all "
@@ -178,10 +272,12 @@ def forward(p):
     if not on_host and buf is not None and np.dtype(buf.dtype) == out_dt:
         out = buf  # the caller's contiguous device out=, written in place
     else:
-        out = cuda.device_array((tq, h, dv), out_dt)
+        out = cuda.device_array((tq, h, dv), bfm.BITS if bf16 else out_dt)
+        if bf16:
+            out = bfm.from_bits(out)
     lse = cuda.device_array((tq, h), acc)
     if tq:
-        _launch(p, acc, out, lse)
+        _launch(p, acc, bfm.bits(out) if bf16 else out, lse, bf16)
     if not on_host:
         return out, lse
     if buf is not None and buf.dtype == out_dt:
@@ -201,23 +297,31 @@ def _mod_args(mods, acc):
     return (dev(mods.sargs), dev(mods.margs), flags, np.int64(mods.bq), np.int64(mods.bk))
 
 
-def _launch(p, acc, out, lse):
+def _launch(p, acc, out, lse, bf16=False):
     cfg = p.config
     pl = plan(acc, cfg.head_dim, cfg.head_dim_v, cfg.group_size, p.max_seqlen_q)
+    if pl is None:  # only after a failed opt-in: the checks planned with dynamic memory
+        raise BackendUnavailable(
+            f"backend 'cuda' cannot serve this call: head_dim={cfg.head_dim} does not fit "
+            f"in static shared memory and the dynamic shared memory opt-in failed "
+            f"({DYNAMIC_FAILURE[-1] if DYNAMIC_FAILURE else 'unknown'})")
     mods = p.extra.get("mods")
     smod = mmod = None
     if mods is not None:
         smod = None if mods.smod is None else mods.raw[0]
         mmod = None if mods.mmod is None else mods.raw[2]
-    blocks = mods is not None and mods.bflags is not None
-    kernel = fk.make_forward(acc, cfg.head_dim, cfg.head_dim_v, cfg.group_size, pl.block_q,
-                             pl.block_k, pl.num_warps, smod, mmod, blocks,
-                             0 if mods is None else len(mods.sargs),
-                             0 if mods is None else len(mods.margs))
+    kernel = fk.make_forward(
+        acc, cfg.head_dim, cfg.head_dim_v, cfg.group_size, pl.block_q, pl.block_k,
+        pl.num_warps, bf16=bf16, dynamic=pl.dynamic > 0, heads=pl.heads or None,
+        smod=smod, mmod=mmod, blocks=mods is not None and mods.bflags is not None,
+        n_sargs=0 if mods is None else len(mods.sargs),
+        n_margs=0 if mods is None else len(mods.margs))
+    head_blocks = cfg.num_kv_heads * (cfg.group_size // (pl.heads or cfg.group_size))
+    store = bfm.bits if bf16 else to_device  # bfloat16 storage travels as uint16 bits
     items = make_items(p.rows, pl.block_q)
     if len(items) == 0:
         return
-    nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, pl.block_k)
+    nsplit = choose_splits(len(items) * head_blocks, p.max_seqlen_k, pl.block_k)
     tq, h, dv = out.shape
     if nsplit > 1:
         part_out = cuda.device_array((nsplit, tq, h, dv), acc)
@@ -225,8 +329,8 @@ def _launch(p, acc, out, lse):
     else:
         part_out, part_lse = dummy(acc, 4), dummy(acc, 3)
     opt = lambda x, dt, nd=1: dummy(dt, nd) if x is None else to_device(x)  # noqa: E731
-    kernel[(len(items), cfg.num_kv_heads, nsplit), 32 * pl.num_warps](
-        to_device(p.q), to_device(p.k), to_device(p.v), out, lse, part_out, part_lse,
+    args = (
+        store(p.q), store(p.k), store(p.v), out, lse, part_out, part_lse,
         cuda.to_device(np.concatenate((p.rows.reshape(-1), items.reshape(-1)))),
         np.int64(p.rows.size), _block_table(p),
         np.int64(p.block_size), acc.type(cfg.scale), np.int64(CAUSAL_CODES[cfg.causal]),
@@ -235,6 +339,18 @@ def _launch(p, acc, out, lse):
         opt(p.bias, acc), opt(p.bias_strides, np.int64), p.bias is not None,
         opt(p.mask, np.bool_), opt(p.mask_strides, np.int64), p.mask is not None,
         opt(p.sinks, acc), p.sinks is not None, *_mod_args(mods, acc))
+    if pl.dynamic:
+        try:
+            opt_in_shared(kernel, args, pl.dynamic)
+        except Exception as e:  # pragma: no cover - driver-specific
+            if getattr(_local, "tuning", {}).get("dynamic"):
+                raise
+            DYNAMIC_FAILURE.append(f"{type(e).__name__}: {e}")
+            _DYN_LIMIT[:] = [STATIC_LIMIT]  # static tiles from now on
+            _PLANS.clear()
+            return _launch(p, acc, out, lse, bf16)
+    kernel[(len(items), head_blocks, nsplit), 32 * pl.num_warps, 0, pl.dynamic](*args)
     if nsplit > 1:
         grid, threads = elementwise_grid(tq * h * dv)
-        fk.merge_splits[grid, threads](part_out, part_lse, out, lse)
+        merge = fk.merge_splits_bf16 if bf16 else fk.merge_splits
+        merge[grid, threads](part_out, part_lse, out, lse)

@@ -1,10 +1,12 @@
 """Warp shuffles for the CUDA simulator (test-only; the real kernels are never changed).
 
 numba-cuda's simulator runs each CUDA thread as a Python thread but has no
-``shfl_*_sync`` / ``syncwarp``. Here each warp of a simulated block gets a barrier and a
-slot per lane: a shuffle publishes the lane's value, waits for the whole warp and reads
-the source lane's slot (slots alternate between two buffers, see ``_exchange``). Like the
-hardware, this needs every lane of the warp to take part (converged warps).
+``shfl_*_sync`` / ``syncwarp``, and its libdevice functions are stubs returning None
+(``int_as_float`` / ``float_as_int``, the bfloat16 bit casts, are supplied here). Here
+each warp of a simulated block gets a barrier and a slot per lane: a shuffle publishes the
+lane's value, waits for the whole warp and reads the source lane's slot (slots alternate
+between two buffers, see ``_exchange``). Like the hardware, this needs every lane of the
+warp to take part (converged warps).
 """
 from __future__ import annotations
 
@@ -71,9 +73,24 @@ def syncwarp(self, mask=0xFFFFFFFF):
     _warp()[0].barrier.wait()
 
 
+def int_as_float(x):
+    """libdevice ``__nv_int_as_float``: the float32 with these 32 bits."""
+    return np.array(int(x) & 0xFFFFFFFF, np.uint32).view(np.float32)[()]
+
+
+def float_as_int(x):
+    """libdevice ``__nv_float_as_int``: the bits of a float32, as an int32."""
+    return np.array(x, np.float32).view(np.int32)[()]
+
+
 def install():
-    """Add the warp primitives to the simulator's fake ``cuda`` module (idempotent)."""
+    """Add the warp primitives to the simulator's fake ``cuda`` module and the bit casts
+    to the (stub-only under the simulator) libdevice module (idempotent)."""
+    from numba.cuda import libdevice
     from numba.cuda.simulator.kernelapi import FakeCUDAModule
+
+    libdevice.int_as_float = int_as_float
+    libdevice.float_as_int = float_as_int
 
     for name, fn in (("shfl_sync", shfl_sync), ("shfl_xor_sync", shfl_xor_sync),
                      ("shfl_up_sync", shfl_up_sync), ("shfl_down_sync", shfl_down_sync),

@@ -76,17 +76,24 @@ def test_merge_states_device(rng, lead):
     np.testing.assert_allclose(lse.copy_to_host(), expected_lse, rtol=2e-6, atol=2e-6)
 
 
-def test_merge_states_of_split_keys_equals_full(rng, tuned):
-    q, k, v = _qkv(rng, 1, 3, 9, 2, 1, 8)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_states_of_split_keys_equals_full(rng, tuned, dtype):
+    if dtype == "bfloat16":  # outputs merged as their bits (merge_states_bf16)
+        dtype = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    q, k, v = _qkv(rng, 1, 3, 9, 2, 1, 8, dtype)
     dq = cuda.to_device(q)
     with tuned():
         oa, la = numba_attn.attention(dq, cuda.to_device(k[:, :4].copy()),
                                       cuda.to_device(v[:, :4].copy()), return_lse=True)
         ob, lb = numba_attn.attention(dq, cuda.to_device(k[:, 4:].copy()),
                                       cuda.to_device(v[:, 4:].copy()), return_lse=True)
-    got, _ = numba_attn.merge_states(oa, la, ob, lb)
-    np.testing.assert_allclose(got.copy_to_host(), reference.attention(q, k, v), rtol=2e-5,
-                               atol=2e-5)
+    got, lse = numba_attn.merge_states(oa, la, ob, lb)
+    assert got.dtype == np.dtype(dtype) and lse.dtype == np.float32
+    f64 = lambda x: np.asarray(x).astype(np.float64)  # noqa: E731
+    exp, exp_lse = reference.attention(f64(q), f64(k), f64(v), return_lse=True)
+    tol = 2e-5 if dtype == "float32" else 1e-2  # bfloat16: the output's rounding
+    np.testing.assert_allclose(f64(got.copy_to_host()), exp, rtol=tol, atol=tol)
+    np.testing.assert_allclose(lse.copy_to_host(), exp_lse, rtol=1e-5, atol=1e-5)
 
 
 def _paged_problem(rng, block_size, device):
@@ -205,3 +212,86 @@ def test_out_on_the_other_device_is_an_error(rng):
         numba_attn.attention(q, k, v, out=cuda.to_device(np.zeros(q.shape, np.float32)))
     with pytest.raises(AttentionError, match="out: expected shape"):
         numba_attn.attention(dq, dk, dv, out=cuda.to_device(np.zeros((1, 3, 2, 4), np.float32)))
+
+
+# --- optional inputs on the device: checked from shape/dtype, never copied to the host --
+@pytest.fixture
+def no_host_copy_of(monkeypatch):
+    """``no_host_copy_of(*names)``: dispatch.host raises if asked for one of these inputs."""
+    def install(*names):
+        real = dispatch.host
+
+        def guarded(name, x, dtype=None):
+            assert name not in names, f"{name} was copied to the host"
+            return real(name, x, dtype)
+
+        monkeypatch.setattr(dispatch, "host", guarded)
+    return install
+
+
+def test_device_bias_and_mask_stay_on_the_device(rng, tuned, no_host_copy_of):
+    q, k, v = _qkv(rng, 2, 3, 7, 4, 2, 8)
+    dq, dk, dv = map(cuda.to_device, (q, k, v))
+    bias = rng.integers(-3, 3, (4, 1, 7))  # int64, broadcast over batch and queries
+    mask = rng.random((3, 7)) < 0.7  # bool (seqlen_q, seqlen_k), broadcast
+    mask[:, 0] = True
+    wide = rng.standard_normal((2, 4, 3, 14)).astype(np.float32)
+    cases = {  # device bias -> the host bias it stands for
+        "int64, cast on the device": (cuda.to_device(bias), bias),
+        "float32, read in place": (cuda.to_device(bias.astype(np.float32)), bias),
+        "strided, copied on the device": (cuda.to_device(wide)[..., ::2], wide[..., ::2]),
+    }
+    no_host_copy_of("bias", "mask")
+    for what, (dbias, hbias) in cases.items():
+        with tuned():
+            got = numba_attn.attention(dq, dk, dv, bias=dbias, mask=cuda.to_device(mask),
+                                       causal=True)
+        np.testing.assert_allclose(got.copy_to_host(), reference.attention(
+            q, k, v, bias=hbias, mask=mask, causal=True), rtol=2e-5, atol=2e-5, err_msg=what)
+
+
+def test_device_bias_of_the_compute_dtype_is_not_copied(rng):
+    from numba_attn.cuda import dispatch_cuda
+
+    dbias = cuda.to_device(rng.standard_normal((2, 1, 5)).astype(np.float32))
+    flat, strides = dispatch_cuda.strided_operand("bias", dbias, (3, 2, 4, 5), np.float32)
+    from numba import config
+
+    def ptr(a):
+        if config.ENABLE_CUDASIM:
+            return a._ary.__array_interface__["data"][0]
+        return a.device_ctypes_pointer.value
+
+    assert ptr(flat) == ptr(dbias) and flat.shape == (10,)
+    assert strides.tolist() == [0, 5, 0, 1]
+
+
+def test_device_bias_in_a_kvcache_decode_stays_on_the_device(rng, tuned, no_host_copy_of):
+    from numba_attn import KVCache
+
+    cache = KVCache(2, 6, 1, 8, device="cuda")
+    kv = rng.standard_normal((2, 4, 1, 8)).astype(np.float32)
+    cache.append(cuda.to_device(kv), cuda.to_device(kv))
+    q = rng.standard_normal((2, 1, 2, 8)).astype(np.float32)
+    bias = rng.standard_normal((2, 1, 1, 4)).astype(np.float32)
+    no_host_copy_of("bias")
+    with tuned():
+        got = numba_attn.attention_with_kvcache(cuda.to_device(q), cache,
+                                                bias=cuda.to_device(bias))
+    np.testing.assert_allclose(got.copy_to_host(), reference.attention(q, kv, kv, bias=bias),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name, value, exc", [
+    ("bias", np.zeros((3, 5), np.float32), AttentionError),
+    ("bias", np.zeros((2, 3), bool), TypeError),
+    ("mask", np.ones((2, 3), np.float32), TypeError),
+    ("mask", np.ones((1, 1, 1, 2, 3), bool), AttentionError),
+], ids=["bias-shape", "bool-bias", "float-mask", "mask-5d"])
+def test_device_bias_mask_errors_match_the_host(rng, name, value, exc):
+    q, k, v = _qkv(rng, 1, 2, 3, 2, 2, 8)
+    with pytest.raises(exc) as on_cpu:
+        numba_attn.attention(q, k, v, **{name: value})
+    with pytest.raises(exc) as on_gpu:
+        numba_attn.attention(*map(cuda.to_device, (q, k, v)), **{name: cuda.to_device(value)})
+    assert str(on_gpu.value) == str(on_cpu.value) and name in str(on_gpu.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 import numba_attn
 from numba_attn import reference
@@ -62,3 +63,37 @@ def test_block_mask_skips_tiles_with_identical_results(rng, tuned):
     ro = reference.attention(q, k, v, mask_mod=document, mask_mod_args=(doc,),
                              score_mod=tanh_cap, score_mod_args=(caps,))
     np.testing.assert_allclose(o, ro, **TOL)
+
+
+def head_band(b, h, i, j, width):
+    return abs(i - j) <= width[h]
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_mods_with_dynamic_tiles_head_chunks_and_bf16_storage(rng, tuned, storage):
+    """One kernel specialisation with mods, a per-head block mask, dynamic shared tiles and
+    a GQA group spread over blocks (one query head per block), on device arrays; bfloat16
+    storage too. The block-mask lookup must use each block's own query heads."""
+    from numba import cuda
+
+    q, k, v = _qkv(rng, 2, 10, 10, 4, 2)
+    if storage == "bfloat16":
+        bf = np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+        q, k, v = (x.astype(bf) for x in (q, k, v))
+    width = np.array([0, 6, 1, 9])  # per head: its blocks differ (empty / full / partial)
+    table = rng.standard_normal((4, 9))
+    bm = numba_attn.create_block_mask(head_band, 2, 4, 10, 10, mask_mod_args=(width,),
+                                      block_size=(2, 2))
+    assert bm.flags.shape[1] == 4 and (bm.flags == 0).any() and (bm.flags == 2).any()
+    kw = dict(score_mod=rel_bias, score_mod_args=(table,), mask_mod=head_band,
+              mask_mod_args=(width,))
+    f64 = lambda x: np.asarray(x).astype(np.float64)  # noqa: E731
+    expected = reference.attention(f64(q), f64(k), f64(v), **kw)
+    with tuned(dynamic=True, heads=1):
+        got = numba_attn.attention(*(cuda.to_device(x) for x in (q, k, v)), block_mask=bm,
+                                   **kw).copy_to_host()
+    assert got.dtype == q.dtype
+    tol = TOL if storage == "float32" else dict(rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(f64(got), expected, **tol)
+    cpu = numba_attn.attention(q, k, v, block_mask=bm, backend="cpu", **kw)
+    np.testing.assert_allclose(f64(got), f64(cpu), **tol)
