@@ -1,9 +1,9 @@
-"""``python -m numba_attn [info | selftest | bench]``; with no subcommand: all three, quick.
+"""python -m numba_attn [info | selftest | bench]; with no subcommand: all three, quick.
 
-``info``      versions, CPU, threads and threading layer, BLAS, every backend and why one
-              cannot serve.
-``selftest``  every available backend against numba_attn.reference; exit code 1 on a failure.
-``bench``     the benchmark shapes against numpy and torch (when installed).
+info      versions, CPU, threads and threading layer, BLAS, every backend and why one
+          cannot serve.
+selftest  every available backend against numba_attn.reference; exit code 1 on a failure.
+bench     the benchmark shapes against numpy and torch (when installed).
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import sys
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="python -m numba_attn", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m numba_attn",
+                                description=__doc__,  # plain text: argparse shows it as is
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command")
     inf = sub.add_parser("info", help="versions, threads, BLAS and backends")

@@ -286,8 +286,8 @@ def test_torch_tensors_everywhere(rng):
     tq = torch.from_numpy(q).requires_grad_(True)
     tk, tv = torch.from_numpy(k), torch.from_numpy(v)
     got = na.attention(tq, tk, tv)
-    assert isinstance(got, torch.Tensor)
-    np.testing.assert_array_equal(got.numpy(), na.attention(q, k, v))
+    assert isinstance(got, torch.Tensor) and got.grad_fn is not None  # autograd flows
+    np.testing.assert_array_equal(got.detach().numpy(), na.attention(q, k, v))
     cache = na.KVCache(2, 8, num_kv_heads=2, head_dim=8)
     twin = na.KVCache(2, 8, num_kv_heads=2, head_dim=8)
     o = na.attention_with_kvcache(tq, cache, tk, tv, causal=True)
@@ -314,7 +314,7 @@ def test_torch_tensors_everywhere(rng):
     oa, la = na.attention(tq, tk, tv, return_lse=True)
     mo, ml = na.merge_states(oa, la, oa, la)
     assert isinstance(mo, torch.Tensor) and isinstance(ml, torch.Tensor)
-    np.testing.assert_allclose(mo.numpy(), oa.numpy(), atol=1e-6)
+    np.testing.assert_allclose(mo.detach().numpy(), oa.detach().numpy(), atol=1e-6)
 
 
 def test_torch_bfloat16_is_a_zero_copy_view(rng):
