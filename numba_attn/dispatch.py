@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .config import AttentionConfig, AttentionError, BackendUnavailable
-from .interop import _bfloat16, _is_bfloat16, to_numpy
+from .interop import _bfloat16, _is_bfloat16, device_op, to_numpy
 
 __all__ = ["Problem", "run", "available_backends", "get_backend", "BACKENDS"]
 
@@ -168,9 +168,7 @@ def strided_operand(name, x, full_shape, dtype, device="cpu"):
     (cast or made contiguous there when needed).
     """
     if device == "cuda" and array_device(x) == "cuda":
-        from .cuda import dispatch_cuda
-
-        got = dispatch_cuda.strided_operand(name, x, full_shape, dtype)
+        got = device_op("strided_operand")(name, x, full_shape, dtype)
         if got is not None:
             return got
     if dtype == np.bool_:
@@ -291,20 +289,6 @@ class Backend:
         raise NotImplementedError
 
 
-class CPUBackend(Backend):
-    name = "cpu"
-    device = "cpu"
-
-    def run(self, problem):
-        if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
-            from .cpu import backward
-
-            return backward.forward_dropout(problem, *problem.extra["dropout"])
-        from .cpu import launch
-
-        return launch.forward(problem)
-
-
 class ReferenceBackend(Backend):
     name = "reference"
     device = "cpu"
@@ -318,20 +302,39 @@ class ReferenceBackend(Backend):
         return run_problem(problem)
 
 
-BACKENDS = {"cpu": CPUBackend(), "reference": ReferenceBackend()}
+# The registry: each backend's module defines its class and registers an instance on
+# import. Modules are found by path and imported the first time a backend is asked for,
+# so this module (below every backend) never imports one: no import cycle, no CUDA import
+# on a CPU-only call.
+BACKEND_MODULES = {"cpu": "numba_attn.cpu", "cuda": "numba_attn.cuda"}
+BACKENDS = {"reference": ReferenceBackend()}
 _AUTO_ORDER = ("cuda", "cpu")
 
 
-def register_backend(backend, auto=True):
-    """Add a backend (the CUDA one registers itself on import of numba_attn.cuda)."""
+def register_backend(backend):
+    """Add a backend (numba_attn.cpu and numba_attn.cuda register theirs on import)."""
     BACKENDS[backend.name] = backend
 
 
+def _load_backend(name):
+    """Import the module of backend ``name`` (by path) when it is not registered yet."""
+    if name not in BACKENDS and name in BACKEND_MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(BACKEND_MODULES[name])
+        except ImportError:
+            if name == "cpu":
+                raise
+    return BACKENDS.get(name)
+
+
 def get_backend(name):
-    if name not in BACKENDS:
+    be = _load_backend(name) if isinstance(name, str) else None
+    if be is None:
         raise AttentionError(f"backend: unknown {name!r}; expected 'auto' or one of "
-                             f"{sorted(BACKENDS)}")
-    return BACKENDS[name]
+                             f"{sorted(set(BACKENDS) | set(BACKEND_MODULES))}")
+    return be
 
 
 def available_backends() -> dict:
@@ -356,10 +359,8 @@ _optional_loaded = threading.Event()
 def _load_optional_backends():
     if _optional_loaded.is_set():
         return
-    try:
-        from . import cuda  # noqa: F401  (registers itself)
-    except ImportError:
-        pass
+    for name in BACKEND_MODULES:
+        _load_backend(name)
     _optional_loaded.set()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Array", "is_torch", "to_numpy", "like"]
+__all__ = ["Array", "is_torch", "to_numpy", "like", "device_op"]
 
 
 def is_torch(x) -> bool:
@@ -130,9 +130,20 @@ def like(ref, x):
         return torch.from_numpy(x)
     if type(ref).__module__.split(".")[0] not in ("cupy", "torch"):
         return x
-    from .cuda import dispatch_cuda
+    return device_op("like")(ref, x)
 
-    return dispatch_cuda.like(ref, x)
+
+def device_op(name):
+    """Function ``name`` of numba_attn.cuda.dispatch_cuda (device arrays in and out),
+    looked up by module path: the CUDA side sits above this module and imports it.
+
+    >>> from numba_attn.interop import device_op
+    >>> device_op("like").__name__
+    'like'
+    """
+    import importlib
+
+    return getattr(importlib.import_module("numba_attn.cuda.dispatch_cuda"), name)
 
 
 Array = Any
