@@ -298,6 +298,31 @@ def tile_fixup(st, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, off, klen, c
     keys >= jmax (padding) are invisible. Every per-element array is indexed by the lane
     only, so no scratch has to be as long as the outer tile."""
     ninf = -np.inf
+    if not (has_alibi or has_bias or has_mask):  # positional only: touch just what is cut
+        if q_in_lanes:  # each lane's keys [lo, hi): -inf before and after, along outer o
+            for r in range(nrs):
+                i = lpos[r]
+                lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
+                if i >= imax:
+                    lo, hi = 0, 0
+                a = min(max(lo - o0, 0), n_o)
+                z = max(min(min(hi, jmax) - o0, n_o), a)
+                for o in range(a):
+                    st[o * nrs + r] = ninf
+                for o in range(z, n_o):
+                    st[o * nrs + r] = ninf
+        else:
+            for o in range(n_o):
+                i = o0 + o
+                lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
+                if i >= imax:
+                    lo, hi = 0, 0
+                hi = min(hi, jmax)
+                for r in range(nrs):
+                    j = lpos[r]
+                    if j < lo or j >= hi:
+                        st[o * nrs + r] = ninf
+        return
     if q_in_lanes:  # a query per lane: its key range once, then down the outer keys
         for r in range(nrs):
             i, h = lpos[r], lhead[r]
