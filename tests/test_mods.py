@@ -429,3 +429,16 @@ def test_failed_mod_leaves_the_cache_unchanged():
         numba_attn.attention_with_kvcache(q, cache, k, v, mask_mod=bad)
     assert cache.seqlens.tolist() == [0]
     np.testing.assert_array_equal(cache.k, k0)
+
+
+@pytest.mark.parametrize("which", ["mask_mod", "score_mod"])
+def test_dropout_forward_keeps_the_mods(which):
+    """The dropout forward recomputed probabilities without the mods (wrong output, off by
+    ~3 on this case); its kernel now applies them like the fused forward."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((1, n, 2, 8)) for n in (6, 9, 9))
+    kw = {"mask_mod": lambda b, h, i, j: (i + j) % 3 != 0} if which == "mask_mod" else {
+        "score_mod": lambda s, b, h, i, j: s * 0.5 + 0.1 * (i - j)}
+    got = numba_attn.attention(q, k, v, dropout_p=0.3, seed=5, **kw)
+    want = reference.attention(q, k, v, dropout_p=0.3, seed=5, **kw)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -55,9 +55,12 @@ def dot(a, b, n):
 
 @inline
 def score(qrow, krow, d, i, j, b, h, off, scale, softcap, slope, has_alibi, bias, bstr,
-          has_bias):
-    """(s, ds/ds_raw) of one visible pair: scale, soft-cap, ALiBi, bias (DESIGN.md order)."""
+          has_bias, smod, sargs):
+    """(s, ds/ds_raw) of one visible pair: scale, score_mod, soft-cap, ALiBi, bias
+    (DESIGN.md order; ds/ds_raw leaves out the score_mod's own derivative)."""
     s = dot(qrow, krow, d) * scale
+    if smod is not None:
+        s = smod(s, b, h, i, j, *sargs)
     dcap = scale / scale
     if softcap > 0.0:
         th = math.tanh(s / softcap)
@@ -75,10 +78,18 @@ def masked(mask, mstr, has_mask, b, h, i, j):
     return has_mask and not mask[b * mstr[0] + h * mstr[1] + i * mstr[2] + j * mstr[3]]
 
 
+@inline
+def mod_masked(mmod, margs, b, h, i, j):
+    """True where the user's mask_mod hides (i, j) (False without one: pruned)."""
+    if mmod is None:
+        return False
+    return not mmod(b, h, i, j, *margs)
+
+
 @jit(parallel=True)
 def bwd_dbias(q, k, v, dout, lse, delta, dbias, bshape, rows, scale, causal, wl, wr, softcap,
               slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop, seed,
-              thr, pscale):
+              thr, pscale, smod, sargs, mmod, margs):
     """dbias (flat, canonical 4-D ``bshape``, zero-initialised): ds summed over every
     (b, h, i, j) that reads each element; one item per (b', h', i') row of the bias."""
     n_heads = q.shape[1]
@@ -112,11 +123,12 @@ def bwd_dbias(q, k, v, dout, lse, delta, dbias, bshape, rows, scale, causal, wl,
                         rkey = row_key(seed, np.uint64(b), np.uint64(h), np.uint64(i))
                     lo, hi = key_range(i, i + 1, off, klen, causal, wl, wr)
                     for j in range(lo, hi):
-                        if masked(mask, mstr, has_mask, b, h, i, j):
+                        if masked(mask, mstr, has_mask, b, h, i, j) or mod_masked(
+                                mmod, margs, b, h, i, j):
                             continue
                         s, _dcap = score(q[t, h], k[k_start + j, kvh], q.shape[2], i, j, b, h,
                                         off, scale, softcap, slope, has_alibi, bias, bstr,
-                                        has_bias)
+                                        has_bias, smod, sargs)
                         p = math.exp(s - lse_v)
                         dpd = dot(dout[t, h], v[k_start + j, kvh], v.shape[2])
                         if has_drop:
@@ -217,6 +229,14 @@ def kitem_costs(kitems, rows, causal, wl, wr, block_q):
     return cost
 
 
+def _mods(p):
+    """(smod, sgrad, sargs, mmod, margs) of the Problem's mods (Nones without)."""
+    spec = p.extra.get("mods")
+    if spec is None:
+        return None, None, (), None, ()
+    return spec.smod, getattr(spec, "sgrad", None), spec.sargs, spec.mmod, spec.margs
+
+
 def forward_dropout(p, drop_p, seed):
     """Forward with dropout of a contiguous dispatch.Problem: out (Tq, H, Dv), lse (Tq, H).
 
@@ -235,9 +255,11 @@ def forward_dropout(p, drop_p, seed):
     out[...] = 0
     if len(items):
         with parallel_guard():
-            tiled_dropout_out(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
-                              *_drop_args(p, drop_p, seed), np.int64(BLOCK_K),
-                              _dq_schedule(p, items), np.int64(numba.get_num_threads()))
+            smod, _sgrad, sargs, mmod, margs = _mods(p)
+            kern = tiled_dropout_out if smod is None and mmod is None else _MODDED["dropout"]
+            kern(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
+                 *_drop_args(p, drop_p, seed), np.int64(BLOCK_K), _dq_schedule(p, items),
+                 np.int64(numba.get_num_threads()), smod, sargs, mmod, margs)
     return out, lse
 
 
@@ -260,21 +282,26 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     drop = (drop_p > 0.0,) + _drop_args(p, drop_p, seed)
     dbias = None
     lanes_n = np.int64(numba.get_num_threads())
+    mods = _mods(p)
+    modded = mods[0] is not None or mods[3] is not None
     with parallel_guard():
         group = p.config.group_size
         items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
         if len(items):
-            tiled_dq(q, k, v, dout, lse, delta, dq, p.rows, items, *common, *drop,
-                     np.int64(BLOCK_K), _dq_schedule(p, items), lanes_n)
+            (_MODDED["dq"] if modded else tiled_dq)(
+                q, k, v, dout, lse, delta, dq, p.rows, items, *common, *drop,
+                np.int64(BLOCK_K), _dq_schedule(p, items), lanes_n, *mods)
         kitems = _blocks(p.rows, 2, 3, BLOCK_ROWS)
         if len(kitems):
-            tiled_dkdv(q, k, v, dout, lse, delta, dk, dv, p.rows, kitems, *common, *drop,
-                       np.int64(BLOCK_K), _dkdv_schedule(p, kitems), lanes_n)
+            (_MODDED["dkdv"] if modded else tiled_dkdv)(
+                q, k, v, dout, lse, delta, dk, dv, p.rows, kitems, *common, *drop,
+                np.int64(BLOCK_K), _dkdv_schedule(p, kitems), lanes_n, *mods)
         if bias_shape is not None:
             dbias = np.zeros(int(np.prod(bias_shape)), dt)
             if q.shape[0] and k.shape[0]:
-                bwd_dbias(q, k, v, dout, lse, delta, dbias, np.asarray(bias_shape, np.int64),
-                          p.rows, *common, *drop)
+                (_MODDED["dbias"] if modded else bwd_dbias)(
+                    q, k, v, dout, lse, delta, dbias, np.asarray(bias_shape, np.int64),
+                    p.rows, *common, *drop, mods[0], mods[2], mods[3], mods[4])
             dbias = dbias.reshape(bias_shape)
     dsinks = None
     if p.sinks is not None:
@@ -290,7 +317,7 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
 @inline
 def tile_fixup(st, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, off, klen, causal, wl, wr,
                imax, jmax, slope_h, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask,
-               positional):
+               positional, mmod, margs):
     """Masks, ALiBi and bias of an (outer, lanes) score tile, element (o, r) at ``o * nrs +
     r``. With ``q_in_lanes`` (the dq pass) lane ``r`` is query ``lpos[r]`` of head
     ``lhead[r]`` and outer ``o`` is key ``o0 + o``; otherwise (the dk/dv pass) lane ``r`` is
@@ -298,7 +325,8 @@ def tile_fixup(st, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, off, klen, c
     keys >= jmax (padding) are invisible. Every per-element array is indexed by the lane
     only, so no scratch has to be as long as the outer tile."""
     ninf = -np.inf
-    if not (has_alibi or has_bias or has_mask):  # positional only: touch just what is cut
+    if not (has_alibi or has_bias or has_mask or mmod is not None):
+        # positional only: touch just what is cut
         if q_in_lanes:  # each lane's keys [lo, hi): -inf before and after, along outer o
             for r in range(nrs):
                 i = lpos[r]
@@ -333,7 +361,7 @@ def tile_fixup(st, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, off, klen, c
             for o in range(n_o):
                 tile_element(st, o * nrs + r, i, o0 + o, h, lo, hi, b, off, slope_h,
                              has_alibi, bias, bstr, has_bias, mask, mstr, has_mask,
-                             positional)
+                             positional, mmod, margs)
     else:  # a query per outer row: its key range once, then across the key lanes
         for o in range(n_o):
             i = o0 + o
@@ -344,15 +372,16 @@ def tile_fixup(st, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, off, klen, c
             for r in range(nrs):
                 tile_element(st, o * nrs + r, i, lpos[r], ohead, lo, hi, b, off, slope_h,
                              has_alibi, bias, bstr, has_bias, mask, mstr, has_mask,
-                             positional)
+                             positional, mmod, margs)
 
 
 @inline
 def tile_element(st, x, i, j, h, lo, hi, b, off, slope_h, has_alibi, bias, bstr, has_bias,
-                 mask, mstr, has_mask, positional):
+                 mask, mstr, has_mask, positional, mmod, margs):
     """One score of a tile: -inf outside the query's key range [lo, hi) (when
-    ``positional``) or the mask, else ALiBi and bias added."""
-    if (positional and (j < lo or j >= hi)) or masked(mask, mstr, has_mask, b, h, i, j):
+    ``positional``), the mask or the mask_mod, else ALiBi and bias added."""
+    if (positional and (j < lo or j >= hi)) or masked(mask, mstr, has_mask, b, h, i, j) or \
+            mod_masked(mmod, margs, b, h, i, j):
         st[x] = -np.inf
         return
     if has_alibi:
@@ -378,6 +407,29 @@ def tile_dropout(mb, n_o, nrs, rkey, lpos, o0, q_in_lanes, thr, pscale):
 
 
 @inline
+def tile_mods(st, gm, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, imax, jmax, smod,
+              sgrad, sargs):
+    """score_mod on a tile laid out as :func:`tile_fixup`'s (right after the scale), and
+    gm = d(score_mod)/d(score) there when ``sgrad`` is given. Padding elements (queries
+    >= imax, keys >= jmax) are left alone: the user's function never sees them."""
+    for o in range(n_o):
+        for r in range(nrs):
+            x = o * nrs + r
+            if q_in_lanes:
+                i, j, h = lpos[r], o0 + o, lhead[r]
+            else:
+                i, j, h = o0 + o, lpos[r], ohead
+            if i >= imax or j >= jmax:
+                if sgrad is not None:
+                    gm[x] = 0
+                continue
+            sv = st[x]
+            if sgrad is not None:
+                gm[x] = sgrad(sv, b, h, i, j, *sargs)
+            st[x] = smod(sv, b, h, i, j, *sargs)
+
+
+@inline
 def tile_softcap(st, dc, n, softcap):
     """st = softcap * tanh(st / softcap); dc = 1 - tanh^2 (its derivative), n elements."""
     w = lanes(st)
@@ -394,7 +446,7 @@ def tile_softcap(st, dc, n, softcap):
 @jit(parallel=True)
 def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, softcap,
              slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop, seed,
-             thr, pscale, block_k, schedule, n_lanes):
+             thr, pscale, block_k, schedule, n_lanes, smod, sgrad, sargs, mmod, margs):
     """dq of work items (batch row, first query, end query) x kv head: rows (query, head of
     the group) in lanes, key tiles of ``block_k``; S^T = K (scale Q)^T and dP^T = V dO^T by
     the QK micro-kernel, dS in vectors, dQ^T += K^T dS^T by the PV micro-kernel."""
@@ -433,6 +485,7 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
         dpt = np.empty(nkt * nrs, dt)
         dc = np.empty(nkt * nrs, dt)
         mb = np.empty(nkt * nrs, dt)
+        gm = np.empty(nkt * nrs if sgrad is not None else 1, dt)  # d score_mod / d score
         kb = np.empty(nkt, np.int64)
         vb = np.empty(nkt, np.int64)
         rk = np.zeros(max_nrp, np.uint64)  # dropout row key of each lane
@@ -501,15 +554,18 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                         else:
                             qk6(k, kb, u, qt, nrp, s0, d, st)
                             qk6(v, vb, u, ot, nrp, s0, dv, dpt)
+                    if smod is not None:
+                        tile_mods(st, gm, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b,
+                                  rows[b, 1], klen, smod, sgrad, sargs)
                     if softcap > 0.0:
                         tile_softcap(st, dc, ne * nrs, softcap)
                     needs = slo > j0
                     for r in range(s0, s0 + nrs):
                         needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
-                    if has_alibi or has_bias or has_mask or needs:
+                    if has_alibi or has_bias or has_mask or needs or mmod is not None:
                         tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
                                    causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
-                                   bstr, has_bias, mask, mstr, has_mask, needs)
+                                   bstr, has_bias, mask, mstr, has_mask, needs, mmod, margs)
                     if has_drop:
                         tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
                     l0 = vload(lr, s0)
@@ -526,6 +582,8 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                             ds = vmul(p, vsub(dpv, d0 if half == 0 else d1))
                             if softcap > 0.0:
                                 ds = vmul(ds, vload(dc, x))
+                            if sgrad is not None:
+                                ds = vmul(ds, vload(gm, x))
                             vstore(st, x, vmul(ds, scv))
                     for c0 in range(0, dpad, mr):
                         if mr == 8:
@@ -541,7 +599,8 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
 @jit(parallel=True)
 def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causal, wl, wr,
                softcap, slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop,
-               seed, thr, pscale, block_q, schedule, n_lanes):
+               seed, thr, pscale, block_q, schedule, n_lanes, smod, sgrad, sargs, mmod,
+               margs):
     """dk / dv of work items (batch row, first key, end key) x kv head: keys in lanes, query
     tiles of ``block_q`` for each query head of the group; S = Q (scale K)^T and
     dP = dO V^T by the QK micro-kernel, dV^T += dO^T P and dK^T += Q^T dS by the PV one."""
@@ -577,6 +636,7 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
         dpt = np.empty(nqt * nrs, dt)
         dc = np.empty(nqt * nrs, dt)
         mb = np.empty(nqt * nrs, dt)
+        gm = np.empty(nqt * nrs if sgrad is not None else 1, dt)  # d score_mod / d score
         pb = np.empty(nqt * nrs, dt)
         qb = np.empty(nqt, np.int64)
         ob = np.empty(nqt, np.int64)
@@ -641,14 +701,17 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                             else:
                                 qk6(q, qb, u, kt, nrp, s0, d, st)
                                 qk6(dout, ob, u, vt, nrp, s0, dv, dpt)
+                        if smod is not None:
+                            tile_mods(st, gm, ni, nrs, lj[s0:], lj, i0, h, False, b, lq,
+                                      kj0 + nk, smod, sgrad, sargs)
                         if softcap > 0.0:
                             tile_softcap(st, dc, ni * nrs, softcap)
                         needs = sj1 - sj0 < nrs or tile_needs_mask(i0, i1, sj0, sj1, off, causal,
                                                                    wl, wr)
-                        if has_alibi or has_bias or has_mask or needs:
+                        if has_alibi or has_bias or has_mask or needs or mmod is not None:
                             tile_fixup(st, ni, nrs, lj[s0:], lj, i0, h, False, b, off, klen,
                                        causal, wl, wr, lq, kj0 + nk, slope_h, has_alibi, bias,
-                                       bstr, has_bias, mask, mstr, has_mask, needs)
+                                       bstr, has_bias, mask, mstr, has_mask, needs, mmod, margs)
                         if has_drop:
                             tile_dropout(mb, ni, nrs, okey, lj[s0:], i0, False, thr, pscale)
                         for ii in range(ni):
@@ -667,6 +730,8 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                                 ds = vmul(p, vsub(dpv, dvec))
                                 if softcap > 0.0:
                                     ds = vmul(ds, vload(dc, x))
+                                if sgrad is not None:
+                                    ds = vmul(ds, vload(gm, x))
                                 vstore(st, x, vmul(ds, scv))
                         for c0 in range(0, dvpad, mr):
                             if mr == 8:
@@ -689,7 +754,7 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
 @jit(parallel=True)
 def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, softcap, slopes,
                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, seed, thr, pscale,
-                      block_k, schedule, n_lanes):
+                      block_k, schedule, n_lanes, smod, sargs, mmod, margs):
     """The dropout forward's output from the forward's ``lse``: ``out_i = sum_j exp(s_ij -
     lse_i) keep_ij / (1 - p) v_j``, tiled as ``tiled_dq`` (S^T by the QK micro-kernel, O^T
     += V^T P by the PV one)."""
@@ -783,15 +848,18 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                             qk8(k, kb, u, qt, nrp, s0, d, st)
                         else:
                             qk6(k, kb, u, qt, nrp, s0, d, st)
+                    if smod is not None:
+                        tile_mods(st, mb, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b,
+                                  rows[b, 1], klen, smod, None, sargs)
                     if softcap > 0.0:
                         tile_softcap(st, mb, ne * nrs, softcap)
                     needs = slo > j0
                     for r in range(s0, s0 + nrs):
                         needs = needs or rlo[r] > j0 or rhi[r] < j0 + ne
-                    if has_alibi or has_bias or has_mask or needs:
+                    if has_alibi or has_bias or has_mask or needs or mmod is not None:
                         tile_fixup(st, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b, off, klen,
                                    causal, wl, wr, rows[b, 1], klen, slope_h, has_alibi, bias,
-                                   bstr, has_bias, mask, mstr, has_mask, needs)
+                                   bstr, has_bias, mask, mstr, has_mask, needs, mmod, margs)
                     tile_dropout(mb, ne, nrs, rk[s0:], qi, j0, True, thr, pscale)
                     l0 = vload(lr, s0)
                     l1 = vload(lr, s0 + w)
@@ -809,3 +877,12 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                 t = q_start + qi[r]
                 for c in range(dv):
                     out[t, hh[r], c] = ot[c * nrp + r]
+
+
+# the same kernels for calls with user mods (numba_attn.mods): specialised on the user's
+# functions, so compiled per process and never written to the disk cache (as the forward's
+# flash_forward_mods)
+_MODDED = {"dq": jit(tiled_dq.py_func, parallel=True, cache=False),
+           "dkdv": jit(tiled_dkdv.py_func, parallel=True, cache=False),
+           "dbias": jit(bwd_dbias.py_func, parallel=True, cache=False),
+           "dropout": jit(tiled_dropout_out.py_func, parallel=True, cache=False)}
