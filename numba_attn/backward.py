@@ -86,6 +86,18 @@ def _run(p, dout, out, lse, drop_p, seed, bias, return_dbias, return_dsinks, bac
     return dq, dk, dv, dbias, dsinks
 
 
+def check_returns(opts, return_dbias, return_dsinks):
+    """(return_dbias, return_dsinks) checked against the options they need, before any run
+    (vjp and autograd alike)."""
+    return_dbias = check_flag("return_dbias", return_dbias)
+    return_dsinks = check_flag("return_dsinks", return_dsinks)
+    if return_dbias and opts.get("bias") is None:
+        raise AttentionError("return_dbias: True needs a bias")
+    if return_dsinks and opts.get("sinks") is None:
+        raise AttentionError("return_dsinks: True needs sinks")
+    return return_dbias, return_dsinks
+
+
 def _finish(q, dt, shapes, grads, return_dbias, return_dsinks, bias):
     dq, dk, dv, dbias, dsinks = grads
     res = [like(q, np.asarray(g).reshape(s).astype(dt, copy=False))
@@ -370,12 +382,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     from .functional import attention
 
     opts, bwd = vjp_options(options, "attention_vjp")
-    return_dbias = check_flag("return_dbias", return_dbias)
-    return_dsinks = check_flag("return_dsinks", return_dsinks)
-    if return_dbias and opts.get("bias") is None:
-        raise AttentionError("return_dbias: True needs a bias")
-    if return_dsinks and opts.get("sinks") is None:
-        raise AttentionError("return_dsinks: True needs sinks")
+    return_dbias, return_dsinks = check_returns(opts, return_dbias, return_dsinks)
     out, lse = attention(q, k, v, return_lse=True, **opts)
 
     def vjp(dout: Array) -> tuple:
@@ -417,12 +424,7 @@ def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     from .functional import attention_varlen
 
     opts, bwd = vjp_options(options, "attention_varlen_vjp")
-    return_dbias = check_flag("return_dbias", return_dbias)
-    return_dsinks = check_flag("return_dsinks", return_dsinks)
-    if return_dbias and opts.get("bias") is None:
-        raise AttentionError("return_dbias: True needs a bias")
-    if return_dsinks and opts.get("sinks") is None:
-        raise AttentionError("return_dsinks: True needs sinks")
+    return_dbias, return_dsinks = check_returns(opts, return_dbias, return_dsinks)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **opts)
 
     def vjp(dout: Array) -> tuple:

@@ -85,14 +85,9 @@ def _bcast_shape(form, b, h, sq, sk):
     return tuple(1 if c == "1" else full[c] for c in form)
 
 
-def build(cfg):
-    """Arrays and keyword options of a batched configuration."""
-    rng = np.random.default_rng(cfg["seed"])
-    dt = _storage_dtype(cfg["dtype"])
-    b, sq, sk, h, hkv = cfg["B"], cfg["Sq"], cfg["Sk"], cfg["H"], cfg["Hkv"]
-    q = rng.standard_normal((b, sq, h, cfg["D"])).astype(dt)
-    k = rng.standard_normal((b, sk, hkv, cfg["D"])).astype(dt)
-    v = rng.standard_normal((b, sk, hkv, cfg["Dv"])).astype(dt)
+def _options(cfg, rng, dt, b, h, sq, sk, kv_lens):
+    """Keyword options of a configuration, drawn from ``rng`` in a fixed order; bias and
+    mask over (b, h, sq, sk); ``kv_lens()`` draws the key lengths when asked for."""
     kw = dict(causal=cfg["causal"], window=tuple(cfg["window"]), softcap=cfg["softcap"],
               scale=cfg["scale"])
     if cfg["alibi"] == "h":
@@ -104,15 +99,30 @@ def build(cfg):
             np.float32 if dt.itemsize == 2 else dt)
     if cfg["mask"]:
         kw["mask"] = rng.random(_bcast_shape(cfg["mask"], b, h, sq, sk)) > 0.25
-    if isinstance(cfg["kv_lens"], list):  # explicit lengths (regression cases)
-        kw["kv_lens"] = np.array(cfg["kv_lens"], np.int32)
-    elif cfg["kv_lens"]:
-        kw["kv_lens"] = rng.integers(0, sk + 1, b).astype(np.int32)
+    if cfg["kv_lens"]:
+        kw["kv_lens"] = kv_lens()
     if cfg["sinks"]:
         kw["sinks"] = rng.standard_normal(h)
     if cfg.get("dropout_p"):
         kw["dropout_p"] = cfg["dropout_p"]
         kw["seed"] = int(cfg["seed"]) % 1000
+    return kw
+
+
+def build(cfg):
+    """Arrays and keyword options of a batched configuration."""
+    rng = np.random.default_rng(cfg["seed"])
+    dt = _storage_dtype(cfg["dtype"])
+    b, sq, sk, h, hkv = cfg["B"], cfg["Sq"], cfg["Sk"], cfg["H"], cfg["Hkv"]
+    q = rng.standard_normal((b, sq, h, cfg["D"])).astype(dt)
+    k = rng.standard_normal((b, sk, hkv, cfg["D"])).astype(dt)
+    v = rng.standard_normal((b, sk, hkv, cfg["Dv"])).astype(dt)
+    def kv_lens():
+        if isinstance(cfg["kv_lens"], list):  # explicit lengths (regression cases)
+            return np.array(cfg["kv_lens"], np.int32)
+        return rng.integers(0, sk + 1, b).astype(np.int32)
+
+    kw = _options(cfg, rng, dt, b, h, sq, sk, kv_lens)
     if cfg.get("q_align") == "q_lens":
         kw["q_lens"] = rng.integers(0, sq + 1, b).astype(np.int32)
     elif cfg.get("q_align") == "q_offset":
@@ -248,24 +258,8 @@ def build_varlen(cfg):
     k = rng.standard_normal((cu_k[-1], hkv, cfg["D"])).astype(dt)
     v = rng.standard_normal((cu_k[-1], hkv, cfg["Dv"])).astype(dt)
     mq, mk = max(lq), max(lk)
-    kw = dict(causal=cfg["causal"], window=tuple(cfg["window"]), softcap=cfg["softcap"],
-              scale=cfg["scale"])
-    if cfg["alibi"] == "h":
-        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, h)
-    elif cfg["alibi"] == "bh":
-        kw["alibi_slopes"] = rng.uniform(0.01, 0.5, (b, h))
-    if cfg["bias"]:
-        kw["bias"] = rng.standard_normal(_bcast_shape(cfg["bias"], b, h, mq, mk)).astype(
-            np.float32 if dt.itemsize == 2 else dt)
-    if cfg["mask"]:
-        kw["mask"] = rng.random(_bcast_shape(cfg["mask"], b, h, mq, mk)) > 0.25
-    if cfg["kv_lens"]:
-        kw["kv_lens"] = np.array([rng.integers(0, x + 1) for x in lk], np.int32)
-    if cfg["sinks"]:
-        kw["sinks"] = rng.standard_normal(h)
-    if cfg.get("dropout_p"):
-        kw["dropout_p"] = cfg["dropout_p"]
-        kw["seed"] = int(cfg["seed"]) % 1000
+    kw = _options(cfg, rng, dt, b, h, mq, mk,
+                  lambda: np.array([rng.integers(0, x + 1) for x in lk], np.int32))
     return q, k, v, cu_q, cu_k, kw, rng
 
 
