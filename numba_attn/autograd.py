@@ -1,7 +1,7 @@
 """torch autograd through numba_attn: ``attention`` / ``attention_varlen`` on torch CPU
 tensors that require grad return tensors with a ``grad_fn``.
 
-One ``torch.autograd.Function`` per entry point runs the numpy forward on detached views
+One ``torch.autograd.Function`` for both entry points runs the numpy forward on detached views
 and saves only its inputs, ``out`` and ``lse`` (what FlashAttention saves); its backward
 is :func:`numba_attn.attention_backward` / ``attention_varlen_backward`` with the forward's
 own options, so ``loss.backward()`` flows through numba_attn like through torch's SDPA.
@@ -88,69 +88,40 @@ def _grad_or_none(x, need, g):
 
 
 def _functions():
-    """The two Function classes, built once torch has been imported by the caller."""
+    """The Function class, built once torch has been imported by the caller."""
     if _FUNCTIONS:
         return _FUNCTIONS
     torch = sys.modules["torch"]
 
     class Attention(torch.autograd.Function):
+        """attention (rows = ()) or attention_varlen (rows = (cu_seqlens_q, cu_seqlens_k))."""
+
         @staticmethod
-        def forward(ctx, opts, q, k, v, bias, sinks):
-            fwd = _IMPL["attention"]["forward"]
-            out, lse = fwd(q.detach(), k.detach(), v.detach(), bias=_detach(bias),
-                           sinks=_detach(sinks), return_lse=True, **opts[0])
-            ctx.opts = opts[1]
+        def forward(ctx, kind, opts, rows, q, k, v, bias, sinks):
+            out, lse = _IMPL[kind]["forward"](q.detach(), k.detach(), v.detach(), *rows,
+                                              bias=_detach(bias), sinks=_detach(sinks),
+                                              return_lse=True, **opts[0])
+            ctx.kind, ctx.opts, ctx.rows = kind, opts[1], rows
             ctx.save_for_backward(q, k, v, out, lse, bias, sinks)
             ctx.mark_non_differentiable(lse)
             return out, lse
 
         @staticmethod
         def backward(ctx, dout, _dlse):
-            attention_backward = _IMPL["attention"]["backward"]
             q, k, v, out, lse, bias, sinks = ctx.saved_tensors
-            need = ctx.needs_input_grad
-            want_db = bool(need[4]) and bias is not None
-            want_ds = bool(need[5]) and sinks is not None
-            g = attention_backward(dout.detach(), q.detach(), k.detach(), v.detach(), out,
-                                   lse, bias=_detach(bias), sinks=_detach(sinks),
-                                   return_dbias=want_db, return_dsinks=want_ds, **ctx.opts)
-            g = list(g)
+            need = ctx.needs_input_grad[3:]  # q, k, v, bias, sinks
+            want_db = bool(need[3]) and bias is not None
+            want_ds = bool(need[4]) and sinks is not None
+            g = list(_IMPL[ctx.kind]["backward"](
+                dout.detach(), q.detach(), k.detach(), v.detach(), out, lse, *ctx.rows,
+                bias=_detach(bias), sinks=_detach(sinks), return_dbias=want_db,
+                return_dsinks=want_ds, **ctx.opts))
             dbias = g.pop(3) if want_db else None
             dsinks = g.pop(3) if want_ds else None
-            return (None, g[0] if need[1] else None, g[1] if need[2] else None,
-                    g[2] if need[3] else None, dbias, dsinks)
+            return (None, None, None, g[0] if need[0] else None, g[1] if need[1] else None,
+                    g[2] if need[2] else None, dbias, dsinks)
 
-    class AttentionVarlen(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, opts, q, k, v, cu_q, cu_k, bias, sinks):
-            fwd = _IMPL["attention_varlen"]["forward"]
-            out, lse = fwd(q.detach(), k.detach(), v.detach(), cu_q, cu_k,
-                           bias=_detach(bias), sinks=_detach(sinks), return_lse=True,
-                           **opts[0])
-            ctx.opts = opts[1]
-            ctx.cu = (cu_q, cu_k)
-            ctx.save_for_backward(q, k, v, out, lse, bias, sinks)
-            ctx.mark_non_differentiable(lse)
-            return out, lse
-
-        @staticmethod
-        def backward(ctx, dout, _dlse):
-            attention_varlen_backward = _IMPL["attention_varlen"]["backward"]
-            q, k, v, out, lse, bias, sinks = ctx.saved_tensors
-            need = ctx.needs_input_grad
-            want_db = bool(need[6]) and bias is not None
-            want_ds = bool(need[7]) and sinks is not None
-            g = attention_varlen_backward(dout.detach(), q.detach(), k.detach(), v.detach(),
-                                          out, lse, *ctx.cu, bias=_detach(bias),
-                                          sinks=_detach(sinks), return_dbias=want_db,
-                                          return_dsinks=want_ds, **ctx.opts)
-            g = list(g)
-            dbias = g.pop(3) if want_db else None
-            dsinks = g.pop(3) if want_ds else None
-            return (None, g[0] if need[1] else None, g[1] if need[2] else None,
-                    g[2] if need[3] else None, None, None, dbias, dsinks)
-
-    _FUNCTIONS.update(attention=Attention, attention_varlen=AttentionVarlen)
+    _FUNCTIONS.update(function=Attention)
     return _FUNCTIONS
 
 
@@ -179,8 +150,8 @@ def attention(q, k, v, *, bias=None, sinks=None, return_lse=False, out=None, **o
     'attention'
     """
     opts = _check(opts, out)
-    o, lse = _functions()["attention"].apply(opts, q, k, v, _promote(bias, q),
-                                             _promote(sinks, q))
+    o, lse = _functions()["function"].apply("attention", opts, (), q, k, v,
+                                            _promote(bias, q), _promote(sinks, q))
     return (o, lse) if return_lse else o
 
 
@@ -193,7 +164,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, sinks=No
     'attention_varlen'
     """
     opts = _check(opts, out)
-    o, lse = _functions()["attention_varlen"].apply(opts, q, k, v, cu_seqlens_q,
-                                                    cu_seqlens_k, _promote(bias, q),
-                                                    _promote(sinks, q))
+    o, lse = _functions()["function"].apply("attention_varlen", opts,
+                                            (cu_seqlens_q, cu_seqlens_k), q, k, v,
+                                            _promote(bias, q), _promote(sinks, q))
     return (o, lse) if return_lse else o
