@@ -25,7 +25,7 @@ from .validate import (BIAS_WHAT, MASK_WHAT, as_np_dtype, broadcast_4d,  # noqa:
                        compute_dtype, host, host_operand, same, strided_operand)
 from .interop import _bfloat16, _is_bfloat16  # noqa: F401
 
-__all__ = ["select", "run", "run_into", "backward", "available_backends", "get_backend",
+__all__ = ["select", "run", "run_into", "select_backward", "backward", "available_backends", "get_backend",
            "register_backend", "BACKENDS"]
 
 _load_optional_backends = _be.load_all  # old name (tests, cache.py)
@@ -91,19 +91,24 @@ def run_into(p, backend, out, out_shape):
     return out, lse
 
 
-def backward(p, backend, dout, out, lse, dropout_p, seed, bias_shape, data_device="cpu"):
-    """Gradients of ``p`` (host arrays, packed: dout/out (Tq, H, Dv), lse (Tq, H)) on the
-    chosen backend: (dq, dk, dv, dbias or None, dsinks or None).
+def select_backward(p, backend="auto", data_device="cpu"):
+    """The backend for the backward of ``p`` (its Problem holds host arrays).
 
-    Device inputs (``data_device="cuda"``) are staged through the host for now: their
-    Problem holds host copies, and ``"auto"`` picks the CUDA kernels for them.
+    Device inputs (``data_device="cuda"``) are staged through the host for now: ``"auto"``
+    picks the CUDA kernels for them, and only ``"auto"`` / ``"cuda"`` can serve them.
     """
     if data_device != "cpu":
         if backend not in ("auto", "cuda"):
             raise BackendUnavailable(f"backend {backend!r} cannot serve device arrays; use "
                                      "'auto' or 'cuda'")
         backend = "cuda"
-    be = select(p, backend, op="backward")
+    return select(p, backend, op="backward")
+
+
+def backward(p, be, dout, out, lse, dropout_p, seed, bias_shape):
+    """Gradients of ``p`` on backend ``be`` (from :func:`select_backward`): host arrays,
+    packed (dout/out (Tq, H, Dv), lse (Tq, H)) -> (dq, dk, dv, dbias or None, dsinks or
+    None)."""
     cdt = p.compute_dtype
     return be.backward(p, dout.astype(cdt, copy=False), out.astype(cdt, copy=False),
                        np.ascontiguousarray(lse, dtype=cdt), dropout_p, seed, bias_shape)

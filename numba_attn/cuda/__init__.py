@@ -95,6 +95,9 @@ class CUDABackend(_be.Backend):
                                "(float16, bfloat16, float32, float64)")
                 break
         if op == "backward":  # per-thread kernels: no shared-memory tiles to fit
+            if "mods" in problem.extra:
+                reasons.append("no backward for score_mod / mask_mod / block_mask yet; use "
+                               "backend='cpu' (host arrays)")
             return reasons
         cfg = problem.config
         from .launch import plan  # numba-cuda is importable once unavailable_reason is None
