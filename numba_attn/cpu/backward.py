@@ -32,6 +32,7 @@ from numba import prange
 
 from .. import dropout as dr
 from .. import masking
+from .. import planning
 from .._jit import inline, jit
 from .atomics import fetch_add
 from .forward import strip_block_kind
@@ -143,60 +144,25 @@ def bwd_dbias(q, k, v, dout, lse, delta, dbias, bshape, rows, scale, causal, wl,
 # ---------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------
-def _dummy(dtype, ndim=1):
-    return np.zeros((1,) * ndim, dtype=dtype)
-
-
-def _token_rows(rows, n, start_col, len_col):
-    """(n,) int64: batch row of each storage row (-1 where none)."""
-    out = np.full(n, -1, np.int64)
-    for b in range(rows.shape[0]):
-        s0, ln = int(rows[b, start_col]), int(rows[b, len_col])
-        out[s0:s0 + max(ln, 0)] = b
-    return out
+# the shared planning (numba_attn.planning), under the names the launchers below use
+_dummy = planning.dummy
+_token_rows = planning.token_rows
 
 
 BLOCK_ROWS = 64  # lanes of a work item: query rows (dq) or keys (dk, dv)
 BLOCK_K = 64  # keys (dq) or queries (dk, dv) of a tile
 
 
-def _blocks(rows, start_col, len_col, size):
-    """(n, 3) int64 work items (batch row, first storage row, end) of ``size`` rows."""
-    out = []
-    for b in range(rows.shape[0]):
-        s0, ln = int(rows[b, start_col]), int(rows[b, len_col])
-        for x in range(s0, s0 + max(ln, 0), size):
-            out.append((b, x, min(x + size, s0 + ln)))
-    return np.array(out, np.int64).reshape(-1, 3)
+_blocks = planning.blocks
 
 
 def _common(p, drop_p, seed):
     """Option arguments shared by the kernels (after scale .. mask strides)."""
-    from ..masking import CAUSAL_CODES
-
-    cfg = p.config
-    dt = p.compute_dtype
-    return (dt.type(cfg.scale), np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
-            np.int64(cfg.window[1]), dt.type(cfg.softcap),
-            p.slopes if p.slopes is not None else _dummy(dt, 2), p.slopes is not None,
-            p.bias if p.bias is not None else _dummy(dt),
-            p.bias_strides if p.bias is not None else _dummy(np.int64), p.bias is not None,
-            p.mask if p.mask is not None else _dummy(np.bool_),
-            p.mask_strides if p.mask is not None else _dummy(np.int64), p.mask is not None)
+    return planning.options(p)
 
 
-def _drop_args(p, drop_p, seed):
-    dt = p.compute_dtype
-    return (np.uint64(seed), np.uint64(dr.threshold(drop_p)),
-            dt.type(1.0 / (1.0 - drop_p)))
-
-
-def _codes(p):
-    from ..masking import CAUSAL_CODES
-
-    cfg = p.config
-    return (np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
-            np.int64(cfg.window[1]))
+_drop_args = planning.dropout_args
+_codes = planning.codes
 
 
 def _dq_schedule(p, items):
