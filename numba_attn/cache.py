@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from . import dispatch as dp
+from . import quant
 from .config import AttentionError, _is_int, check_int
 from .interop import Array
 
@@ -34,7 +35,16 @@ def _storage_dtype(dtype, device):
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
-    dp.check_float("dtype", np.empty(0, dt))
+    if quant.is_quantized(dt):
+        if device == "cuda":
+            raise TypeError(f"dtype: {dt} caches are host-only (the cuda kernels read "
+                            "float16, bfloat16, float32 or float64)")
+        return dt
+    try:
+        dp.check_float("dtype", np.empty(0, dt))
+    except TypeError as e:
+        raise TypeError(f"{e} (a cache stores float16, bfloat16, float32, float64 or int8)"
+                        ) from None
     if device == "cuda" and dt not in (np.float16, np.float32, np.float64) and \
             not dp._is_bfloat16(dt):
         raise TypeError(f"dtype: a device cache stores float16, bfloat16, float32 or "
@@ -68,6 +78,19 @@ class _CacheBase:
         self.device = _check_device(device)
         self.dtype = _storage_dtype(dtype, self.device)
         self._seqlens = np.zeros(self.batch, np.int32)
+        self.quantized = quant.is_quantized(self.dtype)
+
+    def _alloc_scales(self, lead):
+        """float32 scales per (storage position, kv head) for an int8 cache, else None."""
+        if not self.quantized:
+            return None, None
+        return (np.zeros(lead + (self.num_kv_heads,), np.float32),
+                np.zeros(lead + (self.num_kv_heads,), np.float32))
+
+    def _flat_scales(self):
+        n = int(np.prod(self.k_scale.shape[:-1]))
+        return (self.k_scale.reshape(n, self.num_kv_heads),
+                self.v_scale.reshape(n, self.num_kv_heads))
 
     def _row(self, row):
         if not _is_int(row):
@@ -97,7 +120,8 @@ class _CacheBase:
         """Validate new keys/values; returns (n_new, k, v) on the cache's device.
 
         k_new (batch, n_new, Hkv, D), v_new (batch, n_new, Hkv, Dv), the cache's dtype
-        (or float32 for a host float16 / bfloat16 cache: rounded to it on append).
+        (or float32 for a host float16 / bfloat16 cache: rounded to it on append; any
+        float dtype for an int8 cache: quantized on append, finite values only).
         """
         dp.check_rank("k_new", k_new, 4, "(batch, seqlen_new, num_kv_heads, head_dim)")
         dp.check_rank("v_new", v_new, 4, "(batch, seqlen_new, num_kv_heads, head_dim_v)")
@@ -109,7 +133,14 @@ class _CacheBase:
                                      f"num_kv_heads, head_dim) = {want}, got "
                                      f"{tuple(x.shape)}")
             xdt = dp.as_np_dtype(x.dtype)
-            if xdt != self.dtype and not (xdt == np.float32 and self.mixed_ok()):
+            if self.quantized:
+                if xdt.kind != "f" and not dp._is_bfloat16(xdt):
+                    raise TypeError(f"{name}: an {self.dtype} cache quantizes float keys and "
+                                    f"values on append, got dtype {xdt}")
+                if not np.isfinite(np.asarray(dp.host(name, x), np.float32)).all():
+                    raise AttentionError(f"{name}: an {self.dtype} cache stores finite values "
+                                         "only (inf / nan have no scale)")
+            elif xdt != self.dtype and not (xdt == np.float32 and self.mixed_ok()):
                 raise TypeError(f"{name}: dtype {xdt} differs from the cache's "
                                 f"{self.dtype}; cast it with .astype")
             if _on_device(x) != (self.device == "cuda"):
@@ -143,6 +174,17 @@ class _CacheBase:
             return
         from .cpu import cache_ops
 
+        if self.quantized:  # quantize per (token, kv head); scales beside the values
+            kq, kscale = quant.quantize(dp.host("k_new", k_new).reshape(
+                n, self.num_kv_heads, self.head_dim))
+            vq, vscale = quant.quantize(dp.host("v_new", v_new).reshape(
+                n, self.num_kv_heads, self.head_dim_v))
+            ksc, vsc = self._flat_scales()
+            cache_ops.append_rows(ks, slots, kq)
+            cache_ops.append_rows(vs, slots, vq)
+            ksc[slots] = kscale
+            vsc[slots] = vscale
+            return
         kn = np.ascontiguousarray(dp.host("k_new", k_new), dtype=self.dtype).reshape(
             n, self.num_kv_heads, self.head_dim)
         vn = np.ascontiguousarray(dp.host("v_new", v_new), dtype=self.dtype).reshape(
@@ -159,7 +201,8 @@ class _CacheBase:
         ----------
         k_new : array (batch, n_new, num_kv_heads, head_dim)
         v_new : array (batch, n_new, num_kv_heads, head_dim_v)
-            The cache's dtype and device. Row ``b``'s tokens land at positions
+            The cache's dtype and device (an int8 cache: any float dtype, quantized
+            per (token, kv head)). Row ``b``'s tokens land at positions
             ``seqlens[b] .. seqlens[b] + n_new - 1``; ``seqlens`` then grows by ``n_new``.
 
         Raises
@@ -175,6 +218,20 @@ class _CacheBase:
         n_new = self.check_new(k_new, v_new)
         plan = self.reserve(n_new, check_all=False)
         self._write(self.commit(plan), k_new, v_new)
+
+    def _need_scales(self):
+        if not self.quantized:
+            raise AttentionError(f"cache: a {self.dtype} cache has no scales")
+
+    def dequantized_prefix(self, row):
+        """A row's valid keys and values as float32 host arrays (seqlens[row],
+        num_kv_heads, head_dim[_v]): ``scale * value`` for an int8 cache, a float32 copy
+        of the storage otherwise."""
+        k, v = self.prefix(row)
+        if not self.quantized:
+            return np.asarray(k, np.float32), np.asarray(v, np.float32)
+        ks, vs = self.prefix_scales(row)
+        return quant.dequantize(k, ks), quant.dequantize(v, vs)
 
     def __repr__(self):
         return (f"{type(self).__name__}(batch={self.batch}, max_seqlen={self.max_seqlen}, "
@@ -207,9 +264,13 @@ class KVCache(_CacheBase):
         Positions per row.
     num_kv_heads, head_dim : int
     dtype : numpy dtype, default float32
-        float16, bfloat16, float32 or float64 on the CPU (float32/float64 are read in
-        place; other dtypes are converted per call); float16, bfloat16, float32 or float64
-        on CUDA (read in place, float32 accumulation for float16 and bfloat16).
+        float16, bfloat16, float32 or float64 on the CPU (all read in place; float16 /
+        bfloat16 converted in registers, with float32 accumulation); ``np.int8`` on the
+        CPU: symmetric 8-bit values with float32 scales per (position, kv head) in
+        ``k_scale`` / ``v_scale`` (see :mod:`numba_attn.quant`; new keys/values of any
+        float dtype are quantized on append, q is float32, float16 or bfloat16); float16,
+        bfloat16, float32 or float64 on CUDA (read in place, float32 accumulation for
+        float16 and bfloat16).
     device : {"cpu", "cuda"}, default "cpu"
         "cuda" stores numba device arrays.
     head_dim_v : int, default head_dim
@@ -220,6 +281,11 @@ class KVCache(_CacheBase):
     v : array (batch, max_seqlen, num_kv_heads, head_dim_v)
         The storage; row ``b``'s valid keys are ``k[b, :seqlens[b]]``. A caller may fill it
         directly (e.g. a prompt) and then set ``seqlens``.
+    k_scale, v_scale : ndarray (batch, max_seqlen, num_kv_heads) float32, or None
+        int8 caches: key ``j`` of row ``b``, head ``h`` is
+        ``k_scale[b, j, h] * k[b, j, h, :]`` (``quant.quantize``: max|x| / 127, 0 for
+        an all-zero row); None for float caches. Filled on append; a caller filling
+        ``k`` directly fills these too.
     seqlens : ndarray (batch,) int32
         Valid length of each row; rows may differ. Writable (as FlashAttention's
         ``cache_seqlens``): assign a new vector or edit entries; values are checked
@@ -245,6 +311,7 @@ class KVCache(_CacheBase):
                         self.dtype, self.device)
         self.v = _alloc((self.batch, self.max_seqlen, self.num_kv_heads, self.head_dim_v),
                         self.dtype, self.device)
+        self.k_scale, self.v_scale = self._alloc_scales((self.batch, self.max_seqlen))
 
     @property
     def seqlens(self):
@@ -268,6 +335,13 @@ class KVCache(_CacheBase):
         r = self._row(row)
         n = int(self._check_lengths("seqlens", self._seqlens)[r])
         return self.k[r, :n], self.v[r, :n]
+
+    def prefix_scales(self, row):
+        """Views ``(k_scale[row, :n], v_scale[row, :n])`` (int8 caches)."""
+        self._need_scales()
+        r = self._row(row)
+        n = int(self._check_lengths("seqlens", self._seqlens)[r])
+        return self.k_scale[r, :n], self.v_scale[r, :n]
 
     # -- used by attention_with_kvcache ------------------------------------------------
     def _flat_storage(self):
@@ -330,6 +404,9 @@ class PagedKVCache(_CacheBase):
     ----------
     k_pages : array (num_blocks, block_size, num_kv_heads, head_dim)
     v_pages : array (num_blocks, block_size, num_kv_heads, head_dim_v)
+    k_scale, v_scale : ndarray (num_blocks, block_size, num_kv_heads) float32, or None
+        int8 caches: the scale of each page slot's key / value row per kv head (as
+        :class:`KVCache`); copied with its page on copy-on-write. None for float caches.
     block_table : ndarray (batch, max_blocks_per_seq) int32
         Page of each block of each row; -1 where a row has no page. Entries covering a
         row's valid keys are checked at every call (editing it by hand bypasses the
@@ -365,6 +442,7 @@ class PagedKVCache(_CacheBase):
         shape = (self.num_blocks, self.block_size, self.num_kv_heads)
         self.k_pages = _alloc(shape + (self.head_dim,), self.dtype, self.device)
         self.v_pages = _alloc(shape + (self.head_dim_v,), self.dtype, self.device)
+        self.k_scale, self.v_scale = self._alloc_scales(shape[:2])
         self.block_table = np.full((self.batch, self.max_blocks_per_seq), -1, np.int32)
         self.refcount = np.zeros(self.num_blocks, np.int32)
         self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, ...
@@ -492,9 +570,21 @@ class PagedKVCache(_CacheBase):
         r = self._row(row)
         n = int(self._seqlens[r])
         self._check_table(np.where(np.arange(self.batch) == r, n, 0))
+        return self._gather(r, n, (self.k_pages, self.v_pages))
+
+    def prefix_scales(self, row):
+        """Copies ``(k_scale, v_scale)`` of a row's valid keys (seqlens[row],
+        num_kv_heads), gathered from its pages (int8 caches)."""
+        self._need_scales()
+        r = self._row(row)
+        n = int(self._seqlens[r])
+        self._check_table(np.where(np.arange(self.batch) == r, n, 0))
+        return self._gather(r, n, (self.k_scale, self.v_scale))
+
+    def _gather(self, r, n, stores):
         pages = self.block_table[r, :self._nblk(n)]
         out = []
-        for store in (self.k_pages, self.v_pages):
+        for store in stores:
             host = store.copy_to_host() if self.device == "cuda" else store
             out.append(host[pages].reshape((-1,) + host.shape[2:])[:n].copy())
         return tuple(out)
@@ -564,6 +654,9 @@ class PagedKVCache(_CacheBase):
         else:
             self.k_pages[dst] = self.k_pages[src]
             self.v_pages[dst] = self.v_pages[src]
+            if self.quantized:
+                self.k_scale[dst] = self.k_scale[src]
+                self.v_scale[dst] = self.v_scale[src]
 
     def layout(self):
         """(k, v, k_start (batch,) int64, block_table, block_size) for a dispatch.Problem."""

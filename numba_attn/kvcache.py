@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dispatch as dp
+from . import quant
 from .cache import KVCache, PagedKVCache, _on_device
 from .config import AttentionError, check_flag
 from .interop import Array, like, to_numpy
@@ -48,12 +49,15 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
     Parameters
     ----------
     q : array (batch, seqlen_q, num_heads, head_dim)
-        The cache's dtype and device; ``num_heads % cache.num_kv_heads == 0``.
+        The cache's dtype and device (float32 also for a host float16 / bfloat16 cache;
+        float32, float16 or bfloat16 for an int8 cache); ``num_heads %
+        cache.num_kv_heads == 0``.
     cache : KVCache or PagedKVCache
         Updated in place.
     k_new : array (batch, seqlen_new, num_kv_heads, head_dim), optional
     v_new : array (batch, seqlen_new, num_kv_heads, head_dim_v), optional
-        Both or neither; the cache's dtype and device.
+        Both or neither; the cache's dtype and device (an int8 cache: any float dtype,
+        quantized per (token, kv head) as they are written).
     rotary_cos, rotary_sin : array (max_position, rotary_dim // 2), optional
         Tables as :func:`numba_attn.rotary_cos_sin` returns; ``rotary_dim <= head_dim``
         (channels past it pass through). Both or neither.
@@ -128,7 +132,11 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
         q = to_numpy("q", q) if not _on_device(q) else q
         k_new = None if k_new is None or _on_device(k_new) else to_numpy("k_new", k_new)
         v_new = None if v_new is None or _on_device(v_new) else to_numpy("v_new", v_new)
-    if dt != cache.dtype and not (dt == np.float32 and cache.mixed_ok()):
+    if cache.quantized:
+        if dt != np.float32 and dt != np.float16 and not dp._is_bfloat16(dt):
+            raise TypeError(f"q: an {cache.dtype} cache takes float32, float16 or bfloat16 "
+                            f"q, got {dt}")
+    elif dt != cache.dtype and not (dt == np.float32 and cache.mixed_ok()):
         raise TypeError(f"q: dtype {dt} differs from the cache's {cache.dtype}; cast q (a "
                         f"host float16 / bfloat16 cache also takes float32 q)")
     on_dev = cache.device == "cuda"
@@ -176,7 +184,9 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
         out_dtype=dt, device="cuda" if on_dev else "cpu", score_mod=score_mod,
         score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
         block_mask=block_mask)
-    dp.select(p, backend)  # an unavailable backend raises here, before any write
+    be = dp.select(p, backend)  # an unavailable backend raises here, before any write
+    if cache.quantized:  # the cpu kernels read the scales; launch.py decides how
+        p.extra["kv_scales"] = cache._flat_scales()
 
     # from here on nothing raises for bad input: rotate, append, attend
     if rotary:  # new arrays: the caller's q and k_new are never modified
@@ -186,11 +196,13 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
             kpos = np.ascontiguousarray(pos[:, :n_new]).reshape(-1)
             k3 = _canonical_q(k_new, cdt, on_dev).reshape(bsz * n_new, hkv, d)
             k_new = rotate(k3, rotary_cos, rotary_sin, kpos, rotary_interleaved)
-            if not on_dev:
+            if not on_dev and not cache.quantized:
                 k_new = k_new.astype(cache.dtype, copy=False)
     slots = cache.commit(plan)
     if n_new:
         cache._write(slots, k_new, v_new)
+    if cache.quantized and be.name != "cpu":  # other backends read float32 copies
+        p = quant.dequantized(p)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if out_ref is not None:
         o = out_ref

@@ -15,6 +15,10 @@ masking/softcap/ALiBi/bias/sinks helpers. What differs is the order of memory tr
   query rows by four vectors of channels in registers over the tile's keys. Key and value
   rows are loaded once per block and converted in registers (float16 / bfloat16 caches
   are never copied to float32), with masked loads for head_dim tails;
+* int8 caches (numba_attn.quant): values load as int8 and convert in registers; the
+  tile's scores are multiplied by the keys' scales (``s_k[j] * (q . k_int8[j])``, before
+  softcap and masks) and, after the softmax (whose sums use the unscaled p), p by the
+  values' scales before the value products (``p_j * s_v[j]`` times ``v_int8[j]``);
 * the kernel picks its own number of key splits from the shape (each split writes
   a partial output and lse to scratch, merged with the LSE rule inside the kernel), so a
   single sequence keeps every thread busy. The launcher passes ``nsplit = 1`` (its own
@@ -312,13 +316,26 @@ def _splits(n_items, span_max):
     return max(1, min(want, span_max // MIN_SPLIT_KEYS, 64))
 
 
+@inline
+def _scale_tile(s, nk, nr, nrg, n_kv, sc, rowidx):
+    """s[jj, r] *= sc[rowidx[jj], r // nrg] for the tile's keys jj < nk (int8 caches)."""
+    for jj in range(nk):
+        row = rowidx[jj]
+        for kvh in range(n_kv):
+            f = sc[row, kvh]
+            for r in range(kvh * nrg, (kvh + 1) * nrg):
+                s[jj, r] *= f
+
+
 @jit(parallel=True)
 def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table, block_size,
                  scale, causal, wl, wr, softcap, slopes, has_alibi, bias, bstr, has_bias,
-                 mask, mstr, has_mask, sinks, has_sinks):
+                 mask, mstr, has_mask, sinks, has_sinks, k_scale, v_scale, has_scales):
     """Decode forward; arguments as the first 26 of
     :func:`numba_attn.cpu.forward.flash_forward` (tiles are :data:`TILE` keys read in
-    place from storage; the kernel picks and merges its own key splits).
+    place from storage; the kernel picks and merges its own key splits), then
+    ``k_scale``, ``v_scale`` (N, Hkv) float32 and ``has_scales``: an int8 cache's scales
+    per storage row and kv head (unused float32 (1, 1) arrays otherwise).
     """
     dt = q.dtype
     tq, n_heads, d = q.shape
@@ -393,6 +410,8 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                         rowidx[j - j0 + u] = base + u
                     j += run
                 _scores(qs, dp, k, rowidx, nk, n_kv, nrg, s, d)
+                if has_scales:
+                    _scale_tile(s, nk, nr, nrg, n_kv, k_scale, rowidx)
                 positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
                 fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
                            has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
@@ -402,6 +421,8 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                         a = vsplat(alpha[r])
                         for c in range(0, dvp, nl):
                             vstore(acc, r * dvp + c, vmul(vload(acc, r * dvp + c), a))
+                if has_scales:
+                    _scale_tile(s, nk, nr, nrg, n_kv, v_scale, rowidx)
                 _values(acc, dvp, v, rowidx, vo, nk, n_kv, nrg, s, dv)
             write_rows(acc.reshape((nr, dvp)), m, l, qi, hh, q_start, split, ns, out, lse, pout,
                        plse)

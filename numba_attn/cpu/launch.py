@@ -7,7 +7,7 @@ import numpy as np
 from .. import _blas_quiet
 from .._jit import jit, parallel_guard, serial_if
 from ..config import AttentionConfig
-from .. import planning
+from .. import planning, quant
 from ..planning import make_items  # noqa: F401  (its old home)
 from ..problem import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
@@ -116,6 +116,10 @@ def forward(p):
     if mods is not None and not fused:  # the decode kernel has no mod variant: the fused
         fused = True                    # forward serves small calls too
         block_q = max(1, min(p.max_seqlen_q, 256 // cfg.group_size))
+    scales = p.extra.get("kv_scales")  # an int8 cache (numba_attn.quant)
+    if scales is not None and fused:  # the fused forward reads float32 copies of the rows
+        p = quant.dequantized(p)
+        scales = None
     items = make_items(p.rows, np.int64(block_q))
     # the decode kernel chooses and merges its own key splits
     nsplit = choose_splits(len(items) * cfg.num_kv_heads, p.max_seqlen_k, block_k,
@@ -160,7 +164,11 @@ def forward(p):
                                       mods.margs, mods.bflags, np.int64(mods.bq),
                                       np.int64(mods.bk))
         else:  # decode-sized items: whole storage rows streamed, own key splits
-            decode.flash_decode(*common)
+            if scales is None:
+                scales = (_dummy(np.float32, 2), _dummy(np.float32, 2))
+                decode.flash_decode(*common, *scales, False)
+            else:
+                decode.flash_decode(*common, *scales, True)
         if nsplit > 1:
             fk.merge_splits(part_out, part_lse, out, lse)
     return out, lse

@@ -15,8 +15,9 @@ Storage dtypes. Loads take the storage array and return compute vectors:
 float32 -> float32, float64 -> float64, and two bit views (Numba's CPU target has no
 float16 type): **uint16 = IEEE float16 bits** -> float32 (``bitcast`` to ``<N x half>``,
 ``fpext``: ``vcvtph2ps`` with F16C) and **int16 = bfloat16 bits** -> float32 (zero-extend,
-shift left 16, bitcast: bfloat16 is the top half of a float32). :func:`kernel_storage`
-makes those views. Stores take float32 or float64 arrays.
+shift left 16, bitcast: bfloat16 is the top half of a float32), and **int8** -> float32
+(sign-extend, ``sitofp``: the values of an int8 KV cache, whose scales the caller applies).
+:func:`kernel_storage` makes the half views. Stores take float32 or float64 arrays.
 
 Indices are flat element offsets into a C-contiguous array's data (any rank).
 Nothing here checks bounds: callers keep ``i + lanes <= size`` or use the ``_tail``
@@ -90,7 +91,7 @@ def _vec_of(dtype):
     """Compute vector type for a storage/scalar dtype, or None."""
     if dtype == types.float64:
         return VF64
-    if dtype in (types.float32, types.uint16, types.int16):
+    if dtype in (types.float32, types.uint16, types.int16, types.int8):
         return VF32
     return None
 
@@ -113,6 +114,8 @@ def _raw_type(dtype, lanes):
     """LLVM vector type of the *storage* elements."""
     if dtype in (types.uint16, types.int16):
         return ir.VectorType(_I16, lanes)
+    if dtype == types.int8:
+        return ir.VectorType(ir.IntType(8), lanes)
     if dtype == types.float32:
         return ir.VectorType(ir.FloatType(), lanes)
     return ir.VectorType(ir.DoubleType(), lanes)
@@ -156,6 +159,8 @@ def _to_compute(builder, raw, dtype, vt):
         wide = builder.zext(raw, ir.VectorType(_I32, vt.lanes))
         wide = builder.shl(wide, ir.Constant(ir.VectorType(_I32, vt.lanes), [16] * vt.lanes))
         return builder.bitcast(wide, _llty(vt))
+    if dtype == types.int8:
+        return builder.sitofp(raw, _llty(vt))
     return raw
 
 
@@ -167,6 +172,8 @@ def _scalar_to_compute(builder, raw, dtype):
     if dtype == types.int16:
         wide = builder.shl(builder.zext(raw, _I32), ir.Constant(_I32, 16))
         return builder.bitcast(wide, ir.FloatType())
+    if dtype == types.int8:
+        return builder.sitofp(raw, ir.FloatType())
     return raw
 
 

@@ -1,0 +1,63 @@
+"""8-bit KV-cache storage: symmetric int8 with a float32 scale per (position, kv head).
+
+A key (or value) row ``x`` of ``head_dim`` values for one kv head is stored as
+``q = rint(x / s)`` (round half to even) in int8 with ``s = max|x| / 127`` in float32, so
+``x ~= s * q`` with ``|x - s * q| <= s / 2``; an all-zero row stores ``s = 0`` (and zeros).
+The decode kernel reads ``q`` and ``s`` and dequantizes in registers: the score of key
+``j`` is ``s_k[j] * (q_row . k_int8[j])`` and ``p_j * s_v[j]`` multiplies ``v_int8[j]``.
+Calls the decode kernel does not serve (more query rows per kv head, user mods, the
+reference backend) attend over float32 copies of the rows they read
+(:func:`dequantized`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+QUANTIZED = (np.dtype(np.int8),)
+QMAX = 127.0
+
+
+def is_quantized(dt) -> bool:
+    """True for the 8-bit storage dtypes (int8)."""
+    return isinstance(dt, np.dtype) and dt in QUANTIZED
+
+
+def quantize(x):
+    """float array (..., D) -> (int8 values (..., D), float32 scales (...)).
+
+    Scale = max|x| / 127 over the last axis (float32), values rint(x / scale) clipped
+    to [-127, 127]; an all-zero row gets scale 0 and zeros.
+    """
+    x = np.asarray(x, np.float32)
+    amax = np.abs(x).max(axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1], np.float32)
+    scale = (amax / np.float32(QMAX)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1))[..., None]
+    q = np.clip(np.rint(x / safe), -QMAX, QMAX).astype(np.int8)
+    return q, scale
+
+
+def dequantize(q, scale):
+    """int8 values (..., D) and scales (...) -> float32 values."""
+    return q.astype(np.float32) * np.asarray(scale, np.float32)[..., None]
+
+
+def dequantized(p):
+    """A copy of Problem ``p`` whose k/v are float32: every storage row some batch row
+    reads (``p.extra["kv_scales"]``) dequantized, the rest zero (calloc, untouched)."""
+    ksc, vsc = p.extra["kv_scales"]
+    k = np.zeros(p.k.shape, np.float32)
+    v = np.zeros(p.v.shape, np.float32)
+    bs = p.block_size
+    for b in range(p.batch):
+        k0, klen = int(p.rows[b, 2]), max(int(p.rows[b, 3]), 0)
+        if klen == 0:
+            continue
+        for blk in range(-(-klen // bs)):
+            n = min(bs, klen - blk * bs)
+            s = k0 + int(p.block_table[b, blk]) * bs
+            k[s:s + n] = dequantize(p.k[s:s + n], ksc[s:s + n])
+            v[s:s + n] = dequantize(p.v[s:s + n], vsc[s:s + n])
+    extra = {key: val for key, val in p.extra.items() if key != "kv_scales"}
+    return dataclasses.replace(p, k=k, v=v, extra=extra)
