@@ -2,7 +2,7 @@
 
 Shapes are the decode rows of :data:`numba_attn.bench.SHAPES` (the table of ``python -m
 numba_attn bench``): Llama-3-8B attention (H=32, Hkv=8, D=128), one float32 query over a
-cache of 4096 or 16384 keys, float32 or float16 / bfloat16 storage, and the 4k step right
+cache of 4096 or 16384 keys, float32, float16 / bfloat16 or int8 storage, and the 4k step right
 after a numpy matmul (``..._after_matmul``: the matmul runs in asv's ``setup`` of each
 sample, so numpy's BLAS workers are still spinning when the sample starts).
 
@@ -30,13 +30,15 @@ SHAPES = {s.name: s for s in nb.SHAPES if s.kind == "decode"}
 CACHES = ["contiguous", "paged16"]
 
 
-def make_cache(kind, batch, length, k, v):
-    """A cache of ``kind`` holding k, v (batch, length, HKV, D) in every row."""
+def make_cache(kind, batch, length, k, v, dtype=None):
+    """A cache of ``kind`` (``dtype``, default k's) holding k, v (batch, length, HKV, D)
+    in every row."""
+    dtype = k.dtype if dtype is None else dtype
     if kind == "contiguous":
-        cache = numba_attn.KVCache(batch, length, HKV, D, dtype=k.dtype)
+        cache = numba_attn.KVCache(batch, length, HKV, D, dtype=dtype)
     else:
         cache = numba_attn.PagedKVCache(batch, batch * -(-length // 16), 16, HKV, D,
-                                        k.dtype, max_seqlen=length)
+                                        dtype, max_seqlen=length)
     cache.append(k, v)
     return cache
 
@@ -51,8 +53,8 @@ class Decode(Benchmark):
     def make(self, shape, cache_kind, impl):
         s = SHAPES[shape]
         self.q, k, v = nb.make_inputs(s, seed=self.rng)
-        self.k, self.v = k, v
-        self.kv_bytes = k.nbytes + v.nbytes
+        self.k, self.v = nb.stored(s, k, v)  # what the cache holds (int8: quantized)
+        self.kv_bytes = nb.kv_bytes(s)
         self.before = nb.numba_attn_call(s, self.q, k, v).before
         if impl == "torch":
             require_torch()
@@ -60,7 +62,9 @@ class Decode(Benchmark):
             if why or cache_kind != "contiguous":
                 raise NotImplementedError(why or "torch peer: reads a contiguous prefix only")
             return nb.torch_peer(s, self.q, k, v)
-        cache = make_cache(cache_kind, s.batch, s.seqlen_k, k, v)
+        cdt = nb.storage_dtype(s)
+        cache = make_cache(cache_kind, s.batch, s.seqlen_k, k, v,
+                           cdt if cdt == np.int8 else None)
         q = self.q
         return lambda: numba_attn.attention_with_kvcache(q, cache)
 

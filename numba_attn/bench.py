@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Shape", "SHAPES", "QUICK_SHAPES", "visible_pairs", "flops", "kv_bytes",
-           "storage_dtype", "make_inputs", "numba_attn_call", "numpy_peer",
+           "storage_dtype", "stored", "make_inputs", "numba_attn_call", "numpy_peer",
            "numpy_peer_reason", "peer_shape_reason", "torch_peer", "torch_peer_reason",
            "time_call", "time_samples", "spread_note", "busy_note", "CpuShare", "best_seconds",
            "fma_peak_gflops", "stream_read_seconds", "sgemm_gflops", "run_bench"]
@@ -71,9 +71,11 @@ SHAPES = (
     _decode("llama3_8b_decode_4k_after_matmul", 4096, after_matmul=True),
     _decode("llama3_8b_decode_4k_float16", 4096, dtype="float16"),
     _decode("llama3_8b_decode_4k_bfloat16", 4096, dtype="bfloat16"),
+    _decode("llama3_8b_decode_4k_int8", 4096, dtype="int8"),
     _decode("llama3_8b_decode_16k", 16384),
     _decode("llama3_8b_decode_16k_float16", 16384, dtype="float16"),
     _decode("llama3_8b_decode_16k_bfloat16", 16384, dtype="bfloat16"),
+    _decode("llama3_8b_decode_16k_int8", 16384, dtype="int8"),
     Shape("gpt2_backward_2k", 1, 2048, 2048, 16, 16, 64, False, "backward"),
     Shape("gpt2_backward_2k_causal", 1, 2048, 2048, 16, 16, 64, True, "backward"),
 )
@@ -88,6 +90,7 @@ QUICK_SHAPES = (
     _decode("llama3_8b_decode_4k_after_matmul", 4096, after_matmul=True),
     _decode("llama3_8b_decode_4k_float16", 4096, dtype="float16"),
     _decode("llama3_8b_decode_4k_bfloat16", 4096, dtype="bfloat16"),
+    _decode("llama3_8b_decode_4k_int8", 4096, dtype="int8"),
     Shape("gpt2_backward_512", 1, 512, 512, 16, 16, 64, False, "backward"),
     Shape("gpt2_backward_512_causal", 1, 512, 512, 16, 16, 64, True, "backward"),
 )
@@ -124,16 +127,32 @@ def storage_dtype(shape: Shape):
 
 
 def kv_bytes(shape: Shape):
-    """Bytes of K and V read by one call: the floor of a decode step's traffic."""
-    return (2 * shape.batch * shape.seqlen_k * shape.num_kv_heads * shape.head_dim
-            * storage_dtype(shape).itemsize)
+    """Bytes of K and V read by one call: the floor of a decode step's traffic (an int8
+    cache: values and their float32 scales per position and kv head)."""
+    per = shape.head_dim * storage_dtype(shape).itemsize
+    if storage_dtype(shape) == np.int8:
+        per += 4
+    return 2 * shape.batch * shape.seqlen_k * shape.num_kv_heads * per
+
+
+def stored(shape: Shape, k, v):
+    """The K/V storage a decode step over ``k``/``v`` reads (int8: the quantized values,
+    without their scales), for the stream-read limit."""
+    if storage_dtype(shape) != np.int8:
+        return k, v
+    from .quant import quantize
+
+    return quantize(k)[0], quantize(v)[0]
 
 
 def make_inputs(shape: Shape, seed=SEED, dtype=None):
     """Seeded q (B, Sq, H, D), k and v (B, Sk, Hkv, D): the shape's dtype (decode: q stays
-    float32 over a half-precision cache, the usual CPU inference setup)."""
+    float32 over a half-precision cache, the usual CPU inference setup; an int8 cache's
+    k and v are the float32 data it quantizes)."""
     rng = np.random.default_rng(seed)
     kvdt = np.dtype(dtype) if dtype is not None else storage_dtype(shape)
+    if kvdt == np.int8:
+        kvdt = np.dtype(np.float32)
     qdt = np.float32 if shape.kind == "decode" and kvdt.itemsize == 2 else kvdt
     q = rng.standard_normal((shape.batch, shape.seqlen_q, shape.num_heads, shape.head_dim),
                             dtype=np.float32).astype(qdt, copy=False)
@@ -177,9 +196,13 @@ def numba_attn_call(shape: Shape, q, k, v):
     before = _matmul_before() if shape.after_matmul else None
     if shape.kind == "decode" and hasattr(numba_attn, "attention_with_kvcache"):
         b, sk, hkv, d = k.shape
-        cache = numba_attn.KVCache(b, sk, hkv, d, dtype=k.dtype)
-        cache.k[...] = k
-        cache.v[...] = v
+        cdt = storage_dtype(shape)
+        cache = numba_attn.KVCache(b, sk, hkv, d, dtype=cdt if cdt == np.int8 else k.dtype)
+        if cache.dtype == np.int8:
+            cache.append(k, v)  # quantized on the way in
+        else:
+            cache.k[...] = k
+            cache.v[...] = v
         cache.seqlens = np.full(b, sk, np.int32)
 
         def decode():
@@ -207,9 +230,9 @@ def peer_shape_reason(shape: Shape):
     numba_attn's own float32 / undisturbed row instead."""
     if shape.after_matmul:
         return "compared with the same decode without the matmul (derived ratios below)"
-    if shape.kind == "decode" and storage_dtype(shape).itemsize == 2:
-        return ("float32 q over a half cache has no peer; compared with the float32 cache "
-                "(derived ratios below)")
+    if shape.kind == "decode" and storage_dtype(shape).itemsize <= 2:
+        return ("float32 q over a half or int8 cache has no peer; compared with the float32 "
+                "cache (derived ratios below)")
     return None
 
 
@@ -547,7 +570,7 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
                "dtype": shape.dtype, "peers": {}, "ratios": {}}
         if shape.kind == "decode":
             prog.step(f"{shape.name}: stream-read of the same K/V bytes")
-            row["stream_ms"] = stream_read_seconds(k, v) * 1e3
+            row["stream_ms"] = stream_read_seconds(*stored(shape, k, v)) * 1e3
         prog.step(f"{shape.name}: numba_attn")
         samples, warm = time_samples(numba_attn_call(shape, q, k, v), **timing)
         ms = statistics.median(samples)
@@ -556,7 +579,8 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
                    repeats=len(samples), gflops=flops(shape) / ms / 1e9,
                    gbs=kv_bytes(shape) / ms / 1e9)
         if shape.kind == "decode":  # again after: a busy moment may have hit the first
-            row["stream_ms"] = min(row["stream_ms"], stream_read_seconds(k, v) * 1e3)
+            row["stream_ms"] = min(row["stream_ms"],
+                                   stream_read_seconds(*stored(shape, k, v)) * 1e3)
         row["spread_warning"] = spread_note(shape.name, ms_all)
         if shape.kind == "decode" and row["min_ms"] < 0.9 * row["stream_ms"]:
             row["spread_warning"] = (
@@ -635,7 +659,7 @@ def derived_ratios(rows):
         if not r["name"].endswith("_after_matmul"):
             out[f"{r['name']}: fastest time / stream-read time"] = fast / r["stream_ms"]
         base = r["name"]
-        for suffix in ("_float16", "_bfloat16", "_after_matmul"):
+        for suffix in ("_float16", "_bfloat16", "_int8", "_after_matmul"):
             base = base.replace(suffix, "")
         if base == r["name"] or base not in by:
             continue

@@ -174,3 +174,21 @@ def test_quantized_cache_property_matches_reference():
     text = r.stdout + r.stderr
     assert r.returncode == 0, pc.report(r.returncode, text)
     assert "DONE quantized_kvcache: 0 failing" in text, pc.report(r.returncode, text)
+
+
+def test_bench_int8_rows_compare_with_the_float32_cache(monkeypatch):
+    import io
+
+    from numba_attn import bench
+
+    tiny = (bench._decode("tiny_decode", 64), bench._decode("tiny_decode_int8", 64,
+                                                           dtype="int8"))
+    assert bench.kv_bytes(tiny[1]) == 2 * 64 * 8 * (128 + 4)  # values and scales
+    q, k, v = bench.make_inputs(tiny[1])
+    assert k.dtype == np.float32 and bench.stored(tiny[1], k, v)[0].dtype == np.int8
+    monkeypatch.setattr(bench, "QUICK_SHAPES", tiny)
+    res = bench.run_bench(quick=True, peers=(), out=io.StringIO(), err=io.StringIO())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert "int8 cache" in rows["tiny_decode_int8"]["label"]
+    got = res["derived"]["tiny_decode_int8: speed / float32 cache speed (fastest samples)"]
+    assert got == rows["tiny_decode"]["min_ms"] / rows["tiny_decode_int8"]["min_ms"]
