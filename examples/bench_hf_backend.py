@@ -12,7 +12,9 @@ Shape (Llama-3.2-1B): hidden 2048, 32 query heads, 8 kv heads, head_dim 64, MLP 
 Each implementation is registered twice through transformers' AttentionInterface: as itself
 and wrapped in a timer, so the report gives the whole model's time and the time spent inside
 the attention function (the only part that differs). Both get the same masks (HF's SDPA
-mask builder). Best of ``--repeat``, after a warm-up (Numba compiles are never timed)::
+mask builder). Repeats interleave the two; best of ``--repeat`` for the model and for
+attention separately, after a warm-up (Numba compiles are never timed). Numba's threading
+layer is printed: ``register()`` picks workqueue (see its docstring)::
 
     pip install "numba_attn[hf]"
     python examples/bench_hf_backend.py [--layers 16] [--prefill 2048] [--context 4096]
@@ -82,21 +84,27 @@ def filled_cache(model, length):
     return cache
 
 
-def best(fn, name, repeat):
-    """(best total seconds, attention seconds of that run)."""
-    out = []
-    for _ in range(repeat):
-        SPENT.pop(name, None)
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0, SPENT.get(name, 0.0)))
-    return min(out)
+def once(fn, name):
+    """(total seconds, seconds inside the attention function) of one call of ``fn``."""
+    SPENT.pop(name, None)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, SPENT.get(name, 0.0)
 
 
 def _numba_threads():
     import numba
 
     return numba.get_num_threads()
+
+
+def _layer():
+    import numba
+
+    try:
+        return numba.threading_layer() + " layer"
+    except ValueError:
+        return f"layer {numba.config.THREADING_LAYER!r} requested"
 
 
 def main():
@@ -126,8 +134,8 @@ def main():
     cache = filled_cache(model, args.context - 1)
     pos = torch.tensor([[args.context - 1]])
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} torch threads, {_numba_threads()} Numba threads; Llama-3.2-1B shape, {args.layers} layers, "
-          "float32")
+          f"{torch.get_num_threads()} torch threads, {_numba_threads()} Numba threads; "
+          f"Llama-3.2-1B shape, {args.layers} layers, float32")
 
     def prefill():
         with torch.no_grad():
@@ -140,26 +148,34 @@ def main():
                       **{ckw: cache})
                 cache.crop(-1)  # back to context - 1 cached tokens
 
-    rows = {}
-    for name in IMPLS:
+    for name in IMPLS:  # warm-up: Numba's compiles, torch's first-call costs
         model.set_attn_implementation(f"timed_{name}")
-        with torch.no_grad():  # warm-up: Numba's compiles, torch's first-call costs
+        with torch.no_grad():
             model(prompt[:, :64], logits_to_keep=1, use_cache=False)
             decode()
-        if not args.skip_prefill:
-            rows[name, "prefill"] = best(prefill, name, args.repeat)
-        tot, att = best(decode, name, args.repeat)
-        rows[name, "decode"] = (tot / args.steps, att / args.steps)
+    # repeats interleaved (sdpa, numba_attn, sdpa, ...) so a load change on this shared
+    # machine hits both; best of the repeats
+    rows = {}
+    phases = ([] if args.skip_prefill else [("prefill", prefill, 1)]) + [
+        ("decode", decode, args.steps)]
+    for _ in range(args.repeat):
+        for key, fn, per in phases:
+            for name in IMPLS:
+                model.set_attn_implementation(f"timed_{name}")
+                tot, att = once(fn, name)
+                old = rows.get((name, key), (float("inf"), float("inf")))
+                rows[name, key] = min(old[0], tot / per), min(old[1], att / per)
 
-    phases = ([] if args.skip_prefill else [("prefill", f"prefill {args.prefill}")]) + [
-        ("decode", f"decode @{args.context} (per token)")]
+    labels = {"prefill": f"prefill {args.prefill}", "decode": f"decode @{args.context} (per token)"}
     print(f"{'':28s} {'model sdpa':>11s} {'model numba':>12s} {'ratio':>6s}   "
           f"{'attn sdpa':>10s} {'attn numba':>11s} {'ratio':>6s}")
-    for key, label in phases:
+    for key, _, _ in phases:
+        label = labels[key]
         (ts, as_), (tn, an) = rows["sdpa", key], rows["numba_attn", key]
         print(f"{label:28s} {ts * 1e3:9.1f}ms {tn * 1e3:10.1f}ms {ts / tn:5.2f}x   "
               f"{as_ * 1e3:8.1f}ms {an * 1e3:9.1f}ms {as_ / an:5.2f}x")
-    print("ratio = sdpa time / numba_attn time (> 1: numba_attn faster)")
+    print("ratio = sdpa time / numba_attn time (> 1: numba_attn faster); Numba's "
+          f"threading: {_layer()}")
 
 
 if __name__ == "__main__":

@@ -159,15 +159,15 @@ def test_padded_batch_matches_eager(family):
     np.testing.assert_allclose(got[:SEQ - 7].numpy(), alone.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_gradients_match_eager(family):
-    """Every parameter's gradient of the LM loss (training mode, no dropout), float32."""
+def test_gradients_match_eager(family, dtype):
+    """Every parameter's gradient of the LM loss (training mode, no dropout)."""
     ms = models(family)
     ids = _ids(seed=2)
     grads = {}
-    for impl, dtype in (("oracle64", torch.float64), ("eager", torch.float32),
-                        ("numba_attn", torch.float32)):
-        m = ms[impl, dtype]
+    for impl, dt in (("oracle64", torch.float64), ("eager", dtype), ("numba_attn", dtype)):
+        m = ms[impl, dt]
         m.train()
         m.zero_grad(set_to_none=True)
         m(ids, labels=ids).loss.backward()
@@ -176,7 +176,7 @@ def test_gradients_match_eager(family):
         m.zero_grad(set_to_none=True)
         m.eval()
     assert grads["numba_attn"].keys() == grads["oracle64"].keys()
-    assert len(grads["numba_attn"]) == sum(1 for _ in ms["eager", torch.float32].parameters())
+    assert len(grads["numba_attn"]) == sum(1 for _ in ms["eager", dtype].parameters())
     for name, ref in grads["oracle64"].items():
         _check_close(f"{family} grad {name}", grads["numba_attn"][name],
                      grads["eager"][name], ref)
@@ -298,6 +298,27 @@ def test_attention_forward_gradients_with_sinks():
         grads.append([x.grad for x in xs])
     for name, a, b in zip("q k v sinks".split(), *grads):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-10, err_msg=name)
+
+
+def test_dropout_draws_from_torchs_generator():
+    """Training-mode dropout: repeatable under torch.manual_seed, new masks otherwise, and
+    unbiased (the mean over many seeds approaches the dropout-free output)."""
+    module = _Layer()
+    module.train()
+    q, k, v = _qkv(sq=8, sk=8)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return nt.attention_forward(module, q, k, v, None, dropout=0.25)[0]
+
+    plain = nt.attention_forward(module, q, k, v, None)[0]
+    a, b, c = run(7), run(7), run(8)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    mean = torch.stack([run(s) for s in range(200)]).mean(0)
+    assert (mean - plain).abs().max() < 0.1 * plain.abs().max()
+    module.eval()  # HF passes dropout=0.0 outside training; a module in eval mode ignores it
+    torch.manual_seed(7)
+    assert torch.equal(nt.attention_forward(module, q, k, v, None, dropout=0.25)[0], plain)
 
 
 def test_unsupported_features_are_named():
