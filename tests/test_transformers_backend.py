@@ -1,5 +1,6 @@
 """The Hugging Face transformers backend (numba_attn.integrations.transformers) on tiny
-random Llama, Qwen2, Mistral (sliding window) and Gemma-2 (softcap + sliding window) models.
+random Llama, Qwen2, Mistral (sliding window), Gemma-2 (softcap + sliding window) and
+GPT-OSS (attention sinks + sliding window) models.
 
 Expected values come from the same model run in float64 with ``oracle64``: a plain torch
 float64 attention written here (no numba_attn inside, softmax in float64). Tolerances follow
@@ -77,10 +78,15 @@ def _config(family):
             head_dim=16, sliding_window=8, attn_logit_softcapping=2.0,
             final_logit_softcapping=30.0, query_pre_attn_scalar=24,
             layer_types=["sliding_attention", "full_attention"], **common)
+    if family == "gpt_oss":  # attention sinks (s_aux) + alternating windows, tiny MoE
+        return transformers.GptOssConfig(
+            head_dim=16, sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"],
+            experts_implementation="eager", **common)  # grouped_mm has no float64
     raise ValueError(family)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "gemma2"]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gpt_oss"]
 _MODELS: dict = {}
 
 
@@ -90,6 +96,10 @@ def models(family):
         torch.manual_seed(1234)
         base = transformers.AutoModelForCausalLM.from_config(
             copy.deepcopy(_config(family)), attn_implementation="eager")
+        with torch.no_grad():  # sinks of order 1, so they move the softmax
+            for name, p in base.named_parameters():
+                if name.endswith("self_attn.sinks"):
+                    p.normal_(0.0, 1.0)
         state = base.state_dict()
         out = {}
         for impl in ("eager", "numba_attn", "oracle64"):

@@ -247,8 +247,8 @@ def _per_kv_head(m, bsz, h, hkv):
         return None
     while m.dim() < 4:
         m = m.unsqueeze(0)
-    mb, mh, sq, sk = m.shape
-    m = m.expand(bsz, mh, sq, sk)
+    _, mh, mq, mk = m.shape  # seqlen dims may stay broadcast (1)
+    m = m.expand(bsz, mh, mq, mk)
     if mh == 1:
-        return m.unsqueeze(1).expand(bsz, hkv, 1, sq, sk).reshape(bsz * hkv, 1, sq, sk)
-    return m.reshape(bsz * hkv, h // hkv, sq, sk)
+        return m.unsqueeze(1).expand(bsz, hkv, 1, mq, mk).reshape(bsz * hkv, 1, mq, mk)
+    return m.reshape(bsz * hkv, h // hkv, mq, mk)
