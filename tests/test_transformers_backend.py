@@ -56,7 +56,8 @@ def registered():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    assert nt.register() == "numba_attn"
+    # threading_layer=None: the suite's Numba threads stay as they are (see the child test)
+    assert nt.register(threading_layer=None) == "numba_attn"
     AttentionInterface.register("oracle64", oracle_forward)
     AttentionMaskInterface.register("oracle64", sdpa_mask)
 
@@ -343,3 +344,30 @@ def test_unsupported_features_are_named():
         nt.check(cfg)
     assert nt.check(models("llama")["numba_attn", torch.float32]) is not None
     assert nt.unsupported_reasons(_config("llama")) == []
+
+
+@pytest.mark.parametrize("env, want",
+                         [({}, "workqueue"), ({"NUMBA_THREADING_LAYER": "omp"}, "omp")],
+                         ids=["default", "user-choice"])
+def test_register_picks_the_threading_layer_before_numbas_threads_start(env, want):
+    """In a fresh process register() selects workqueue unless the user chose a layer."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, numpy as np, numba, numba_attn\n"
+            "from numba_attn.integrations import transformers as nt\n"
+            "nt.register()\n"
+            "q = np.ones((1, 1, 2, 8), np.float32)\n"
+            "numba_attn.attention(q, q, q)\n"
+            "print(numba.threading_layer())\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}, **env}
+    try:
+        got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("child process timed out")
+    if want == "omp" and "omp" not in got.stdout and "No threading layer" in got.stderr:
+        pytest.skip("Numba's omp layer is not available here")
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.strip().splitlines()[-1] == want
