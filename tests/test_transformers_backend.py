@@ -242,6 +242,7 @@ CASES = {
     "sinks-window": dict(sinks=True, sliding_window=4),
     "window-no-mask": dict(sliding_window=3),
     "window-decode": dict(sq=1, sk=13, sliding_window=5),
+    "window-bidirectional": dict(is_causal=False, sliding_window=3),
     "softcap-scale": dict(softcap=1.5, scaling=0.3),
     "bool-mask": dict(mask="bool"),
     "bool-mask-per-head": dict(mask="bool-heads"),
@@ -283,7 +284,7 @@ def test_attention_forward_options(case, layout):
         w = c["sliding_window"]
         i = torch.arange(sq)[:, None] + (sk - sq if sq == 1 else 0)
         j = torch.arange(sk)[None, :]
-        allow = (j <= i) & (i - j < w)
+        allow = (i - j < w) & ((j <= i) if module.is_causal else (j - i < w))
         kw = {n: x for n, x in c.items() if n != "sliding_window"}
         got, _ = nt.attention_forward(module, q, k, v, None, **c)
         want, _ = oracle_forward(module, q, k, v, allow, **kw)

@@ -211,15 +211,16 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     masked = attention_mask is not None  # a mask holds causality and windows itself
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     opts = dict(scale=scaling, softcap=float(softcap or 0.0))
-    if not masked and causal and sq > 1:
-        # SDPA's is_causal: top-left, query i at key position i (HF relies on it, e.g. for a
-        # static cache's prefill whose later slots are still empty)
-        opts.update(causal=True, q_offset=0)
-    if not masked and sliding_window is not None and sliding_window > 0:
+    windowed = not masked and sliding_window is not None and int(sliding_window) > 0
+    if windowed:
         w = int(sliding_window) - 1
         opts["window"] = (w, 0 if causal else w)
-        if sq == 1:
-            opts["q_offset"] = sk - 1
+    if not masked and causal and sq > 1:
+        opts["causal"] = True
+    if (windowed or opts.get("causal")) and sq > 1:
+        # SDPA's is_causal: top-left, query i at key position i (HF relies on it, e.g. for a
+        # static cache's prefill whose later slots are still empty); one query: the last key
+        opts["q_offset"] = 0
     if dropout and getattr(module, "training", True):
         opts.update(dropout_p=float(dropout),
                     seed=int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item()))
