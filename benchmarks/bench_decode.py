@@ -2,7 +2,7 @@
 
 Shapes are the decode rows of :data:`numba_attn.bench.SHAPES` (the table of ``python -m
 numba_attn bench``): Llama-3-8B attention (H=32, Hkv=8, D=128), one float32 query over a
-cache of 4096 or 16384 keys, float32, float16 / bfloat16 or int8 storage, and the 4k step right
+cache of 4096 or 16384 keys, float32, float16 / bfloat16, int8 or float8_e4m3fn storage, and the 4k step right
 after a numpy matmul (``..._after_matmul``: the matmul runs in asv's ``setup`` of each
 sample, so numpy's BLAS workers are still spinning when the sample starts).
 
@@ -64,7 +64,7 @@ class Decode(Benchmark):
             return nb.torch_peer(s, self.q, k, v)
         cdt = nb.storage_dtype(s)
         cache = make_cache(cache_kind, s.batch, s.seqlen_k, k, v,
-                           cdt if cdt == np.int8 else None)
+                           cdt if cdt.itemsize == 1 else None)
         q = self.q
         return lambda: numba_attn.attention_with_kvcache(q, cache)
 

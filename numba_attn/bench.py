@@ -72,10 +72,12 @@ SHAPES = (
     _decode("llama3_8b_decode_4k_float16", 4096, dtype="float16"),
     _decode("llama3_8b_decode_4k_bfloat16", 4096, dtype="bfloat16"),
     _decode("llama3_8b_decode_4k_int8", 4096, dtype="int8"),
+    _decode("llama3_8b_decode_4k_float8_e4m3fn", 4096, dtype="float8_e4m3fn"),
     _decode("llama3_8b_decode_16k", 16384),
     _decode("llama3_8b_decode_16k_float16", 16384, dtype="float16"),
     _decode("llama3_8b_decode_16k_bfloat16", 16384, dtype="bfloat16"),
     _decode("llama3_8b_decode_16k_int8", 16384, dtype="int8"),
+    _decode("llama3_8b_decode_16k_float8_e4m3fn", 16384, dtype="float8_e4m3fn"),
     Shape("gpt2_backward_2k", 1, 2048, 2048, 16, 16, 64, False, "backward"),
     Shape("gpt2_backward_2k_causal", 1, 2048, 2048, 16, 16, 64, True, "backward"),
 )
@@ -118,31 +120,32 @@ def flops(shape: Shape):
 
 
 def storage_dtype(shape: Shape):
-    """numpy dtype of the shape's K/V (bfloat16 through ml_dtypes)."""
-    if shape.dtype == "bfloat16":
+    """numpy dtype of the shape's K/V (bfloat16 and float8 through ml_dtypes)."""
+    if shape.dtype in ("bfloat16", "float8_e4m3fn"):
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, shape.dtype))
     return np.dtype(shape.dtype)
 
 
 def kv_bytes(shape: Shape):
     """Bytes of K and V read by one call: the floor of a decode step's traffic (an int8
-    cache: values and their float32 scales per position and kv head)."""
+    or float8 cache: values and their float32 scales per position and kv head)."""
     per = shape.head_dim * storage_dtype(shape).itemsize
-    if storage_dtype(shape) == np.int8:
+    if storage_dtype(shape).itemsize == 1:
         per += 4
     return 2 * shape.batch * shape.seqlen_k * shape.num_kv_heads * per
 
 
 def stored(shape: Shape, k, v):
-    """The K/V storage a decode step over ``k``/``v`` reads (int8: the quantized values,
-    without their scales), for the stream-read limit."""
-    if storage_dtype(shape) != np.int8:
+    """The K/V storage a decode step over ``k``/``v`` reads (int8 / float8: the quantized
+    values, without their scales), for the stream-read limit."""
+    cdt = storage_dtype(shape)
+    if cdt.itemsize != 1:
         return k, v
     from .quant import quantize
 
-    return quantize(k)[0], quantize(v)[0]
+    return quantize(k, cdt)[0], quantize(v, cdt)[0]
 
 
 def make_inputs(shape: Shape, seed=SEED, dtype=None):
@@ -151,7 +154,7 @@ def make_inputs(shape: Shape, seed=SEED, dtype=None):
     k and v are the float32 data it quantizes)."""
     rng = np.random.default_rng(seed)
     kvdt = np.dtype(dtype) if dtype is not None else storage_dtype(shape)
-    if kvdt == np.int8:
+    if kvdt.itemsize == 1:  # int8 / float8 caches quantize float32 data
         kvdt = np.dtype(np.float32)
     qdt = np.float32 if shape.kind == "decode" and kvdt.itemsize == 2 else kvdt
     q = rng.standard_normal((shape.batch, shape.seqlen_q, shape.num_heads, shape.head_dim),
@@ -197,8 +200,8 @@ def numba_attn_call(shape: Shape, q, k, v):
     if shape.kind == "decode" and hasattr(numba_attn, "attention_with_kvcache"):
         b, sk, hkv, d = k.shape
         cdt = storage_dtype(shape)
-        cache = numba_attn.KVCache(b, sk, hkv, d, dtype=cdt if cdt == np.int8 else k.dtype)
-        if cache.dtype == np.int8:
+        cache = numba_attn.KVCache(b, sk, hkv, d, dtype=cdt if cdt.itemsize == 1 else k.dtype)
+        if cache.dtype.itemsize == 1:
             cache.append(k, v)  # quantized on the way in
         else:
             cache.k[...] = k
@@ -537,10 +540,10 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
     try:
         import ml_dtypes  # noqa: F401
     except ImportError:
-        skipped = [s.name for s in shapes if s.dtype == "bfloat16"]
-        shapes = [s for s in shapes if s.dtype != "bfloat16"]
+        skipped = [s.name for s in shapes if s.dtype in ("bfloat16", "float8_e4m3fn")]
+        shapes = [s for s in shapes if s.dtype not in ("bfloat16", "float8_e4m3fn")]
         if skipped:
-            notes.append(f"{', '.join(skipped)}: skipped (bfloat16 needs ml_dtypes: "
+            notes.append(f"{', '.join(skipped)}: skipped (bfloat16 / float8 need ml_dtypes: "
                          "pip install ml_dtypes)")
     peer_list = []
     if "numpy" in peers:
@@ -659,7 +662,7 @@ def derived_ratios(rows):
         if not r["name"].endswith("_after_matmul"):
             out[f"{r['name']}: fastest time / stream-read time"] = fast / r["stream_ms"]
         base = r["name"]
-        for suffix in ("_float16", "_bfloat16", "_int8", "_after_matmul"):
+        for suffix in ("_float16", "_bfloat16", "_int8", "_float8_e4m3fn", "_after_matmul"):
             base = base.replace(suffix, "")
         if base == r["name"] or base not in by:
             continue

@@ -37,14 +37,14 @@ def _storage_dtype(dtype, device):
         raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
     if quant.is_quantized(dt):
         if device == "cuda":
-            raise TypeError(f"dtype: {dt} caches are host-only (the cuda kernels read "
+            raise TypeError(f"dtype: {dt.name} caches are host-only (the cuda kernels read "
                             "float16, bfloat16, float32 or float64)")
         return dt
     try:
         dp.check_float("dtype", np.empty(0, dt))
     except TypeError as e:
-        raise TypeError(f"{e} (a cache stores float16, bfloat16, float32, float64 or int8)"
-                        ) from None
+        raise TypeError(f"{e} (a cache stores float16, bfloat16, float32, float64, int8 or "
+                        "ml_dtypes.float8_e4m3fn)") from None
     if device == "cuda" and dt not in (np.float16, np.float32, np.float64) and \
             not dp._is_bfloat16(dt):
         raise TypeError(f"dtype: a device cache stores float16, bfloat16, float32 or "
@@ -135,10 +135,10 @@ class _CacheBase:
             xdt = dp.as_np_dtype(x.dtype)
             if self.quantized:
                 if xdt.kind != "f" and not dp._is_bfloat16(xdt):
-                    raise TypeError(f"{name}: an {self.dtype} cache quantizes float keys and "
+                    raise TypeError(f"{name}: a {self.dtype} cache quantizes float keys and "
                                     f"values on append, got dtype {xdt}")
                 if not np.isfinite(np.asarray(dp.host(name, x), np.float32)).all():
-                    raise AttentionError(f"{name}: an {self.dtype} cache stores finite values "
+                    raise AttentionError(f"{name}: a {self.dtype} cache stores finite values "
                                          "only (inf / nan have no scale)")
             elif xdt != self.dtype and not (xdt == np.float32 and self.mixed_ok()):
                 raise TypeError(f"{name}: dtype {xdt} differs from the cache's "
@@ -176,10 +176,12 @@ class _CacheBase:
 
         if self.quantized:  # quantize per (token, kv head); scales beside the values
             kq, kscale = quant.quantize(dp.host("k_new", k_new).reshape(
-                n, self.num_kv_heads, self.head_dim))
+                n, self.num_kv_heads, self.head_dim), self.dtype)
             vq, vscale = quant.quantize(dp.host("v_new", v_new).reshape(
-                n, self.num_kv_heads, self.head_dim_v))
+                n, self.num_kv_heads, self.head_dim_v), self.dtype)
             ksc, vsc = self._flat_scales()
+            if self.dtype != np.int8:  # float8: a bit copy
+                ks, vs, kq, vq = (a.view(np.uint8) for a in (ks, vs, kq, vq))
             cache_ops.append_rows(ks, slots, kq)
             cache_ops.append_rows(vs, slots, vq)
             ksc[slots] = kscale

@@ -134,7 +134,7 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
         v_new = None if v_new is None or _on_device(v_new) else to_numpy("v_new", v_new)
     if cache.quantized:
         if dt != np.float32 and dt != np.float16 and not dp._is_bfloat16(dt):
-            raise TypeError(f"q: an {cache.dtype} cache takes float32, float16 or bfloat16 "
+            raise TypeError(f"q: a {cache.dtype} cache takes float32, float16 or bfloat16 "
                             f"q, got {dt}")
     elif dt != cache.dtype and not (dt == np.float32 and cache.mixed_ok()):
         raise TypeError(f"q: dtype {dt} differs from the cache's {cache.dtype}; cast q (a "

@@ -16,7 +16,10 @@ float32 -> float32, float64 -> float64, and two bit views (Numba's CPU target ha
 float16 type): **uint16 = IEEE float16 bits** -> float32 (``bitcast`` to ``<N x half>``,
 ``fpext``: ``vcvtph2ps`` with F16C) and **int16 = bfloat16 bits** -> float32 (zero-extend,
 shift left 16, bitcast: bfloat16 is the top half of a float32), and **int8** -> float32
-(sign-extend, ``sitofp``: the values of an int8 KV cache, whose scales the caller applies).
+(sign-extend, ``sitofp``: the values of an int8 KV cache, whose scales the caller applies)
+and **uint8 = float8_e4m3fn bits** -> float32 (sign to bit 31, the other 7 bits to bits
+20..26, times 2**120: exact for normal and subnormal values; the NaN pattern is never
+stored by numba_attn.quant).
 :func:`kernel_storage` makes the half views. Stores take float32 or float64 arrays.
 
 Indices are flat element offsets into a C-contiguous array's data (any rank).
@@ -91,7 +94,7 @@ def _vec_of(dtype):
     """Compute vector type for a storage/scalar dtype, or None."""
     if dtype == types.float64:
         return VF64
-    if dtype in (types.float32, types.uint16, types.int16, types.int8):
+    if dtype in (types.float32, types.uint16, types.int16, types.int8, types.uint8):
         return VF32
     return None
 
@@ -114,7 +117,7 @@ def _raw_type(dtype, lanes):
     """LLVM vector type of the *storage* elements."""
     if dtype in (types.uint16, types.int16):
         return ir.VectorType(_I16, lanes)
-    if dtype == types.int8:
+    if dtype in (types.int8, types.uint8):
         return ir.VectorType(ir.IntType(8), lanes)
     if dtype == types.float32:
         return ir.VectorType(ir.FloatType(), lanes)
@@ -161,7 +164,25 @@ def _to_compute(builder, raw, dtype, vt):
         return builder.bitcast(wide, _llty(vt))
     if dtype == types.int8:
         return builder.sitofp(raw, _llty(vt))
+    if dtype == types.uint8:
+        return _e4m3_ir(builder, raw, _llty(vt))
     return raw
+
+
+def _e4m3_ir(builder, b, fty):
+    """float8_e4m3fn bits (i8 or <N x i8>) -> float32 (see the module docstring)."""
+    vec = isinstance(b.type, ir.VectorType)
+    n = b.type.count if vec else 1
+    ity = ir.VectorType(_I32, n) if vec else _I32
+
+    def k(x):
+        return ir.Constant(ity, [x] * n) if vec else ir.Constant(_I32, x)
+
+    x = builder.zext(b, ity)
+    bits = builder.or_(builder.shl(builder.and_(x, k(0x80)), k(24)),
+                       builder.shl(builder.and_(x, k(0x7F)), k(20)))
+    two120 = ir.Constant(fty, [2.0 ** 120] * n) if vec else ir.Constant(fty, 2.0 ** 120)
+    return builder.fmul(builder.bitcast(bits, fty), two120)
 
 
 def _scalar_to_compute(builder, raw, dtype):
@@ -174,6 +195,8 @@ def _scalar_to_compute(builder, raw, dtype):
         return builder.bitcast(wide, ir.FloatType())
     if dtype == types.int8:
         return builder.sitofp(raw, ir.FloatType())
+    if dtype == types.uint8:
+        return _e4m3_ir(builder, raw, ir.FloatType())
     return raw
 
 
@@ -607,12 +630,15 @@ def vtanh(typingctx, a):
 
 
 def kernel_storage(x):
-    """The array the kernels read for float16 / bfloat16 storage: its uint16 / int16 bit
-    view (no copy); float32 / float64 arrays are returned as they are."""
+    """The array the kernels read for float16 / bfloat16 / float8_e4m3fn storage: its
+    uint16 / int16 / uint8 bit view (no copy); float32 / float64 / int8 arrays are returned
+    as they are."""
     import numpy as np
 
     if x.dtype == np.float16:
         return x.view(np.uint16)
+    if str(x.dtype) == "float8_e4m3fn":
+        return x.view(np.uint8)
     if str(x.dtype) == "bfloat16":
         return x.view(np.int16)
     return x
