@@ -17,6 +17,7 @@ from .autograd import register, vjp_options
 from .dropout import check_dropout
 from .functional import _check_cu, _check_max, batched_rows, build_problem, canon_qkv
 from .interop import Array, like
+from . import layout as lay
 
 __all__ = ["attention_backward", "attention_varlen_backward", "attention_vjp",
            "attention_varlen_vjp"]
@@ -109,6 +110,7 @@ def _finish(q, dt, shapes, grads, return_dbias, return_dsinks, bias):
     return tuple(res)
 
 
+@lay.entry("q", "k", "v", "dout", "out", result="grads")
 def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
                        causal: bool | str = False, window: tuple[int, int] = (-1, -1),
                        scale: float | None = None, softcap: float = 0.0,
@@ -117,7 +119,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        sinks: Array | None = None, dropout_p: float = 0.0,
                        seed: int | None = None, return_dbias: bool = False,
                        return_dsinks: bool = False, backend: str = "auto",
-                       q_lens: Array | None = None, q_offset: int | None = None) -> tuple:
+                       q_lens: Array | None = None, q_offset: int | None = None,
+                       layout: str = "bshd") -> tuple:
     """Gradients of :func:`numba_attn.attention` (FlashAttention-2's backward).
 
     Scores are recomputed from ``lse`` (nothing seqlen_q x seqlen_k is stored);
@@ -148,6 +151,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
         "cuda" copies host arrays to the GPU and the gradients back. Device arrays run on
         the CUDA kernels and give device arrays (staged through the host for now).
+    layout : {"bshd", "bhsd"}, default "bshd"
+        "bhsd": dout, q, k, v and out are (batch, heads, seq, dim) and dq, dk, dv come
+        back so too (transposed views); lse is (batch, heads, seqlen_q) either way.
 
     Returns
     -------
@@ -225,6 +231,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     return res if device == "cpu" else _to_device_like(q, res)
 
 
+@lay.entry("q", "k", "v", "dout", "out", result="grads")
 def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array,
                               lse: Array, cu_seqlens_q: Array, cu_seqlens_k: Array, *,
                               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
@@ -234,7 +241,8 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                               mask: Array | None = None, kv_lens: Array | None = None,
                               sinks: Array | None = None, dropout_p: float = 0.0,
                               seed: int | None = None, return_dbias: bool = False,
-                              return_dsinks: bool = False, backend: str = "auto") -> tuple:
+                              return_dsinks: bool = False, backend: str = "auto",
+                              layout: str = "bshd") -> tuple:
     """Gradients of :func:`numba_attn.attention_varlen` (packed rows).
 
     Parameters
@@ -331,6 +339,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
     return res if device == "cpu" else _to_device_like(q, res)
 
 
+@lay.entry("q", "k", "v", result="vjp")
 def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
                   return_dsinks: bool = False, **options: Any) -> tuple:
     """Forward attention and its vector-Jacobian product, with the options kept together.
@@ -351,6 +360,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
         ``vjp`` also returns the gradient of ``sinks``.
     **options
         Any keyword of :func:`numba_attn.attention` except ``return_lse`` and ``out``.
+        ``layout="bhsd"`` holds for ``vjp`` too: its dout and gradients are BHSD.
         With ``dropout_p > 0`` and no ``seed``, a fresh seed is drawn and kept for both
         passes. ``score_mod`` / ``mask_mod`` / ``block_mask`` have no backward yet.
 
@@ -392,6 +402,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     return out, vjp
 
 
+@lay.entry("q", "k", "v", result="vjp")
 def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                          cu_seqlens_k: Array, *, return_dbias: bool = False,
                          return_dsinks: bool = False, **options: Any) -> tuple:

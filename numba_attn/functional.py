@@ -14,6 +14,7 @@ from . import autograd
 from .autograd import wants_grad
 from .dropout import check_dropout
 from .interop import Array, is_torch, like, to_numpy
+from . import layout as lay
 from . import mods
 from .mods import BlockMask, MaskMod, ScoreMod
 
@@ -152,6 +153,7 @@ def canon_qkv(q, k, v, ndim, layout_q, layout_kv):
     return dt, dp.compute_dtype(dt), devs["q"]
 
 
+@lay.entry("q", "k", "v", "out")
 def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               window: tuple[int, int] = (-1, -1), scale: float | None = None,
               softcap: float = 0.0, alibi_slopes: Array | None = None,
@@ -163,7 +165,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               score_mod_args: tuple = (), mask_mod: MaskMod | None = None,
               mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
               backend: str = "auto",
-              q_offset: int | None = None) -> Array | tuple[Array, Array]:
+              q_offset: int | None = None,
+              layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
     Parameters
@@ -234,6 +237,10 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         ``causal="top_left"`` stays ``j <= i``). For a block of a longer sequence, e.g.
         queries ``qa:qb`` against keys ``ka:kb`` of a bottom-right call, pass
         ``qa + seqlen_k - seqlen_q - ka`` (chunked prefill, key-split context parallelism).
+    layout : {"bshd", "bhsd"}, default "bshd"
+        "bhsd": q, k, v and out= are (batch, heads, seq, dim) (torch's habit) and out comes
+        back so too, as a transposed view (no copy of the result). See
+        :mod:`numba_attn.layout`.
 
     Returns
     -------
@@ -395,6 +402,7 @@ def _lse_bhs(lse, bsz, sq, h):
     return np.ascontiguousarray(lse.reshape(bsz, sq, h).transpose(0, 2, 1))
 
 
+@lay.entry("q", "k", "v", "out")
 def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      cu_seqlens_k: Array, *, max_seqlen_q: int | None = None,
                      max_seqlen_k: int | None = None, causal: bool | str = False,
@@ -407,7 +415,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
                      mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                      block_mask: BlockMask | None = None,
-                     backend: str = "auto") -> Array | tuple[Array, Array]:
+                     backend: str = "auto",
+                     layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
     Parameters
@@ -434,6 +443,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     out : ndarray (total_q, num_heads, head_dim_v), optional
     dropout_p, seed : float, int, optional
         As :func:`attention`; ``b`` of the keep mask is the row (segment) index.
+    layout : {"bshd", "bhsd"}, default "bshd"
+        "bhsd": q, k, v and out= are (heads, total, dim) and out comes back so too (a
+        transposed view).
 
     Returns
     -------
