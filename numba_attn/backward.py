@@ -13,7 +13,7 @@ import numpy as np
 
 from . import dispatch as dp
 from .config import AttentionError, BackendUnavailable, check_flag
-from .autograd import register, vjp_options
+from .autograd import _probe, register, vjp_options
 from .dropout import check_dropout
 from .functional import _check_cu, _check_max, batched_rows, build_problem, canon_qkv
 from .interop import Array, like
@@ -87,6 +87,37 @@ def _run(p, dout, out, lse, drop_p, seed, bias, return_dbias, return_dsinks, bac
     return dq, dk, dv, dbias, dsinks
 
 
+def _with_grad(p, score_mod_grad, backend, shape):
+    """Attach d score_mod / d score to the Problem's mods (given, or derived: mod_grad),
+    before anything runs; mask_mod / block masks need none."""
+    spec = p.extra.get("mods")
+    if spec is None:
+        if score_mod_grad is not None:
+            from .mods import ModError
+
+            raise ModError("score_mod_grad: given without score_mod")
+        return
+    if backend == "reference":  # the oracle differentiates the Python function itself
+        return
+    if backend == "cuda":
+        raise BackendUnavailable("backend 'cuda' has no backward for score_mod / mask_mod / "
+                                 "block_mask yet; use backend='cpu' (host arrays)")
+    from . import mod_grad
+
+    spec.sgrad = mod_grad.derivative(spec.raw[0], score_mod_grad, spec.sargs,
+                                     p.compute_dtype, shape)
+
+
+def _ref_mods(p, score_mod_grad):
+    """The mods of the Problem as reference.*_backward keywords (none without)."""
+    spec = p.extra.get("mods")
+    if spec is None:
+        return {}
+    score_mod, sargs, mask_mod, margs = spec.raw
+    return dict(score_mod=score_mod, score_mod_args=sargs, mask_mod=mask_mod,
+                mask_mod_args=margs, score_mod_grad=score_mod_grad)
+
+
 def check_returns(opts, return_dbias, return_dsinks):
     """(return_dbias, return_dsinks) checked against the options they need, before any run
     (vjp and autograd alike)."""
@@ -120,6 +151,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        seed: int | None = None, return_dbias: bool = False,
                        return_dsinks: bool = False, backend: str = "auto",
                        q_lens: Array | None = None, q_offset: int | None = None,
+                       score_mod=None, score_mod_args: tuple = (), mask_mod=None,
+                       mask_mod_args: tuple = (), block_mask=None, score_mod_grad=None,
                        layout: str = "bshd") -> tuple:
     """Gradients of :func:`numba_attn.attention` (FlashAttention-2's backward).
 
@@ -205,7 +238,10 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None or ql is not None, out_dtype=dt)
+        has_kv_lens=kl is not None or ql is not None, out_dtype=dt, score_mod=score_mod,
+        score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
+        block_mask=block_mask)
+    _with_grad(p, score_mod_grad, backend, (bsz, h, sq, sk))
     dout_p = dp.host("dout", dout, cdt).reshape(bsz * sq, h, dv)
     out_p = dp.host("out", out, cdt).reshape(bsz * sq, h, dv)
     lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).transpose(0, 2, 1)).reshape(
@@ -222,7 +258,7 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                                                                    alibi_slopes), bias=None if
             bias is None else dp.host("bias", bias), mask=None if mask is None else
             dp.host("mask", mask), kv_lens=kl, sinks=p.sinks, dropout_p=drop_p, seed=seed_v,
-            q_lens=ql, q_offset=q_offset)
+            q_lens=ql, q_offset=q_offset, **_ref_mods(p, score_mod_grad))
 
     grads = _run(p, dout_p, out_p, lse_p, drop_p, seed_v, bias, return_dbias, return_dsinks,
                  backend, ref_call)
@@ -242,6 +278,9 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                               sinks: Array | None = None, dropout_p: float = 0.0,
                               seed: int | None = None, return_dbias: bool = False,
                               return_dsinks: bool = False, backend: str = "auto",
+                              score_mod=None, score_mod_args: tuple = (), mask_mod=None,
+                              mask_mod_args: tuple = (), block_mask=None,
+                              score_mod_grad=None,
                               layout: str = "bshd") -> tuple:
     """Gradients of :func:`numba_attn.attention_varlen` (packed rows).
 
@@ -314,7 +353,10 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
         block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt)
+        has_kv_lens=kl is not None, out_dtype=dt, score_mod=score_mod,
+        score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
+        block_mask=block_mask)
+    _with_grad(p, score_mod_grad, backend, (bsz, h, mq, mk))
     dout_p = dp.host("dout", dout, cdt)
     out_p = dp.host("out", out, cdt)
     lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).T)
@@ -330,7 +372,8 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
             alibi_slopes is None else dp.host("alibi_slopes", alibi_slopes),
             bias=None if bias is None else
             dp.host("bias", bias), mask=None if mask is None else dp.host("mask", mask),
-            kv_lens=kl, sinks=p.sinks, dropout_p=drop_p, seed=seed_v)
+            kv_lens=kl, sinks=p.sinks, dropout_p=drop_p, seed=seed_v,
+            **_ref_mods(p, score_mod_grad))
 
     grads = _run(p, dout_p, out_p, lse_p, drop_p, seed_v, bias, return_dbias, return_dsinks,
                  backend, ref_call)
@@ -362,7 +405,10 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
         Any keyword of :func:`numba_attn.attention` except ``return_lse`` and ``out``.
         ``layout="bhsd"`` holds for ``vjp`` too: its dout and gradients are BHSD.
         With ``dropout_p > 0`` and no ``seed``, a fresh seed is drawn and kept for both
-        passes. ``score_mod`` / ``mask_mod`` / ``block_mask`` have no backward yet.
+        passes. ``score_mod`` needs its derivative: derived automatically (complex step,
+        numba_attn.mod_grad) or given as ``score_mod_grad(score, b, h, q_idx, kv_idx,
+        *score_mod_args)``; a score_mod with neither raises ModError here, before the
+        forward runs. ``mask_mod`` / ``block_mask`` need none.
 
     Returns
     -------
@@ -391,7 +437,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     """
     from .functional import attention
 
-    opts, bwd = vjp_options(options, "attention_vjp")
+    opts, bwd = vjp_options(options, "attention_vjp", _probe(q, k, ()))
     return_dbias, return_dsinks = check_returns(opts, return_dbias, return_dsinks)
     out, lse = attention(q, k, v, return_lse=True, **opts)
 
@@ -434,7 +480,8 @@ def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     """
     from .functional import attention_varlen
 
-    opts, bwd = vjp_options(options, "attention_varlen_vjp")
+    opts, bwd = vjp_options(options, "attention_varlen_vjp",
+                            _probe(q, k, (cu_seqlens_q, cu_seqlens_k)))
     return_dbias, return_dsinks = check_returns(opts, return_dbias, return_dsinks)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **opts)
 

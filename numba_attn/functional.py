@@ -166,6 +166,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
               backend: str = "auto",
               q_offset: int | None = None,
+              score_mod_grad=None,
               layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
@@ -222,6 +223,9 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     score_mod_args : tuple, default ()
         Arrays / scalars passed to ``score_mod`` (contents may change between calls with no
         recompile).
+    score_mod_grad : function ``(score, b, h, q_idx, kv_idx, *score_mod_args) -> float``, optional
+        d score_mod / d score, used only by the backward (torch autograd here; see
+        :func:`numba_attn.attention_vjp`) when the automatic derivative cannot serve.
     mask_mod : function ``(b, h, q_idx, kv_idx, *mask_mod_args) -> bool``, optional
         True = may attend; combined with the other masks.
     mask_mod_args : tuple, default ()
@@ -314,7 +318,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
             sinks=sinks, return_lse=return_lse, out=out, dropout_p=dropout_p, seed=seed,
             score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
             mask_mod_args=mask_mod_args, block_mask=block_mask, backend=backend,
-            q_offset=q_offset)
+            q_offset=q_offset, score_mod_grad=score_mod_grad)
     dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
                                 "(batch, seqlen_k, num_kv_heads, head_dim)")
     return_lse = check_flag("return_lse", return_lse)
@@ -415,7 +419,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
                      mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                      block_mask: BlockMask | None = None,
-                     backend: str = "auto",
+                     backend: str = "auto", score_mod_grad=None,
                      layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
@@ -435,7 +439,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
         Further limits row ``b`` to its first ``kv_lens[b]`` keys.
     causal, window, scale, softcap, alibi_slopes, sinks, backend
         As in :func:`attention`; alignment is per row (``len_k[b] - len_q[b]``).
-    score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask
+    score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask, score_mod_grad
         As in :func:`attention`; ``b`` is the segment, ``q_idx`` / ``kv_idx`` positions
         within it (a block mask covers max_seqlen_q x max_seqlen_k).
     return_lse : bool, default False
@@ -474,7 +478,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
             softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
             kv_lens=kv_lens, sinks=sinks, return_lse=return_lse, out=out, dropout_p=dropout_p,
             seed=seed, score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
-            mask_mod_args=mask_mod_args, block_mask=block_mask, backend=backend)
+            mask_mod_args=mask_mod_args, block_mask=block_mask, backend=backend,
+            score_mod_grad=score_mod_grad)
     dt, cdt, device = canon_qkv(q, k, v, 3, "(total_q, num_heads, head_dim)",
                                 "(total_k, num_kv_heads, head_dim)")
     return_lse = check_flag("return_lse", return_lse)
