@@ -162,6 +162,14 @@ def entry(*names, kv="k", result="out"):
         def call(*args, **kwargs):
             layout = kwargs.get("layout", "bshd")
             q, other = arg(args, kwargs, iq, names[0]), arg(args, kwargs, ik, kv)
+            if layout == "bshd":  # the common case first: head counts that fit, no copy
+                try:
+                    hq = q.shape[-2]
+                    hk = other.num_kv_heads if kv == "cache" else other.shape[-2]
+                    if 0 < hk <= hq and hq % hk == 0:
+                        return fn(*args, **kwargs)
+                except (AttributeError, IndexError, TypeError):
+                    pass
             if kv == "cache":
                 check_heads(check_layout(layout), q,
                             num_kv_heads=getattr(other, "num_kv_heads", None))

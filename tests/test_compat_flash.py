@@ -196,6 +196,12 @@ def test_dropout_seed_comes_from_torch():
     assert torch.equal(a, b)  # torch.manual_seed repeats the draw
     assert not torch.equal(a, c)  # a fresh draw, fresh keep mask
     assert not torch.equal(a, compat.flash_attn_func(q, k, v))
+    qt = q.transpose(1, 2)  # torch's SDPA layout
+    torch.manual_seed(5)
+    a = compat.scaled_dot_product_attention(qt, qt, qt, dropout_p=0.3)
+    torch.manual_seed(5)
+    assert torch.equal(a, compat.scaled_dot_product_attention(qt, qt, qt, dropout_p=0.3))
+    assert not torch.equal(a, compat.scaled_dot_product_attention(qt, qt, qt))
 
 
 # ---------------------------------------------------------------------------------------
