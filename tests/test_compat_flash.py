@@ -324,6 +324,12 @@ def test_flash_attn_varlen_paged_kv(dtype, page, causal):
         low = attention_ref(q[b:b + 1, :lq[b]], k[b:b + 1, :lk[b]], v[b:b + 1, :lk[b]],
                             causal=causal, dtype=dtype, low=True)[0][0]
         check_bound("out", out[cq[b]:cq[b + 1]], low, ref, 2)
+    qg = _pack(q, lq).requires_grad_()  # forward-only, as FlashAttention's: backward raises
+    og = compat.flash_attn_varlen_func(qg, kp, vp, _cu(lq), _cu(lk), 41, 130, causal=causal,
+                                       block_table=table)
+    assert torch.equal(og.detach(), out)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        og.sum().backward()
 
 
 # ---------------------------------------------------------------------------------------
