@@ -55,16 +55,24 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_fu
 # ---------------------------------------------------------------------------------------
 # what FlashAttention's callers pass: ints of every kind, RuntimeError-compatible errors
 # ---------------------------------------------------------------------------------------
-_RUNTIME: dict = {}
+class CompatAttentionError(AttentionError, RuntimeError):
+    """An :class:`numba_attn.AttentionError` raised by compat: also a ``RuntimeError``."""
+
+
+class CompatTypeError(TypeError, RuntimeError):
+    """A ``TypeError`` raised by compat: also a ``RuntimeError``."""
+
+
+_RUNTIME: dict = {AttentionError: CompatAttentionError, TypeError: CompatTypeError}
 
 
 def _as_runtime(err):
-    """``err`` re-made as an instance of its own class and of RuntimeError."""
+    """``err`` re-made as an instance of its own class and of RuntimeError (the two
+    commonest classes are named, so they pickle; others get a subclass made once)."""
     cls = type(err)
     sub = _RUNTIME.get(cls)
     if sub is None:
-        sub = type(cls.__name__, (cls, RuntimeError), {"__module__": cls.__module__,
-                                                       "__qualname__": cls.__qualname__})
+        sub = type(f"Compat{cls.__name__}", (cls, RuntimeError), {"__module__": __name__})
         _RUNTIME[cls] = sub
     new = BaseException.__new__(sub, *err.args)
     new.__dict__.update(getattr(err, "__dict__", {}))

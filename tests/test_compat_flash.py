@@ -408,6 +408,10 @@ def test_errors_are_runtime_errors_and_native():
     assert isinstance(e.value, TypeError)
     with pytest.raises(RuntimeError, match="window_size"):
         compat.flash_attn_func(q, q, q, window_size=torch.tensor([1, 2, 3]))
+    import pickle
+
+    back = pickle.loads(pickle.dumps(e.value))  # named classes: errors cross processes
+    assert type(back) is type(e.value) and str(back) == str(e.value)
 
 
 @pytest.mark.parametrize("kind", ["int", "numpy", "np0d", "tensor0d", "tensor1"])
