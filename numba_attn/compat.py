@@ -35,15 +35,17 @@ import sys
 
 import numpy as np
 
-from . import dispatch as dp
 from . import reference
+from . import validate as va
 from .autograd import wants_grad
 from .cache import KVCache
 from .config import AttentionError, check_flag, check_int, normalize_causal
 from .dropout import keep_mask
-from .functional import attention, attention_varlen, build_problem, run_and_finish, set_dropout
+from .dispatch import run_into
+from .functional import attention, attention_varlen
 from .interop import Array, is_torch, like, to_numpy
 from .kvcache import attention_with_kvcache
+from .problem import CONTIGUOUS_BLOCK, build_problem
 from .rope import check_tables, rotate, token_positions
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func",
@@ -129,7 +131,7 @@ def _ints(name, x):
     """A host int64 vector from an int array or tensor (None stays None)."""
     if x is None:
         return None
-    a = dp.host_operand(name, x, "iu", "an int32 array")
+    a = va.host_operand(name, x, "iu", "an int32 array")
     return a.astype(np.int64)
 
 
@@ -273,10 +275,10 @@ def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0,
     s_dmask = None
     if p > 0.0:
         s_dmask = like(q, _probs(
-            dp.host("q", q.detach() if is_torch(q) else q).reshape(-1, *q.shape[2:]),
-            dp.host("k", k.detach() if is_torch(k) else k).reshape(-1, *k.shape[2:]),
+            va.host("q", q.detach() if is_torch(q) else q).reshape(-1, *q.shape[2:]),
+            va.host("k", k.detach() if is_torch(k) else k).reshape(-1, *k.shape[2:]),
             _rows_batched(q, k), softmax_scale, normalize_causal(causal), window,
-            _softcap(softcap), alibi_slopes, p, seed, dp.as_np_dtype(q.dtype)))
+            _softcap(softcap), alibi_slopes, p, seed, va.as_np_dtype(q.dtype)))
     return res[0], res[1], s_dmask
 
 
@@ -355,11 +357,11 @@ def flash_attn_varlen_func(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     s_dmask = None
     if p > 0.0:
         s_dmask = like(q, _probs(
-            dp.host("q", q.detach() if is_torch(q) else q),
-            dp.host("k", k.detach() if is_torch(k) else k),
+            va.host("q", q.detach() if is_torch(q) else q),
+            va.host("k", k.detach() if is_torch(k) else k),
             _rows_varlen(cu_seqlens_q, cu_seqlens_k), softmax_scale,
             normalize_causal(causal), window, _softcap(softcap), alibi_slopes, p, seed,
-            dp.as_np_dtype(q.dtype)))
+            va.as_np_dtype(q.dtype)))
     return res[0], res[1], s_dmask
 
 
@@ -390,22 +392,22 @@ def _forward_only(out, *inputs):
 def _paged_varlen(q, k_cache, v_cache, cu_q, cu_k, mq, mk, block_table, scale, causal,
                   window, softcap, alibi_slopes, ret):
     """Varlen queries over a paged cache: one Problem read through the block table."""
-    dp.check_rank("q", q, 3, "(total_q, nheads, headdim)")
-    dp.check_rank("k", k_cache, 4, "(num_blocks, page_block_size, nheads_k, headdim)")
-    dp.check_rank("v", v_cache, 4, "(num_blocks, page_block_size, nheads_k, headdim_v)")
-    dt = dp.check_float("q", q)
+    va.check_rank("q", q, 3, "(total_q, nheads, headdim)")
+    va.check_rank("k", k_cache, 4, "(num_blocks, page_block_size, nheads_k, headdim)")
+    va.check_rank("v", v_cache, 4, "(num_blocks, page_block_size, nheads_k, headdim_v)")
+    dt = va.check_float("q", q)
     for name, x in (("k", k_cache), ("v", v_cache)):
-        if dp.array_device(x) != "cpu" or dp.array_device(q) != "cpu":
+        if va.array_device(x) != "cpu" or va.array_device(q) != "cpu":
             raise AttentionError(f"{name}: numba_attn.compat's paged prefill takes host "
                                  f"arrays (numpy, torch CPU)")
-        if dp.check_float(name, x) != dt:
-            raise TypeError(f"{name}: dtype {dp.as_np_dtype(x.dtype)} differs from q's {dt}")
+        if va.check_float(name, x) != dt:
+            raise TypeError(f"{name}: dtype {va.as_np_dtype(x.dtype)} differs from q's {dt}")
     total, h, d = q.shape
     nb, page, hkv = k_cache.shape[:3]
     dv = v_cache.shape[3]
-    dp.same([("k.shape[:3]", tuple(k_cache.shape[:3])),
+    va.same([("k.shape[:3]", tuple(k_cache.shape[:3])),
              ("v.shape[:3]", tuple(v_cache.shape[:3]))], "paged cache shapes")
-    dp.same([("q.shape[2]", d), ("k.shape[3]", k_cache.shape[3])], "head dims")
+    va.same([("q.shape[2]", d), ("k.shape[3]", k_cache.shape[3])], "head dims")
     rows4 = _rows_varlen(cu_q, cu_k)
     bsz = rows4.shape[0]
     cq = _ints("cu_seqlens_q", cu_q)
@@ -419,7 +421,7 @@ def _paged_varlen(q, k_cache, v_cache, cu_q, cu_k, mq, mk, block_table, scale, c
         if given < int(lens.max(initial=0)):
             raise AttentionError(f"{name}: {given} is smaller than the longest row "
                                  f"({int(lens.max(initial=0))})")
-    bt = dp.host_operand("block_table", block_table, "iu", "an int32 array")
+    bt = va.host_operand("block_table", block_table, "iu", "an int32 array")
     if bt.ndim != 2 or bt.shape[0] != bsz:
         raise AttentionError(f"block_table: expected shape (batch, max_num_blocks_per_seq) "
                              f"with batch = {bsz}, got {bt.shape}")
@@ -433,26 +435,26 @@ def _paged_varlen(q, k_cache, v_cache, cu_q, cu_k, mq, mk, block_table, scale, c
         b, j = (int(i) for i in np.argwhere(bad)[0])
         raise AttentionError(f"block_table: entry [{b}, {j}] = {int(bt[b, j])} is not a page "
                              f"in [0, {nb}) but row {b} uses {int(klen[b])} keys")
-    cdt = dp.compute_dtype(dt)
+    cdt = va.compute_dtype(dt)
     rows = np.zeros((bsz, 5), np.int64)
     rows[:, 0], rows[:, 1], rows[:, 3] = rows4[:, 0], rows4[:, 1], klen
     rows[:, 4] = klen - rows4[:, 1]
-    ks = dp.host("k", k_cache, cdt).reshape(nb * page, hkv, d)
-    vs = dp.host("v", v_cache, cdt).reshape(nb * page, hkv, dv)
+    ks = va.host("k", k_cache, cdt).reshape(nb * page, hkv, d)
+    vs = va.host("v", v_cache, cdt).reshape(nb * page, hkv, dv)
     pb = build_problem(
-        q=dp.host("q", q, cdt), k=ks, v=vs, rows=rows,
+        q=va.host("q", q, cdt), k=ks, v=vs, rows=rows,
         block_table=np.ascontiguousarray(bt, dtype=np.int32), block_size=page,
         max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz, causal=causal, window=window,
         scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, bias=None, mask=None,
         sinks=None, has_kv_lens=False, out_dtype=dt)
-    o, lse = run_and_finish(pb, "auto", None, (total, h, dv))
+    o, lse = run_into(pb, "auto", None, (total, h, dv))
     if not ret:
         return like(q, o)
     return like(q, o), like(q, np.ascontiguousarray(lse.T))
 
 
 def _unpack(name, x, axis_len, axis, layout):
-    dp.check_rank(name, x, axis + 3, layout)
+    va.check_rank(name, x, axis + 3, layout)
     if x.shape[axis] != axis_len:
         raise AttentionError(f"{name}: expected {layout}, axis {axis} of length {axis_len}, "
                              f"got shape {tuple(x.shape)}")
@@ -621,7 +623,7 @@ def _row_ints(name, x, batch, lo, hi, default):
     elif np.ndim(x) == 0 or (getattr(x, "shape", None) == (1,) and batch != 1):
         a = np.full(batch, _int(name, x), np.int64)
     else:
-        return dp.check_int_vector(name, x, batch, lo, hi)
+        return va.check_int_vector(name, x, batch, lo, hi)
     bad = (a < lo) | (a > hi)
     if bad.any():
         raise AttentionError(f"{name}: entries must lie in [{lo}, {hi}], got {int(a[0])}")
@@ -669,7 +671,7 @@ class _CallerCache(KVCache):
         ks, vs = self._flat_storage()
         if self._table is None:
             return (ks, vs, self._idx * self.k.shape[1] + self._pad,
-                    np.zeros((self.batch, 1), np.int32), dp.CONTIGUOUS_BLOCK)
+                    np.zeros((self.batch, 1), np.int32), CONTIGUOUS_BLOCK)
         return ks, vs, np.zeros(self.batch, np.int64), self._table, self._page
 
 
@@ -759,16 +761,16 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
     ((1, 1, 4, 8), True, True)
     """
     q_ref = q
-    dp.check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    dp.check_rank("k_cache", k_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim)")
-    dp.check_rank("v_cache", v_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim_v)")
-    dt = dp.check_float("q", q)
+    va.check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    va.check_rank("k_cache", k_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim)")
+    va.check_rank("v_cache", v_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim_v)")
+    dt = va.check_float("q", q)
     for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if dp.array_device(x) != "cpu" or dp.array_device(q) != "cpu":
+        if va.array_device(x) != "cpu" or va.array_device(q) != "cpu":
             raise AttentionError(f"{name}: numba_attn.compat takes host arrays (numpy, torch "
                                  f"CPU); on a GPU use numba_attn.KVCache(device='cuda')")
-        if dp.check_float(name, x) != dt:
-            raise TypeError(f"{name}: dtype {dp.as_np_dtype(x.dtype)} differs from q's {dt}")
+        if va.check_float(name, x) != dt:
+            raise TypeError(f"{name}: dtype {va.as_np_dtype(x.dtype)} differs from q's {dt}")
     qh, kc, vc = (to_numpy(n, x) for n, x in (("q", q), ("k_cache", k_cache),
                                                ("v_cache", v_cache)))
     for name, x in (("k_cache", kc), ("v_cache", vc)):
@@ -780,9 +782,9 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
     bsz, sq, h, d = qh.shape
     nb, s_cache, hkv = kc.shape[:3]
     dv = vc.shape[3]
-    dp.same([("k_cache.shape[:3]", kc.shape[:3]), ("v_cache.shape[:3]", vc.shape[:3])],
+    va.same([("k_cache.shape[:3]", kc.shape[:3]), ("v_cache.shape[:3]", vc.shape[:3])],
             "cache shapes")
-    dp.same([("q.shape[3]", d), ("k_cache.shape[3]", kc.shape[3])], "head dims")
+    va.same([("q.shape[3]", d), ("k_cache.shape[3]", kc.shape[3])], "head dims")
     paged = block_table is not None
     if (k is None) != (v is None):
         raise AttentionError("k, v: pass both or neither")
@@ -795,7 +797,7 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
             if x.ndim != 4 or tuple(x.shape) != want:
                 raise AttentionError(f"{name}: expected shape (batch, seqlen_new, nheads_k, "
                                      f"headdim) = {want}, got {tuple(x.shape)}")
-            if dp.check_float(name, x) != dt:
+            if va.check_float(name, x) != dt:
                 raise TypeError(f"{name}: dtype {x.dtype} differs from the cache's {dt}")
         n_new = kh.shape[1]
     bt = None
@@ -803,7 +805,7 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
         if cache_batch_idx is not None or cache_leftpad is not None:
             raise NotImplementedError("cache_batch_idx, cache_leftpad: not supported with "
                                       "block_table (a paged cache), as in FlashAttention")
-        bt = dp.host_operand("block_table", block_table, "iu", "an int32 array")
+        bt = va.host_operand("block_table", block_table, "iu", "an int32 array")
         if bt.ndim != 2 or bt.shape[0] != bsz:
             raise AttentionError(f"block_table: expected shape (batch, max_num_blocks_per_seq)"
                                  f" with batch = {bsz}, got {bt.shape}")
@@ -822,7 +824,7 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
                                  f"cache_leftpad[{b}] = {pad[b]} > {lens[b]}")
     idx = np.arange(bsz, dtype=np.int64)
     if cache_batch_idx is not None:
-        idx = dp.check_int_vector("cache_batch_idx", cache_batch_idx, bsz, 0, nb - 1)
+        idx = va.check_int_vector("cache_batch_idx", cache_batch_idx, bsz, 0, nb - 1)
         if n_new and len(np.unique(idx)) != bsz:
             raise AttentionError("cache_batch_idx: entries must be distinct when k, v are "
                                  "appended (two rows would write one cache row)")
@@ -853,11 +855,11 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
         qpos = token_positions(lens[:, None] + qoff[None, :], (bsz, sq), rotary_cos.shape[0])
         kpos = token_positions(lens[:, None] + np.arange(n_new, dtype=np.int64)[None, :],
                                (bsz, n_new), rotary_cos.shape[0]) if n_new else None
-        cdt = dp.compute_dtype(dt)
-        qh = rotate(dp.host("q", qh, cdt).reshape(bsz * sq, h, d), rotary_cos, rotary_sin,
+        cdt = va.compute_dtype(dt)
+        qh = rotate(va.host("q", qh, cdt).reshape(bsz * sq, h, d), rotary_cos, rotary_sin,
                     qpos, interleaved).astype(dt, copy=False).reshape(qh.shape)
         if n_new:
-            kh = rotate(dp.host("k", kh, cdt).reshape(bsz * n_new, hkv, d), rotary_cos,
+            kh = rotate(va.host("k", kh, cdt).reshape(bsz * n_new, hkv, d), rotary_cos,
                         rotary_sin, kpos, interleaved).astype(dt, copy=False).reshape(kh.shape)
     cache = _CallerCache(kc, vc, lens, idx, pad, bt, s_cache)
     res = attention_with_kvcache(qh, cache, kh, vh, causal=causal, window=window,
@@ -966,7 +968,7 @@ def scaled_dot_product_attention(query: Array, key: Array, value: Array,
         if bias.dim() > 4 or (bias.dim() > 2 and nd > 4):
             bias = bias.broadcast_to(lead + (hq, L, S)).reshape(b, hq, L, S)
     elif attn_mask is not None:
-        m = dp.host_operand("attn_mask", attn_mask, "biuf", "a bool or float array")
+        m = va.host_operand("attn_mask", attn_mask, "biuf", "a bool or float array")
         full = lead + (hq, L, S)
         if m.ndim > 4 or (m.ndim > 2 and nd > 4):
             try:
