@@ -56,7 +56,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
               backend: str = "auto",
               q_offset: int | None = None,
-              score_mod_grad=None,
+              score_mod_grad: ScoreMod | None = None,
               layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
@@ -250,7 +250,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
                      mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                      block_mask: BlockMask | None = None,
-                     backend: str = "auto", score_mod_grad=None,
+                     backend: str = "auto",
+                     score_mod_grad: ScoreMod | None = None,
                      layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
