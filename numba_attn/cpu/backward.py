@@ -35,6 +35,7 @@ from .. import masking
 from .. import planning
 from .._jit import inline, jit
 from .atomics import fetch_add
+from .forward import strip_block_kind
 from .microkernels import pv6, pv8, qk6, qk8
 from .simd import block_rows, lanes, vexp, vload, vmul, vsplat, vstore, vsub, vtanh
 
@@ -196,11 +197,14 @@ def kitem_costs(kitems, rows, causal, wl, wr, block_q):
 
 
 def _mods(p):
-    """(smod, sgrad, sargs, mmod, margs) of the Problem's mods (Nones without)."""
+    """(smod, sgrad, sargs, mmod, margs, bflags, bq, bk) of the Problem's mods (Nones
+    without; ``bflags`` None without a block mask, whose empty tiles the kernels skip as
+    the forward does)."""
     spec = p.extra.get("mods")
     if spec is None:
-        return None, None, (), None, ()
-    return spec.smod, getattr(spec, "sgrad", None), spec.sargs, spec.mmod, spec.margs
+        return None, None, (), None, (), None, np.int64(1), np.int64(1)
+    return (spec.smod, getattr(spec, "sgrad", None), spec.sargs, spec.mmod, spec.margs,
+            spec.bflags, np.int64(spec.bq), np.int64(spec.bk))
 
 
 def forward_dropout(p, drop_p, seed):
@@ -221,11 +225,11 @@ def forward_dropout(p, drop_p, seed):
     out[...] = 0
     if len(items):
         with parallel_guard():
-            smod, _sgrad, sargs, mmod, margs = _mods(p)
+            smod, _sgrad, sargs, mmod, margs, bflags, bq, bk = _mods(p)
             kern = tiled_dropout_out if smod is None and mmod is None else _MODDED["dropout"]
             kern(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
                  *_drop_args(p, drop_p, seed), np.int64(BLOCK_K), _dq_schedule(p, items),
-                 np.int64(numba.get_num_threads()), smod, sargs, mmod, margs)
+                 np.int64(numba.get_num_threads()), smod, sargs, mmod, margs, bflags, bq, bk)
     return out, lse
 
 
@@ -250,6 +254,7 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     lanes_n = np.int64(numba.get_num_threads())
     mods = _mods(p)
     modded = mods[0] is not None or mods[3] is not None
+    fmods = mods[:5]  # the dbias kernel does not skip blocks
     with parallel_guard():
         group = p.config.group_size
         items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
@@ -267,7 +272,7 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
             if q.shape[0] and k.shape[0]:
                 (_MODDED["dbias"] if modded else bwd_dbias)(
                     q, k, v, dout, lse, delta, dbias, np.asarray(bias_shape, np.int64),
-                    p.rows, *common, *drop, mods[0], mods[2], mods[3], mods[4])
+                    p.rows, *common, *drop, fmods[0], fmods[2], fmods[3], fmods[4])
             dbias = dbias.reshape(bias_shape)
     dsinks = None
     if p.sinks is not None:
@@ -396,6 +401,20 @@ def tile_mods(st, gm, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, imax, jma
 
 
 @inline
+def keys_blocks_empty(bflags, bq, bk, b, h, i0, i1, j0, j1):
+    """True when every block of the block mask that queries [i0, i1) of head ``h`` meet in
+    keys [j0, j1) is empty (the dk/dv pass's strip-tile; the dq pass uses the forward's
+    ``strip_block_kind``)."""
+    bb = b if bflags.shape[0] > 1 else 0
+    hb = h if bflags.shape[1] > 1 else 0
+    for qb in range(i0 // bq, (i1 - 1) // bq + 1):
+        for kb in range(j0 // bk, (j1 - 1) // bk + 1):
+            if bflags[bb, hb, qb, kb] != 0:
+                return False
+    return True
+
+
+@inline
 def tile_softcap(st, dc, n, softcap):
     """st = softcap * tanh(st / softcap); dc = 1 - tanh^2 (its derivative), n elements."""
     w = lanes(st)
@@ -412,7 +431,8 @@ def tile_softcap(st, dc, n, softcap):
 @jit(parallel=True)
 def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, softcap,
              slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop, seed,
-             thr, pscale, block_k, schedule, n_lanes, smod, sgrad, sargs, mmod, margs):
+             thr, pscale, block_k, schedule, n_lanes, smod, sgrad, sargs, mmod, margs,
+             bflags, bq, bk):
     """dq of work items (batch row, first query, end query) x kv head: rows (query, head of
     the group) in lanes, key tiles of ``block_k``; S^T = K (scale Q)^T and dP^T = V dO^T by
     the QK micro-kernel, dS in vectors, dQ^T += K^T dS^T by the PV micro-kernel."""
@@ -512,6 +532,9 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                     ne = min(j1, shi) - j0
                     if ne <= 0 or slo >= j1:
                         continue
+                    if bflags is not None and strip_block_kind(
+                            bflags, bq, bk, b, qi, hh, s0, nrs, j0, j0 + ne) == 0:
+                        continue  # every block the strip meets is empty: as the forward
                     nep = (ne + mr - 1) // mr * mr
                     for u in range(0, nep, mr):
                         if mr == 8:
@@ -566,7 +589,7 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
 def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causal, wl, wr,
                softcap, slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop,
                seed, thr, pscale, block_q, schedule, n_lanes, smod, sgrad, sargs, mmod,
-               margs):
+               margs, bflags, bq, bk):
     """dk / dv of work items (batch row, first key, end key) x kv head: keys in lanes, query
     tiles of ``block_q`` for each query head of the group; S = Q (scale K)^T and
     dP = dO V^T by the QK micro-kernel, dV^T += dO^T P and dK^T += Q^T dS by the PV one."""
@@ -660,6 +683,9 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                         sj1 = min(kj0 + nk, sj0 + nrs)
                         if sj0 >= sj1:
                             continue
+                        if bflags is not None and keys_blocks_empty(bflags, bq, bk, b, h, i0,
+                                                                    i1, sj0, sj1):
+                            continue
                         for u in range(0, nip, mr):
                             if mr == 8:
                                 qk8(q, qb, u, kt, nrp, s0, d, st)
@@ -720,7 +746,7 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
 @jit(parallel=True)
 def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, softcap, slopes,
                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, seed, thr, pscale,
-                      block_k, schedule, n_lanes, smod, sargs, mmod, margs):
+                      block_k, schedule, n_lanes, smod, sargs, mmod, margs, bflags, bq, bk):
     """The dropout forward's output from the forward's ``lse``: ``out_i = sum_j exp(s_ij -
     lse_i) keep_ij / (1 - p) v_j``, tiled as ``tiled_dq`` (S^T by the QK micro-kernel, O^T
     += V^T P by the PV one)."""
@@ -808,6 +834,9 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                     ne = min(j1, shi) - j0
                     if ne <= 0 or slo >= j1:
                         continue
+                    if bflags is not None and strip_block_kind(
+                            bflags, bq, bk, b, qi, hh, s0, nrs, j0, j0 + ne) == 0:
+                        continue  # every block the strip meets is empty: as the forward
                     nep = (ne + mr - 1) // mr * mr
                     for u in range(0, nep, mr):
                         if mr == 8:
