@@ -78,7 +78,7 @@ def test_cuda_twin_matches_formula(rng):
 
     x = rng.standard_normal((3, 200)).astype(np.float32)
     w = rng.standard_normal(200).astype(np.float32)
-    got = rms_norm(cuda.to_device(x), cuda.to_device(w), 1e-6).copy_to_host()
+    got = rms_norm(cuda.to_device(x), cuda.to_device(w), eps=1e-6).copy_to_host()
     np.testing.assert_allclose(got, naive_rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
 
 
