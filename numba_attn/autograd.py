@@ -35,31 +35,45 @@ def register(kind: str, **fns) -> None:
     _IMPL.setdefault(kind, {}).update(fns)
 
 
-_MOD_OPTIONS = ("score_mod", "mask_mod", "block_mask")
+def _probe(q, k, rows):
+    """(compute dtype, (batch, heads, seqlen_q, seqlen_k)) of a call, for mod_grad's check
+    of an automatic score_mod derivative (positions inside the problem)."""
+    dt = np.float64 if str(getattr(q, "dtype", "")).endswith("float64") else np.float32
+    if rows:  # varlen: (total, heads, dim) with cu_seqlens
+        cq, ck = (np.asarray(c).astype(np.int64) for c in rows)
+        return dt, (max(len(cq) - 1, 1), q.shape[1], int(np.diff(cq).max(initial=1)),
+                    int(np.diff(ck).max(initial=1)))
+    return dt, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
 
 
-def vjp_options(opts, fn_name):
+def vjp_options(opts, fn_name, probe=None):
     """The forward options a vjp keeps, checked before anything runs: (forward options,
-    backward options)."""
+    backward options). ``probe`` = :func:`_probe` of the call: a score_mod's derivative
+    (``score_mod_grad`` or the automatic one) is compiled and checked here, so a mod without
+    one fails before the forward runs."""
     for name in ("return_lse", "out"):
         if name in opts:
             raise TypeError(f"{fn_name}() got an unexpected keyword argument {name!r} (the "
                             "vjp keeps out and lse itself)")
-    for name in _MOD_OPTIONS:
-        if opts.get(name) is not None:
-            from .mods import ModError
-
-            raise ModError(f"{name}: the backward does not support mods yet; the forward "
-                           "alone runs them (numba_attn.attention)")
     opts = dict(opts)
+    grad = opts.pop("score_mod_grad", None)
+    if opts.get("score_mod") is not None and probe is not None and \
+            opts.get("backend", "auto") != "reference":
+        from . import mod_grad
+
+        mod_grad.derivative(opts["score_mod"], grad, opts.get("score_mod_args", ()),
+                            probe[0], probe[1])
+    elif grad is not None and opts.get("score_mod") is None:
+        from .mods import ModError
+
+        raise ModError("score_mod_grad: given without score_mod")
     if float(opts.get("dropout_p", 0.0) or 0.0) > 0.0 and opts.get("seed") is None:
         # the one seed both passes use: the vjp owns it, so it cannot go missing
         opts["seed"] = int(np.random.SeedSequence().entropy % (1 << 63))
-    bwd = {n: x for n, x in opts.items()
-           if n not in _MOD_OPTIONS + ("score_mod_args", "mask_mod_args")}
+    bwd = dict(opts)
+    if grad is not None:
+        bwd["score_mod_grad"] = grad
     return opts, bwd
-
-
 
 
 def wants_grad(*xs) -> bool:
@@ -125,12 +139,12 @@ def _functions():
     return _FUNCTIONS
 
 
-def _check(opts, out):
+def _check(opts, out, probe):
     """(forward options, backward options), checked before anything runs."""
     if out is not None:
         raise AttentionError("out: not supported when an input requires grad (autograd "
                              "needs a fresh output tensor)")
-    return vjp_options(opts, "attention")
+    return vjp_options(opts, "attention", probe)
 
 
 def _promote(x, ref):
@@ -149,7 +163,7 @@ def attention(q, k, v, *, bias=None, sinks=None, return_lse=False, out=None, **o
     >>> attention.__name__
     'attention'
     """
-    opts = _check(opts, out)
+    opts = _check(opts, out, _probe(q, k, ()))
     o, lse = _functions()["function"].apply("attention", opts, (), q, k, v,
                                             _promote(bias, q), _promote(sinks, q))
     return (o, lse) if return_lse else o
@@ -163,7 +177,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, bias=None, sinks=No
     >>> attention_varlen.__name__
     'attention_varlen'
     """
-    opts = _check(opts, out)
+    opts = _check(opts, out, _probe(q, k, (cu_seqlens_q, cu_seqlens_k)))
     o, lse = _functions()["function"].apply("attention_varlen", opts,
                                             (cu_seqlens_q, cu_seqlens_k), q, k, v,
                                             _promote(bias, q), _promote(sinks, q))

@@ -1,9 +1,9 @@
 """The public attention backward: :func:`attention_backward`, :func:`attention_varlen_backward`.
 
-Validation mirrors the forward (the same Problem is built by ``functional.build_problem``),
-then the CPU kernels of ``cpu/backward.py`` (or ``backend="reference"``, the float64 oracle)
-compute the gradients; ``backend="cuda"`` (or device-array inputs) runs the CUDA twins.
-Device arrays are staged through the host for now (validation and packing are numpy).
+The same prologue as the forward (``validate`` checks, ``problem`` rows and Problem), then
+``dispatch.backward`` picks the backend (its ``backward``: the CPU kernels of
+``cpu/backward.py``, their CUDA twins, or ``backend="reference"``, the float64 oracle over
+the caller's own arrays). Device arrays are staged through the host for now.
 """
 from __future__ import annotations
 
@@ -11,79 +11,57 @@ from typing import Any
 
 import numpy as np
 
-from . import dispatch as dp
-from .config import AttentionError, BackendUnavailable, check_flag
-from .autograd import register, vjp_options
+from . import dispatch
+from . import validate as va
+from .autograd import _probe, register, vjp_options
+from .config import AttentionError, check_flag
 from .dropout import check_dropout
-from .functional import _check_cu, _check_max, batched_rows, build_problem, canon_qkv
-from .interop import Array, like
+from .interop import Array, like, like_device
+from .problem import (BATCHED_LAYOUT, CONTIGUOUS_BLOCK, VARLEN_LAYOUT, batched_dims,
+                      batched_rows, build_problem, varlen_dims, varlen_rows)
 
 __all__ = ["attention_backward", "attention_varlen_backward", "attention_vjp",
            "attention_varlen_vjp"]
 
 
-def _check_grad_inputs(dout, out, lse, out_shape, lse_shape, dt, device):
-    for name, x, shape in (("dout", dout, out_shape), ("out", out, out_shape),
-                           ("lse", lse, lse_shape)):
-        dp.check_rank(name, x, len(shape), str(shape))
-        if tuple(x.shape) != tuple(shape):
-            raise AttentionError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
-        dp.check_float(name, x)
-        if dp.array_device(x) != device:
-            raise AttentionError(f"{name}: on {dp.array_device(x)} while q, k, v are on "
-                                 f"{device}; pass all arrays on the same device")
-
-
-def _device_backend(device, backend):
-    """Device arrays run on the CUDA kernels (copied through the host for now)."""
-    if device == "cpu":
-        return backend
-    if backend not in ("auto", "cuda"):
-        raise BackendUnavailable(f"backend {backend!r} cannot serve device arrays; use "
-                                 "'auto' or 'cuda'")
-    return "cuda"
-
-
-def _to_device_like(q, grads):
-    from numba import cuda
-
-    from .cuda import dispatch_cuda
-
-    return tuple(dispatch_cuda.like(q, cuda.to_device(np.ascontiguousarray(g)))
-                 for g in grads)
-
-
-def _run(p, dout, out, lse, drop_p, seed, bias, return_dbias, return_dsinks, backend,
-         ref_call):
-    if backend not in ("auto", "cpu", "reference", "cuda"):
-        dp.get_backend(backend)  # unknown name: the usual error
-    if backend == "cuda":
-        dp._load_optional_backends()
-        why = dp.BACKENDS["cuda"].unavailable_reason() if "cuda" in dp.BACKENDS else \
-            "numba-cuda is not installed"
-        if why:
-            raise BackendUnavailable(f"backend 'cuda' cannot serve this call: {why}")
+def _grads(p, be, dout_p, out_p, lse_p, drop_p, seed, bias, return_dbias, return_dsinks):
+    """Run the backward of ``p`` on backend ``be``; (dq, dk, dv, dbias, dsinks) packed."""
     if return_dbias and bias is None:
         raise AttentionError("return_dbias: True needs a bias")
     if return_dsinks and p.sinks is None:
         raise AttentionError("return_dsinks: True needs sinks")
-    if backend == "reference":
-        dq, dk, dv, dbias, dsinks = ref_call()
-    else:
-        if backend == "cuda":
-            from .cuda import backward as kern
-        else:
-            from .cpu import backward as kern
+    shape4 = None
+    if return_dbias:
+        shape4 = (1,) * (4 - len(bias.shape)) + tuple(bias.shape)
+    return dispatch.backward(p, be, dout_p, out_p, lse_p, drop_p, seed, shape4)
 
-        cdt = p.compute_dtype
-        shape4 = None
-        if return_dbias:
-            shape4 = (1,) * (4 - len(bias.shape)) + tuple(bias.shape)
-        dq, dk, dv, dbias, dsinks = kern.backward(p, dout.astype(cdt, copy=False),
-                                                  out.astype(cdt, copy=False),
-                                                  np.ascontiguousarray(lse, dtype=cdt),
-                                                  drop_p, seed, shape4)
-    return dq, dk, dv, dbias, dsinks
+
+def _with_grad(p, score_mod_grad, be, shape):
+    """Attach d score_mod / d score to the Problem's mods (given, or derived: mod_grad)
+    for backend ``be``, before anything runs; mask_mod / block masks need none."""
+    spec = p.extra.get("mods")
+    if spec is None:
+        if score_mod_grad is not None:
+            from .mods import ModError
+
+            raise ModError("score_mod_grad: given without score_mod")
+        return
+    if not be.needs_score_mod_grad:  # the oracle differentiates the Python function itself
+        return
+    from . import mod_grad
+
+    spec.sgrad = mod_grad.derivative(spec.raw[0], score_mod_grad, spec.sargs,
+                                     p.compute_dtype, shape)
+
+
+def _ref_mods(p, score_mod_grad):
+    """The mods of the Problem as reference.*_backward keywords (none without)."""
+    spec = p.extra.get("mods")
+    if spec is None:
+        return {}
+    score_mod, sargs, mask_mod, margs = spec.raw
+    return dict(score_mod=score_mod, score_mod_args=sargs, mask_mod=mask_mod,
+                mask_mod_args=margs, score_mod_grad=score_mod_grad)
 
 
 def check_returns(opts, return_dbias, return_dsinks):
@@ -98,15 +76,14 @@ def check_returns(opts, return_dbias, return_dsinks):
     return return_dbias, return_dsinks
 
 
-def _finish(q, dt, shapes, grads, return_dbias, return_dsinks, bias):
+def _finish(q, dt, shapes, grads, return_dbias, return_dsinks, bias, device):
     dq, dk, dv, dbias, dsinks = grads
-    res = [like(q, np.asarray(g).reshape(s).astype(dt, copy=False))
-           for g, s in zip((dq, dk, dv), shapes)]
+    res = [np.asarray(g).reshape(s).astype(dt, copy=False) for g, s in zip((dq, dk, dv), shapes)]
     if return_dbias:
-        res.append(like(q, np.asarray(dbias).reshape(tuple(bias.shape)).astype(dt, copy=False)))
+        res.append(np.asarray(dbias).reshape(tuple(bias.shape)).astype(dt, copy=False))
     if return_dsinks:
-        res.append(like(q, np.asarray(dsinks).astype(dt, copy=False)))
-    return tuple(res)
+        res.append(np.asarray(dsinks).astype(dt, copy=False))
+    return like_device(q, res, device)
 
 
 def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
@@ -117,7 +94,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        sinks: Array | None = None, dropout_p: float = 0.0,
                        seed: int | None = None, return_dbias: bool = False,
                        return_dsinks: bool = False, backend: str = "auto",
-                       q_lens: Array | None = None, q_offset: int | None = None) -> tuple:
+                       q_lens: Array | None = None, q_offset: int | None = None,
+                       score_mod=None, score_mod_args: tuple = (), mask_mod=None,
+                       mask_mod_args: tuple = (), block_mask=None, score_mod_grad=None) -> tuple:
     """Gradients of :func:`numba_attn.attention` (FlashAttention-2's backward).
 
     Scores are recomputed from ``lse`` (nothing seqlen_q x seqlen_k is stored);
@@ -175,54 +154,52 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     >>> bool(np.allclose(dv.sum(axis=1), 8.0))
     True
     """
-    dt, cdt, device = canon_qkv(q, k, v, 4, "(batch, seqlen_q, num_heads, head_dim)",
-                                "(batch, seqlen_k, num_kv_heads, head_dim)")
+    dt, cdt, device = va.check_qkv(q, k, v, 4, *BATCHED_LAYOUT)
     return_dbias = check_flag("return_dbias", return_dbias)
     return_dsinks = check_flag("return_dsinks", return_dsinks)
     drop_p, seed_v = check_dropout(dropout_p, seed)
-    bsz, sq, h, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    dp.same([("q.shape[0]", bsz), ("k.shape[0]", k.shape[0]), ("v.shape[0]", v.shape[0])],
-            "batch sizes")
-    dp.same([("k.shape[1]", sk), ("v.shape[1]", v.shape[1])], "seqlen_k of k and v")
-    dp.same([("k.shape[2]", hkv), ("v.shape[2]", v.shape[2])], "num_kv_heads of k and v")
-    dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
-    dv = v.shape[3]
-    _check_grad_inputs(dout, out, lse, (bsz, sq, h, dv), (bsz, h, sq), dt, device)
+    bsz, sq, sk, h, hkv, d, dv = batched_dims(q, k, v)
+    va.check_like((("dout", dout), ("out", out), ("lse", lse)),
+                  ((bsz, sq, h, dv), (bsz, sq, h, dv), (bsz, h, sq)), device)
     rows, kl, ql = batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device)
-    backend = _device_backend(device, backend)
-    qp = dp.host("q", q, cdt).reshape(bsz * sq, h, d)
-    kp = dp.host("k", k, cdt).reshape(bsz * sk, hkv, d)
-    vp = dp.host("v", v, cdt).reshape(bsz * sk, hkv, dv)
+    qp, kp, vp = (va.host(n, x, cdt).reshape((-1,) + tuple(x.shape[2:]))
+                  for n, x in (("q", q), ("k", k), ("v", v)))
     p = build_problem(
         q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((bsz, 1), np.int32),
-        block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
+        block_size=CONTIGUOUS_BLOCK, max_seqlen_q=sq, max_seqlen_k=sk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None or ql is not None, out_dtype=dt)
-    dout_p = dp.host("dout", dout, cdt).reshape(bsz * sq, h, dv)
-    out_p = dp.host("out", out, cdt).reshape(bsz * sq, h, dv)
-    lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).transpose(0, 2, 1)).reshape(
+        has_kv_lens=kl is not None or ql is not None, out_dtype=dt, score_mod=score_mod,
+        score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
+        block_mask=block_mask)
+    be = dispatch.select_backward(p, backend, device)
+    _with_grad(p, score_mod_grad, be, (bsz, h, sq, sk))
+    dout_p = va.host("dout", dout, cdt).reshape(bsz * sq, h, dv)
+    out_p = va.host("out", out, cdt).reshape(bsz * sq, h, dv)
+    lse_p = np.ascontiguousarray(va.host("lse", lse, cdt).transpose(0, 2, 1)).reshape(
         bsz * sq, h)
 
-    def ref_call():
+    def oracle():
         from . import reference
 
         return reference.attention_backward(
-            dp.host("dout", dout), dp.host("q", q), dp.host("k", k), dp.host("v", v),
-            dp.host("out", out), dp.host("lse", lse), causal=p.config.causal,
+            va.host("dout", dout), va.host("q", q), va.host("k", k), va.host("v", v),
+            va.host("out", out), va.host("lse", lse), causal=p.config.causal,
             window=p.config.window, scale=p.config.scale, softcap=p.config.softcap,
-            alibi_slopes=None if alibi_slopes is None else dp.host("alibi_slopes",
-                                                                   alibi_slopes), bias=None if
-            bias is None else dp.host("bias", bias), mask=None if mask is None else
-            dp.host("mask", mask), kv_lens=kl, sinks=p.sinks, dropout_p=drop_p, seed=seed_v,
-            q_lens=ql, q_offset=q_offset)
+            alibi_slopes=_host_opt("alibi_slopes", alibi_slopes),
+            bias=_host_opt("bias", bias), mask=_host_opt("mask", mask), kv_lens=kl,
+            sinks=p.sinks, dropout_p=drop_p, seed=seed_v, q_lens=ql, q_offset=q_offset,
+            **_ref_mods(p, score_mod_grad))
 
-    grads = _run(p, dout_p, out_p, lse_p, drop_p, seed_v, bias, return_dbias, return_dsinks,
-                 backend, ref_call)
-    res = _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
-                  bias)
-    return res if device == "cpu" else _to_device_like(q, res)
+    p.extra["oracle"] = oracle
+    grads = _grads(p, be, dout_p, out_p, lse_p, drop_p, seed_v, bias,
+                   return_dbias, return_dsinks)
+    return _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
+                   bias, device)
+
+
+def _host_opt(name, x):
+    return None if x is None else va.host(name, x)
 
 
 def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array,
@@ -234,7 +211,10 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                               mask: Array | None = None, kv_lens: Array | None = None,
                               sinks: Array | None = None, dropout_p: float = 0.0,
                               seed: int | None = None, return_dbias: bool = False,
-                              return_dsinks: bool = False, backend: str = "auto") -> tuple:
+                              return_dsinks: bool = False, backend: str = "auto",
+                              score_mod=None, score_mod_args: tuple = (), mask_mod=None,
+                              mask_mod_args: tuple = (), block_mask=None,
+                              score_mod_grad=None) -> tuple:
     """Gradients of :func:`numba_attn.attention_varlen` (packed rows).
 
     Parameters
@@ -268,67 +248,48 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
     >>> dq.shape, dk.shape
     ((5, 2, 8), (7, 2, 8))
     """
-    dt, cdt, device = canon_qkv(q, k, v, 3, "(total_q, num_heads, head_dim)",
-                                "(total_k, num_kv_heads, head_dim)")
+    dt, cdt, device = va.check_qkv(q, k, v, 3, *VARLEN_LAYOUT)
     return_dbias = check_flag("return_dbias", return_dbias)
     return_dsinks = check_flag("return_dsinks", return_dsinks)
     drop_p, seed_v = check_dropout(dropout_p, seed)
-    tq, h, d = q.shape
-    tk, hkv = k.shape[0], k.shape[1]
-    dp.same([("k.shape[0]", tk), ("v.shape[0]", v.shape[0])], "total_k of k and v")
-    dp.same([("k.shape[1]", hkv), ("v.shape[1]", v.shape[1])], "num_kv_heads of k and v")
-    dp.same([("q.shape[2]", d), ("k.shape[2]", k.shape[2])], "head_dim of q and k")
-    dv = v.shape[2]
-    _check_grad_inputs(dout, out, lse, (tq, h, dv), (h, tq), dt, device)
-    cq = _check_cu("cu_seqlens_q", cu_seqlens_q, tq)
-    ck = _check_cu("cu_seqlens_k", cu_seqlens_k, tk)
-    if len(cq) != len(ck):
-        raise AttentionError(f"cu_seqlens_q and cu_seqlens_k: lengths differ ({len(cq)} vs "
-                             f"{len(ck)}); both must be batch + 1")
-    bsz = len(cq) - 1
-    lq, lk = np.diff(cq), np.diff(ck)
-    mq = _check_max("max_seqlen_q", max_seqlen_q, lq)
-    mk = _check_max("max_seqlen_k", max_seqlen_k, lk)
-    rows = np.zeros((bsz, 5), np.int64)
-    rows[:, 0] = cq[:-1]
-    rows[:, 1] = lq
-    rows[:, 2] = ck[:-1]
-    rows[:, 3] = lk
-    rows[:, 4] = lk - lq
-    kl = None
-    if kv_lens is not None:
-        kl = dp.check_int_vector("kv_lens", kv_lens, bsz, 0, int(lk.max(initial=0)))
-        rows[:, 3] = np.minimum(lk, kl)
-    backend = _device_backend(device, backend)
-    qp, kp, vp = (dp.host(n, x, cdt) for n, x in (("q", q), ("k", k), ("v", v)))
+    tq, tk, h, hkv, d, dv = varlen_dims(q, k, v)
+    va.check_like((("dout", dout), ("out", out), ("lse", lse)),
+                  ((tq, h, dv), (tq, h, dv), (h, tq)), device)
+    rows, cq, ck, mq, mk, kl = varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q,
+                                           max_seqlen_k, kv_lens)
+    bsz = len(rows)
+    qp, kp, vp = (va.host(n, x, cdt) for n, x in (("q", q), ("k", k), ("v", v)))
     p = build_problem(
         q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((bsz, 1), np.int32),
-        block_size=dp.CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
+        block_size=CONTIGUOUS_BLOCK, max_seqlen_q=mq, max_seqlen_k=mk, batch=bsz,
         causal=causal, window=window, scale=scale, softcap=softcap,
         alibi_slopes=alibi_slopes, bias=bias, mask=mask, sinks=sinks,
-        has_kv_lens=kl is not None, out_dtype=dt)
-    dout_p = dp.host("dout", dout, cdt)
-    out_p = dp.host("out", out, cdt)
-    lse_p = np.ascontiguousarray(dp.host("lse", lse, cdt).T)
+        has_kv_lens=kl is not None, out_dtype=dt, score_mod=score_mod,
+        score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
+        block_mask=block_mask)
+    be = dispatch.select_backward(p, backend, device)
+    _with_grad(p, score_mod_grad, be, (bsz, h, mq, mk))
+    dout_p = va.host("dout", dout, cdt)
+    out_p = va.host("out", out, cdt)
+    lse_p = np.ascontiguousarray(va.host("lse", lse, cdt).T)
 
-    def ref_call():
+    def oracle():
         from . import reference
 
         return reference.attention_varlen_backward(
-            dp.host("dout", dout), dp.host("q", q), dp.host("k", k), dp.host("v", v),
-            dp.host("out", out), dp.host("lse", lse), cq, ck, max_seqlen_q=mq,
+            va.host("dout", dout), va.host("q", q), va.host("k", k), va.host("v", v),
+            va.host("out", out), va.host("lse", lse), cq, ck, max_seqlen_q=mq,
             max_seqlen_k=mk, causal=p.config.causal, window=p.config.window,
-            scale=p.config.scale, softcap=p.config.softcap, alibi_slopes=None if
-            alibi_slopes is None else dp.host("alibi_slopes", alibi_slopes),
-            bias=None if bias is None else
-            dp.host("bias", bias), mask=None if mask is None else dp.host("mask", mask),
-            kv_lens=kl, sinks=p.sinks, dropout_p=drop_p, seed=seed_v)
+            scale=p.config.scale, softcap=p.config.softcap,
+            alibi_slopes=_host_opt("alibi_slopes", alibi_slopes),
+            bias=_host_opt("bias", bias), mask=_host_opt("mask", mask), kv_lens=kl,
+            sinks=p.sinks, dropout_p=drop_p, seed=seed_v, **_ref_mods(p, score_mod_grad))
 
-    grads = _run(p, dout_p, out_p, lse_p, drop_p, seed_v, bias, return_dbias, return_dsinks,
-                 backend, ref_call)
-    res = _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
-                  bias)
-    return res if device == "cpu" else _to_device_like(q, res)
+    p.extra["oracle"] = oracle
+    grads = _grads(p, be, dout_p, out_p, lse_p, drop_p, seed_v, bias,
+                   return_dbias, return_dsinks)
+    return _finish(q, dt, (q.shape, k.shape, v.shape), grads, return_dbias, return_dsinks,
+                   bias, device)
 
 
 def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
@@ -352,7 +313,10 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     **options
         Any keyword of :func:`numba_attn.attention` except ``return_lse`` and ``out``.
         With ``dropout_p > 0`` and no ``seed``, a fresh seed is drawn and kept for both
-        passes. ``score_mod`` / ``mask_mod`` / ``block_mask`` have no backward yet.
+        passes. ``score_mod`` needs its derivative: derived automatically (complex step,
+        numba_attn.mod_grad) or given as ``score_mod_grad(score, b, h, q_idx, kv_idx,
+        *score_mod_args)``; a score_mod with neither raises ModError here, before the
+        forward runs. ``mask_mod`` / ``block_mask`` need none.
 
     Returns
     -------
@@ -381,7 +345,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     """
     from .functional import attention
 
-    opts, bwd = vjp_options(options, "attention_vjp")
+    opts, bwd = vjp_options(options, "attention_vjp", _probe(q, k, ()))
     return_dbias, return_dsinks = check_returns(opts, return_dbias, return_dsinks)
     out, lse = attention(q, k, v, return_lse=True, **opts)
 
@@ -423,7 +387,8 @@ def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     """
     from .functional import attention_varlen
 
-    opts, bwd = vjp_options(options, "attention_varlen_vjp")
+    opts, bwd = vjp_options(options, "attention_varlen_vjp",
+                            _probe(q, k, (cu_seqlens_q, cu_seqlens_k)))
     return_dbias, return_dsinks = check_returns(opts, return_dbias, return_dsinks)
     out, lse = attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, return_lse=True, **opts)
 

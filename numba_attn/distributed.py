@@ -27,9 +27,10 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides da
         "numba_attn.distributed needs Dask: pip install 'numba_attn[distributed]' "
         f"(dask[array,distributed]); importing it failed with: {e}") from e
 
-from . import dispatch as dp
+from . import validate as dp
 from .config import AttentionConfig, AttentionError
-from .functional import _check_cu, _check_max, check_offset
+from .problem import BATCHED_LAYOUT, VARLEN_LAYOUT, batched_dims, varlen_dims, varlen_rows
+from .validate import check_offset
 from .functional import attention as _attention
 from .functional import attention_varlen as _attention_varlen
 from .functional import merge_states as _merge_states
@@ -101,15 +102,8 @@ def attention(q, k, v, *, causal=False, window=(-1, -1), scale=None, softcap=0.0
     >>> bool(np.allclose(got, numba_attn.attention(q, k, k, causal=True)))
     True
     """
-    q, k, v, dt = _inputs(q, k, v, 4, ("(batch, seqlen_q, num_heads, head_dim)",
-                                       "(batch, seqlen_k, num_kv_heads, head_dim)"))
-    bsz, sq, h, d = q.shape
-    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-    dp.same([("q.shape[0]", bsz), ("k.shape[0]", k.shape[0]), ("v.shape[0]", v.shape[0])],
-            "batch sizes")
-    dp.same([("k.shape[1]", sk), ("v.shape[1]", v.shape[1])], "seqlen_k of k and v")
-    dp.same([("k.shape[2]", hkv), ("v.shape[2]", v.shape[2])], "num_kv_heads of k and v")
-    dp.same([("q.shape[3]", d), ("k.shape[3]", k.shape[3])], "head_dim of q and k")
+    q, k, v, dt = _inputs(q, k, v, 4, BATCHED_LAYOUT)
+    bsz, sq, sk, h, hkv, d, dv = batched_dims(q, k, v)
     cfg = AttentionConfig(num_heads=h, num_kv_heads=hkv, head_dim=d, head_dim_v=dv,
                           scale=scale, causal=causal, window=window, softcap=softcap)
     cdt = dp.compute_dtype(dt)
@@ -231,27 +225,14 @@ max_seqlen_k)
     >>> bool(np.allclose(got, numba_attn.attention_varlen(q, q, q, cu, cu)))
     True
     """
-    q, k, v, dt = _inputs(q, k, v, 3, ("(total_q, num_heads, head_dim)",
-                                       "(total_k, num_kv_heads, head_dim)"))
-    tq, h, d = q.shape
-    tk, hkv, dv = k.shape[0], k.shape[1], v.shape[2]
-    dp.same([("k.shape[0]", tk), ("v.shape[0]", v.shape[0])], "total_k of k and v")
-    dp.same([("k.shape[1]", hkv), ("v.shape[1]", v.shape[1])], "num_kv_heads of k and v")
-    dp.same([("q.shape[2]", d), ("k.shape[2]", k.shape[2])], "head_dim of q and k")
+    q, k, v, dt = _inputs(q, k, v, 3, VARLEN_LAYOUT)
+    tq, tk, h, hkv, d, dv = varlen_dims(q, k, v)
     cfg = AttentionConfig(num_heads=h, num_kv_heads=hkv, head_dim=d, head_dim_v=dv,
                           scale=scale, causal=causal, window=window, softcap=softcap)
     cdt = dp.compute_dtype(dt)
-    cq = _check_cu("cu_seqlens_q", cu_seqlens_q, tq)
-    ck = _check_cu("cu_seqlens_k", cu_seqlens_k, tk)
-    if len(cq) != len(ck):
-        raise AttentionError(f"cu_seqlens_q and cu_seqlens_k: lengths differ ({len(cq)} vs "
-                             f"{len(ck)}); both must be batch + 1")
+    _, cq, ck, mq, mk, kl = varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q,
+                                        max_seqlen_k, kv_lens)
     bsz = len(cq) - 1
-    lq, lk = np.diff(cq), np.diff(ck)
-    mq = _check_max("max_seqlen_q", max_seqlen_q, lq)
-    mk = _check_max("max_seqlen_k", max_seqlen_k, lk)
-    kl = None if kv_lens is None else dp.check_int_vector("kv_lens", kv_lens, bsz, 0,
-                                                          int(lk.max(initial=0)))
     slopes = dp.check_alibi(alibi_slopes, bsz, h, cdt)
     sink = dp.check_sinks(sinks, h, cdt)
     bias, mask = _operands(bias, mask, (bsz, h, mq, mk))

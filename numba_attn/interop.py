@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Array", "is_torch", "to_numpy", "like", "device_op"]
+__all__ = ["Array", "is_torch", "to_numpy", "like", "device_op", "lse_bhs", "lse_ht",
+           "like_device"]
 
 
 def is_torch(x) -> bool:
@@ -131,6 +132,28 @@ def like(ref, x):
     if type(ref).__module__.split(".")[0] not in ("cupy", "torch"):
         return x
     return device_op("like")(ref, x)
+
+
+def lse_bhs(lse, bsz, sq, h):
+    """lse of a batched call, (B * Sq, H) -> (B, H, Sq), on the array's own device."""
+    if isinstance(lse, np.ndarray):
+        return np.ascontiguousarray(lse.reshape(bsz, sq, h).transpose(0, 2, 1))
+    return device_op("lse_bhs")(lse, bsz, sq, h)
+
+
+def lse_ht(lse):
+    """lse of a packed call, (Tq, H) -> (H, Tq), on the array's own device."""
+    if isinstance(lse, np.ndarray):
+        return np.ascontiguousarray(lse.T)
+    return device_op("lse_transpose")(lse)
+
+
+def like_device(ref, arrays, device):
+    """Host results as the kind of array ``ref`` is: ``like`` for host inputs; copied to
+    the GPU (and viewed as ``ref``'s kind) for device inputs."""
+    if device == "cpu":
+        return tuple(like(ref, a) for a in arrays)
+    return device_op("to_device_like")(ref, arrays)
 
 
 def device_op(name):

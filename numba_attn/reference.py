@@ -253,17 +253,56 @@ def merge_states(out_a, lse_a, out_b, lse_b):
 # ---------------------------------------------------------------------------------------
 # backward (FlashAttention-2's formulas, materialised)
 # ---------------------------------------------------------------------------------------
-def _scores(q, kh, *, off, klen, scale, causal, window, softcap, slopes, bias, mask):
+def _mod_derivative(f, fgrad, s, b, h, i, j, args):
+    """d score_mod / d score at one point: ``fgrad`` when given; else the complex step of
+    the Python function where it agrees with a finite difference, else the finite
+    difference (five-point, float64)."""
+    if fgrad is not None:
+        return float(_py(fgrad)(s, b, h, i, j, *args))
+    step = 1e-3 * max(1.0, abs(s))
+
+    def at(x):
+        return float(f(float(x), b, h, i, j, *args))
+
+    fd = (8.0 * (at(s + step) - at(s - step)) - (at(s + 2 * step) - at(s - 2 * step))) / (
+        12.0 * step)
+    try:
+        cs = complex(f(complex(s, 1e-30), b, h, i, j, *args)).imag * 1e30
+    except (TypeError, ValueError):
+        return fd
+    return cs if abs(cs - fd) <= 1e-5 * max(1.0, abs(fd)) else fd
+
+
+def _eval_mods_grad(s, b, klen, score_mod, score_mod_args, mask_mod, mask_mod_args,
+                    score_mod_grad):
+    """As :func:`_eval_mods`, also returning d score_mod / d score (ones without)."""
+    dmod = np.ones_like(s)
+    if score_mod is not None:
+        f = _py(score_mod)
+        h, sq, sk = s.shape
+        for hh in range(h):
+            for i in range(sq):
+                for j in range(min(sk, klen)):
+                    dmod[hh, i, j] = _mod_derivative(f, score_mod_grad, float(s[hh, i, j]),
+                                                     b, hh, i, j, score_mod_args)
+    s, keep = _eval_mods(s, b, klen, score_mod, score_mod_args, mask_mod, mask_mod_args)
+    return s, keep, dmod
+
+
+def _scores(q, kh, *, off, klen, scale, causal, window, softcap, slopes, bias, mask, b=0,
+            score_mod=None, score_mod_args=(), mask_mod=None, mask_mod_args=(),
+            score_mod_grad=None):
     """Scores of one batch row, (H, Sq, Sk), -inf where invisible; also ds/ds_raw of the
-    soft-cap (1 - tanh^2, or 1) and the visibility."""
+    score_mod and soft-cap (f'(s) * (1 - tanh^2), or 1) and the visibility."""
     sq, h, _ = q.shape
     sk = kh.shape[0]
     s = np.einsum("ihd,jhd->hij", q, kh) * scale
-    dcap = np.ones_like(s)
+    s, keep, dcap = _eval_mods_grad(s, b, klen, score_mod, tuple(score_mod_args), mask_mod,
+                                    tuple(mask_mod_args), score_mod_grad)
     if softcap > 0.0:
         t = np.tanh(s / softcap)
         s = softcap * t
-        dcap = 1.0 - t * t
+        dcap = dcap * (1.0 - t * t)
     i = np.arange(sq)[:, None]
     j = np.arange(sk)[None, :]
     if slopes is not None:
@@ -283,13 +322,18 @@ def _scores(q, kh, *, off, klen, scale, causal, window, softcap, slopes, bias, m
     visible = np.broadcast_to(visible, (h, sq, sk))
     if mask is not None:
         visible = visible & np.asarray(mask, dtype=bool)
+    if keep is not None:
+        visible = visible & keep
     return np.where(visible, s, -np.inf), dcap, visible
 
 
 def attention_rows_backward(dout, q, k, v, out, lse, *, off, klen, scale,
                             causal="bottom_right", window=(-1, -1), softcap=0.0, slopes=None,
-                            bias=None, mask=None, sink=None, dropout=None):
-    """Gradients of one batch row (arguments as :func:`attention_rows`).
+                            bias=None, mask=None, sink=None, dropout=None, b=0,
+                            score_mod=None, score_mod_args=(), mask_mod=None,
+                            mask_mod_args=(), score_mod_grad=None):
+    """Gradients of one batch row (arguments as :func:`attention_rows`; ``score_mod_grad``
+    is d score_mod / d score, derived from the Python score_mod when not given).
 
     dout, out (Sq, H, Dv); lse (H, Sq) as the forward returned it. Returns dq (Sq, H, D),
     dk (Sk, Hkv, D), dv (Sk, Hkv, Dv), dscores (H, Sq, Sk) (= d bias) and dsink (H,):
@@ -304,7 +348,9 @@ def attention_rows_backward(dout, q, k, v, out, lse, *, off, klen, scale,
     vh = np.repeat(v, group, axis=1) if sk else np.zeros((0, h, dv))
     s, dcap, visible = _scores(q, kh, off=off, klen=klen, scale=scale, causal=causal,
                                window=tuple(window), softcap=float(softcap), slopes=slopes,
-                               bias=bias, mask=mask)
+                               bias=bias, mask=mask, b=b, score_mod=score_mod,
+                               score_mod_args=score_mod_args, mask_mod=mask_mod,
+                               mask_mod_args=mask_mod_args, score_mod_grad=score_mod_grad)
     fin = np.isfinite(lse)
     lse_safe = np.where(fin, lse, 0.0)
     p = np.where(visible & fin[:, :, None], np.exp(s - lse_safe[:, :, None]), 0.0)
@@ -339,7 +385,9 @@ def _reduce_to(full, shape):
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1), scale=None,
                        softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
-                       sinks=None, dropout_p=0.0, seed=None, q_lens=None, q_offset=None):
+                       sinks=None, dropout_p=0.0, seed=None, q_lens=None, q_offset=None,
+                       score_mod=None, score_mod_args=(), mask_mod=None, mask_mod_args=(),
+                       score_mod_grad=None):
     """Reference of :func:`numba_attn.attention_backward`.
 
     Returns (dq, dk, dv, dbias, dsinks), float64; dbias has the shape ``bias`` was given
@@ -369,7 +417,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, window=(-1, -1)
             slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else np.broadcast_to(bias_b, (h, sq, sk))[:, :ql],
             mask=None if mask_b is None else np.broadcast_to(mask_b, (h, sq, sk))[:, :ql],
-            sink=sinks, dropout=None if drop is None else (drop[0][:, :ql], drop[1]))
+            sink=sinks, dropout=None if drop is None else (drop[0][:, :ql], drop[1]), b=b,
+            score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
+            mask_mod_args=mask_mod_args, score_mod_grad=score_mod_grad)
         dq[b, :ql], dk[b], dv[b], dbias[b, :, :ql] = r[:4]
         dsinks += r[4]
     return (dq, dk, dv, None if bias is None else _reduce_to(dbias, np.shape(bias)),
@@ -380,7 +430,8 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                               max_seqlen_q=None, max_seqlen_k=None, causal=False,
                               window=(-1, -1), scale=None, softcap=0.0, alibi_slopes=None,
                               bias=None, mask=None, kv_lens=None, sinks=None, dropout_p=0.0,
-                              seed=None):
+                              seed=None, score_mod=None, score_mod_args=(), mask_mod=None,
+                              mask_mod_args=(), score_mod_grad=None):
     """Reference of :func:`numba_attn.attention_varlen_backward`; lse (H, Tq).
 
     Returns (dq, dk, dv, dbias, dsinks) as :func:`attention_backward`; dbias positions
@@ -415,7 +466,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
             softcap=float(softcap), slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else _crop(bias_b, h, lq, lk),
             mask=None if mask_b is None else _crop(mask_b, h, lq, lk),
-            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, lq, lk))
+            sink=sinks, dropout=_dropout(dropout_p, seed, b, h, lq, lk), b=b,
+            score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
+            mask_mod_args=mask_mod_args, score_mod_grad=score_mod_grad)
         dq[q0:q1], dk[k0:k1], dv[k0:k1] = r[:3]
         dbias[b, :, :lq, :lk] = r[3]
         dsinks += r[4]

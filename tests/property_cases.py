@@ -1,5 +1,6 @@
 """Property cases: configurations drawn from the whole option space, each operation
-(forward, backward, varlen, varlen_backward, kvcache) checked against numba_attn.reference.
+(forward, backward, varlen, varlen_backward, kvcache, backward_mods) checked against
+numba_attn.reference.
 
 Run as a child process by tests/test_properties.py (so a crash is a reported failing
 example, not a dead suite)::
@@ -393,12 +394,91 @@ def check_kvcache(cfg):
     return errs
 
 
+# ---------------------------------------------------------------------------------------
+# user mods through the forward and the backward: a fixed set of functions (the kernels are
+# specialised on them, so a few compiles serve every example), runtime options drawn
+# ---------------------------------------------------------------------------------------
+def mod_rel_tanh(score, b, h, i, j, table):
+    """A soft-capped score plus a clipped relative-position table: automatic derivative."""
+    return 8.0 * np.tanh(score / 8.0) + table[h, min(max(j - i, -4), 4) + 4]
+
+
+def mod_leaky(score, b, h, i, j, slope):
+    """A branch on the score (no complex step): needs its explicit derivative."""
+    return score if score > 0 else slope * score
+
+
+def mod_leaky_grad(score, b, h, i, j, slope):
+    return 1.0 if score > 0 else slope
+
+
+def mask_prefix(b, h, i, j, prefix):
+    """Prefix-LM: bidirectional over each row's first prefix[b] keys, causal after."""
+    return j <= i or j < prefix[b]
+
+
+@st.composite
+def mods_config(draw):
+    """A backward configuration with mods; lengths kept small (the oracle evaluates the
+    Python mods element by element) and float32/float64 storage (one compile each)."""
+    cfg = draw(batched_config(backward=True))
+    small = st.one_of(st.sampled_from([0, 1, 2, 7, 8, 9, 16, 17, 33]), st.integers(1, 40))
+    cfg.update(B=draw(st.integers(1, 2)), Sq=draw(small), Sk=draw(small),
+               dtype=draw(st.sampled_from(["float32", "float64"])),
+               mods=draw(st.sampled_from(["score", "mask", "both", "block", "grad"])))
+    cfg["Hkv"] = min(cfg["Hkv"], 2)
+    cfg["H"] = cfg["Hkv"] * draw(st.sampled_from([1, 2]))
+    cfg["q_offset"] = draw(st.integers(-cfg["Sq"] - 2, cfg["Sk"] + 2))
+    return cfg
+
+
+def build_mods(cfg):
+    """(q, k, v, keywords for numba_attn, keywords for the reference, rng)."""
+    q, k, v, kw, rng = build(cfg)
+    b, h, sq, sk = cfg["B"], cfg["H"], cfg["Sq"], cfg["Sk"]
+    table = rng.standard_normal((h, 9))
+    prefix = rng.integers(0, sk + 1, b)
+    kind = cfg["mods"]
+    mods = {}
+    if kind in ("score", "both", "block"):
+        mods.update(score_mod=mod_rel_tanh, score_mod_args=(table,))
+    if kind == "grad":
+        mods.update(score_mod=mod_leaky, score_mod_args=(0.1,), score_mod_grad=mod_leaky_grad)
+    if kind in ("mask", "both") or (kind == "block" and not (sq and sk)):
+        mods.update(mask_mod=mask_prefix, mask_mod_args=(prefix,))
+    ref_mods = dict(mods)
+    if kind == "block" and sq and sk:
+        mods["block_mask"] = na.create_block_mask(mask_prefix, b, 1, sq, sk,
+                                                  mask_mod_args=(prefix,), block_size=8)
+        ref_mods.update(mask_mod=mask_prefix, mask_mod_args=(prefix,))
+    return q, k, v, {**kw, **mods}, {**kw, **ref_mods}, rng
+
+
+def check_backward_mods(cfg):
+    q, k, v, kw, rkw, rng = build_mods(cfg)
+    dt = q.dtype
+    fwd = {n: x for n, x in kw.items() if n != "score_mod_grad"}
+    rfwd = {n: x for n, x in rkw.items() if n != "score_mod_grad"}
+    errs = _errors(["out", "lse"], na.attention(q, k, v, return_lse=True, **fwd),
+                   ref.attention(q, k, v, return_lse=True, **rfwd),
+                   _naive(dt, ref.attention, q, k, v, return_lse=True, **rfwd), dt, cfg)
+    flags = dict(return_dbias="bias" in kw, return_dsinks="sinks" in kw)
+    out, vjp = na.attention_vjp(q, k, v, **flags, **kw)
+    dout = rng.standard_normal(out.shape).astype(dt)
+    got = _pad_grads(vjp(dout), flags)
+    o, lse = na.attention(q, k, v, return_lse=True, **fwd)
+    exact = ref.attention_backward(dout, q, k, v, o, lse, **rkw)
+    naive = _naive(dt, ref.attention_backward, dout, q, k, v, o, lse, **rkw)
+    return errs + _errors(["dq", "dk", "dv", "dbias", "dsinks"], got, exact, naive, dt, cfg)
+
+
 OPERATIONS = {
     "forward": (batched_config(), check_forward),
     "backward": (batched_config(backward=True), check_backward),
     "varlen": (varlen_config(), check_varlen),
     "varlen_backward": (varlen_config(backward=True), check_varlen_backward),
     "kvcache": (kvcache_config(), check_kvcache),
+    "backward_mods": (mods_config(), check_backward_mods),
 }
 
 

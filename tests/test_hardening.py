@@ -357,9 +357,9 @@ def test_flags_must_be_bools(rng):
 
 def test_bfloat16_without_ml_dtypes_says_what_to_install(monkeypatch):
     torch = pytest.importorskip("torch")
-    from numba_attn import dispatch
+    from numba_attn import validate
 
-    monkeypatch.setattr(dispatch, "_bfloat16", lambda: None)
+    monkeypatch.setattr(validate, "_bfloat16", lambda: None)
     t = torch.zeros(1, 2, 2, 8, dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="q: bfloat16 needs ml_dtypes"):
         na.attention(t, t, t)

@@ -1,15 +1,17 @@
-"""``@njit`` CPU kernels and the CPU backend (registered with numba_attn.dispatch on
+"""``@njit`` CPU kernels and the CPU backend (registered with numba_attn.backends on
 import). Kernels and their launch helpers only: no argument checking."""
 from __future__ import annotations
 
-from .. import dispatch as _dp
+from .. import backends as _be
 
 
-class CPUBackend(_dp.Backend):
-    """The fused CPU kernels (``launch.forward``; the dropout forward of ``backward``)."""
+class CPUBackend(_be.Backend):
+    """The fused CPU kernels: ``launch.forward`` (the dropout forward and the backward of
+    ``backward``)."""
 
     name = "cpu"
     device = "cpu"
+    operations = frozenset({"forward", "backward"})
 
     def run(self, problem):
         if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
@@ -20,5 +22,10 @@ class CPUBackend(_dp.Backend):
 
         return launch.forward(problem)
 
+    def backward(self, problem, dout, out, lse, dropout_p, seed, bias_shape):
+        from . import backward
 
-_dp.register_backend(CPUBackend())
+        return backward.backward(problem, dout, out, lse, dropout_p, seed, bias_shape)
+
+
+_be.register_backend(CPUBackend())

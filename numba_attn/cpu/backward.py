@@ -32,8 +32,10 @@ from numba import prange
 
 from .. import dropout as dr
 from .. import masking
+from .. import planning
 from .._jit import inline, jit
 from .atomics import fetch_add
+from .forward import strip_block_kind
 from .microkernels import pv6, pv8, qk6, qk8
 from .simd import block_rows, lanes, vexp, vload, vmul, vsplat, vstore, vsub, vtanh
 
@@ -142,60 +144,25 @@ def bwd_dbias(q, k, v, dout, lse, delta, dbias, bshape, rows, scale, causal, wl,
 # ---------------------------------------------------------------------------------------
 # launch
 # ---------------------------------------------------------------------------------------
-def _dummy(dtype, ndim=1):
-    return np.zeros((1,) * ndim, dtype=dtype)
-
-
-def _token_rows(rows, n, start_col, len_col):
-    """(n,) int64: batch row of each storage row (-1 where none)."""
-    out = np.full(n, -1, np.int64)
-    for b in range(rows.shape[0]):
-        s0, ln = int(rows[b, start_col]), int(rows[b, len_col])
-        out[s0:s0 + max(ln, 0)] = b
-    return out
+# the shared planning (numba_attn.planning), under the names the launchers below use
+_dummy = planning.dummy
+_token_rows = planning.token_rows
 
 
 BLOCK_ROWS = 64  # lanes of a work item: query rows (dq) or keys (dk, dv)
 BLOCK_K = 64  # keys (dq) or queries (dk, dv) of a tile
 
 
-def _blocks(rows, start_col, len_col, size):
-    """(n, 3) int64 work items (batch row, first storage row, end) of ``size`` rows."""
-    out = []
-    for b in range(rows.shape[0]):
-        s0, ln = int(rows[b, start_col]), int(rows[b, len_col])
-        for x in range(s0, s0 + max(ln, 0), size):
-            out.append((b, x, min(x + size, s0 + ln)))
-    return np.array(out, np.int64).reshape(-1, 3)
+_blocks = planning.blocks
 
 
 def _common(p, drop_p, seed):
     """Option arguments shared by the kernels (after scale .. mask strides)."""
-    from ..masking import CAUSAL_CODES
-
-    cfg = p.config
-    dt = p.compute_dtype
-    return (dt.type(cfg.scale), np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
-            np.int64(cfg.window[1]), dt.type(cfg.softcap),
-            p.slopes if p.slopes is not None else _dummy(dt, 2), p.slopes is not None,
-            p.bias if p.bias is not None else _dummy(dt),
-            p.bias_strides if p.bias is not None else _dummy(np.int64), p.bias is not None,
-            p.mask if p.mask is not None else _dummy(np.bool_),
-            p.mask_strides if p.mask is not None else _dummy(np.int64), p.mask is not None)
+    return planning.options(p)
 
 
-def _drop_args(p, drop_p, seed):
-    dt = p.compute_dtype
-    return (np.uint64(seed), np.uint64(dr.threshold(drop_p)),
-            dt.type(1.0 / (1.0 - drop_p)))
-
-
-def _codes(p):
-    from ..masking import CAUSAL_CODES
-
-    cfg = p.config
-    return (np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
-            np.int64(cfg.window[1]))
+_drop_args = planning.dropout_args
+_codes = planning.codes
 
 
 def _dq_schedule(p, items):
@@ -230,11 +197,14 @@ def kitem_costs(kitems, rows, causal, wl, wr, block_q):
 
 
 def _mods(p):
-    """(smod, sgrad, sargs, mmod, margs) of the Problem's mods (Nones without)."""
+    """(smod, sgrad, sargs, mmod, margs, bflags, bq, bk) of the Problem's mods (Nones
+    without; ``bflags`` None without a block mask, whose empty tiles the kernels skip as
+    the forward does)."""
     spec = p.extra.get("mods")
     if spec is None:
-        return None, None, (), None, ()
-    return spec.smod, getattr(spec, "sgrad", None), spec.sargs, spec.mmod, spec.margs
+        return None, None, (), None, (), None, np.int64(1), np.int64(1)
+    return (spec.smod, getattr(spec, "sgrad", None), spec.sargs, spec.mmod, spec.margs,
+            spec.bflags, np.int64(spec.bq), np.int64(spec.bk))
 
 
 def forward_dropout(p, drop_p, seed):
@@ -255,11 +225,11 @@ def forward_dropout(p, drop_p, seed):
     out[...] = 0
     if len(items):
         with parallel_guard():
-            smod, _sgrad, sargs, mmod, margs = _mods(p)
+            smod, _sgrad, sargs, mmod, margs, bflags, bq, bk = _mods(p)
             kern = tiled_dropout_out if smod is None and mmod is None else _MODDED["dropout"]
             kern(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
                  *_drop_args(p, drop_p, seed), np.int64(BLOCK_K), _dq_schedule(p, items),
-                 np.int64(numba.get_num_threads()), smod, sargs, mmod, margs)
+                 np.int64(numba.get_num_threads()), smod, sargs, mmod, margs, bflags, bq, bk)
     return out, lse
 
 
@@ -284,6 +254,7 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     lanes_n = np.int64(numba.get_num_threads())
     mods = _mods(p)
     modded = mods[0] is not None or mods[3] is not None
+    fmods = mods[:5]  # the dbias kernel does not skip blocks
     with parallel_guard():
         group = p.config.group_size
         items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
@@ -301,7 +272,7 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
             if q.shape[0] and k.shape[0]:
                 (_MODDED["dbias"] if modded else bwd_dbias)(
                     q, k, v, dout, lse, delta, dbias, np.asarray(bias_shape, np.int64),
-                    p.rows, *common, *drop, mods[0], mods[2], mods[3], mods[4])
+                    p.rows, *common, *drop, fmods[0], fmods[2], fmods[3], fmods[4])
             dbias = dbias.reshape(bias_shape)
     dsinks = None
     if p.sinks is not None:
@@ -430,6 +401,20 @@ def tile_mods(st, gm, n_o, nrs, lpos, lhead, o0, ohead, q_in_lanes, b, imax, jma
 
 
 @inline
+def keys_blocks_empty(bflags, bq, bk, b, h, i0, i1, j0, j1):
+    """True when every block of the block mask that queries [i0, i1) of head ``h`` meet in
+    keys [j0, j1) is empty (the dk/dv pass's strip-tile; the dq pass uses the forward's
+    ``strip_block_kind``)."""
+    bb = b if bflags.shape[0] > 1 else 0
+    hb = h if bflags.shape[1] > 1 else 0
+    for qb in range(i0 // bq, (i1 - 1) // bq + 1):
+        for kb in range(j0 // bk, (j1 - 1) // bk + 1):
+            if bflags[bb, hb, qb, kb] != 0:
+                return False
+    return True
+
+
+@inline
 def tile_softcap(st, dc, n, softcap):
     """st = softcap * tanh(st / softcap); dc = 1 - tanh^2 (its derivative), n elements."""
     w = lanes(st)
@@ -446,7 +431,8 @@ def tile_softcap(st, dc, n, softcap):
 @jit(parallel=True)
 def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, softcap,
              slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop, seed,
-             thr, pscale, block_k, schedule, n_lanes, smod, sgrad, sargs, mmod, margs):
+             thr, pscale, block_k, schedule, n_lanes, smod, sgrad, sargs, mmod, margs,
+             bflags, bq, bk):
     """dq of work items (batch row, first query, end query) x kv head: rows (query, head of
     the group) in lanes, key tiles of ``block_k``; S^T = K (scale Q)^T and dP^T = V dO^T by
     the QK micro-kernel, dS in vectors, dQ^T += K^T dS^T by the PV micro-kernel."""
@@ -546,6 +532,9 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                     ne = min(j1, shi) - j0
                     if ne <= 0 or slo >= j1:
                         continue
+                    if bflags is not None and strip_block_kind(
+                            bflags, bq, bk, b, qi, hh, s0, nrs, j0, j0 + ne) == 0:
+                        continue  # every block the strip meets is empty: as the forward
                     nep = (ne + mr - 1) // mr * mr
                     for u in range(0, nep, mr):
                         if mr == 8:
@@ -600,7 +589,7 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
 def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causal, wl, wr,
                softcap, slopes, has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, has_drop,
                seed, thr, pscale, block_q, schedule, n_lanes, smod, sgrad, sargs, mmod,
-               margs):
+               margs, bflags, bq, bk):
     """dk / dv of work items (batch row, first key, end key) x kv head: keys in lanes, query
     tiles of ``block_q`` for each query head of the group; S = Q (scale K)^T and
     dP = dO V^T by the QK micro-kernel, dV^T += dO^T P and dK^T += Q^T dS by the PV one."""
@@ -694,6 +683,9 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                         sj1 = min(kj0 + nk, sj0 + nrs)
                         if sj0 >= sj1:
                             continue
+                        if bflags is not None and keys_blocks_empty(bflags, bq, bk, b, h, i0,
+                                                                    i1, sj0, sj1):
+                            continue
                         for u in range(0, nip, mr):
                             if mr == 8:
                                 qk8(q, qb, u, kt, nrp, s0, d, st)
@@ -754,7 +746,7 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
 @jit(parallel=True)
 def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, softcap, slopes,
                       has_alibi, bias, bstr, has_bias, mask, mstr, has_mask, seed, thr, pscale,
-                      block_k, schedule, n_lanes, smod, sargs, mmod, margs):
+                      block_k, schedule, n_lanes, smod, sargs, mmod, margs, bflags, bq, bk):
     """The dropout forward's output from the forward's ``lse``: ``out_i = sum_j exp(s_ij -
     lse_i) keep_ij / (1 - p) v_j``, tiled as ``tiled_dq`` (S^T by the QK micro-kernel, O^T
     += V^T P by the PV one)."""
@@ -842,6 +834,9 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                     ne = min(j1, shi) - j0
                     if ne <= 0 or slo >= j1:
                         continue
+                    if bflags is not None and strip_block_kind(
+                            bflags, bq, bk, b, qi, hh, s0, nrs, j0, j0 + ne) == 0:
+                        continue  # every block the strip meets is empty: as the forward
                     nep = (ne + mr - 1) // mr * mr
                     for u in range(0, nep, mr):
                         if mr == 8:

@@ -7,7 +7,9 @@ import numpy as np
 from .. import _blas_quiet
 from .._jit import jit, parallel_guard, serial_if
 from ..config import AttentionConfig
-from ..dispatch import CONTIGUOUS_BLOCK
+from .. import planning
+from ..planning import make_items  # noqa: F401  (its old home)
+from ..problem import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
 from . import decode
 from . import forward as fk
@@ -29,23 +31,6 @@ def plan(config: AttentionConfig, max_q: int, max_k: int, batch: int, threads: i
     while block_q > 16 and batch * config.num_kv_heads * -(-max_q // block_q) < 4 * threads:
         block_q //= 2
     return block_q, 256, True
-
-
-@jit
-def make_items(rows, block_q):
-    """(n, 3) int64 work items: (batch row, first query, end query) per query block."""
-    n = 0
-    for b in range(rows.shape[0]):
-        n += (rows[b, 1] + block_q - 1) // block_q
-    items = np.empty((n, 3), np.int64)
-    t = 0
-    for b in range(rows.shape[0]):
-        for i0 in range(rows[b, 0], rows[b, 0] + rows[b, 1], block_q):
-            items[t, 0] = b
-            items[t, 1] = i0
-            items[t, 2] = min(i0 + block_q, rows[b, 0] + rows[b, 1])
-            t += 1
-    return items
 
 
 @jit
@@ -98,14 +83,7 @@ def choose_splits(n_work, max_k, block_k, threads):
 
 SERIAL_BELOW = 1 << 19  # multiply-adds (~0.1 ms on one core): below, no parallel region
 
-_EMPTY = {}
-
-
-def _dummy(dtype, ndim=1):
-    key = (np.dtype(dtype).str, ndim)
-    if key not in _EMPTY:
-        _EMPTY[key] = np.zeros((1,) * ndim, dtype=dtype)
-    return _EMPTY[key]
+_dummy = planning.dummy
 
 
 def _clear_padding(rows, out, lse):
@@ -149,16 +127,7 @@ def forward(p):
         part_out, part_lse = _dummy(dt, 4), _dummy(dt, 3)
     k_store, v_store = kernel_storage(p.k), kernel_storage(p.v)  # half types: bit views
     common = (p.q, k_store, v_store, out, lse, part_out, part_lse, p.rows, items,
-              p.block_table, np.int64(p.block_size), dt.type(cfg.scale),
-              np.int64(CAUSAL_CODES[cfg.causal]), np.int64(cfg.window[0]),
-              np.int64(cfg.window[1]), dt.type(cfg.softcap),
-              p.slopes if p.slopes is not None else _dummy(dt, 2), p.slopes is not None,
-              p.bias if p.bias is not None else _dummy(dt),
-              p.bias_strides if p.bias is not None else _dummy(np.int64),
-              p.bias is not None,
-              p.mask if p.mask is not None else _dummy(np.bool_),
-              p.mask_strides if p.mask is not None else _dummy(np.int64),
-              p.mask is not None,
+              p.block_table, np.int64(p.block_size), *planning.options(p),
               p.sinks if p.sinks is not None else _dummy(dt), p.sinks is not None)
     # multiply-adds: tiny calls run on the calling thread alone
     work = int(np.dot(p.rows[:, 1], p.rows[:, 3])) * cfg.num_heads * (

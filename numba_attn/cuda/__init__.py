@@ -11,7 +11,9 @@ import threading
 
 import numpy as np
 
-from .. import dispatch as _dp
+from .. import backends as _be
+from ..validate import as_np_dtype
+from ..interop import _is_bfloat16
 
 __all__ = ["CUDABackend"]
 
@@ -67,7 +69,7 @@ def _find_reason():
     return f"no CUDA driver/GPU found: {detail}"
 
 
-class CUDABackend(_dp.Backend):
+class CUDABackend(_be.Backend):
     """Flash-attention forward with ``@cuda.jit`` kernels (numba-cuda).
 
     Serves device problems (``auto`` picks it for device arrays only) and, when asked for
@@ -76,21 +78,27 @@ class CUDABackend(_dp.Backend):
 
     name = "cuda"
     device = "cuda"
+    operations = frozenset({"forward", "backward"})
 
     def unavailable_reason(self):
         return _probe()
 
-    def not_supported_reasons(self, problem) -> list:
+    def not_supported_reasons(self, problem, op="forward") -> list:
         reasons = []
         if problem.device not in ("cpu", "cuda"):
             reasons.append(f"data lives on {problem.device!r}; the cuda backend reads host "
                            "or CUDA device arrays")
         for name in ("q", "k", "v"):
-            dt = _dp.as_np_dtype(getattr(problem, name).dtype)
-            if dt not in (np.float16, np.float32, np.float64) and not _dp._is_bfloat16(dt):
+            dt = as_np_dtype(getattr(problem, name).dtype)
+            if dt not in (np.float16, np.float32, np.float64) and not _is_bfloat16(dt):
                 reasons.append(f"{name}: dtype {dt} is not supported by the cuda kernels "
                                "(float16, bfloat16, float32, float64)")
                 break
+        if op == "backward":  # per-thread kernels: no shared-memory tiles to fit
+            if "mods" in problem.extra:
+                reasons.append("no backward for score_mod / mask_mod / block_mask yet; use "
+                               "backend='cpu' (host arrays)")
+            return reasons
         cfg = problem.config
         from .launch import plan  # numba-cuda is importable once unavailable_reason is None
 
@@ -110,5 +118,10 @@ class CUDABackend(_dp.Backend):
 
         return forward(problem)
 
+    def backward(self, problem, dout, out, lse, dropout_p, seed, bias_shape):
+        from .backward import backward
 
-_dp.register_backend(CUDABackend())
+        return backward(problem, dout, out, lse, dropout_p, seed, bias_shape)
+
+
+_be.register_backend(CUDABackend())

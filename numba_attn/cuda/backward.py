@@ -21,6 +21,7 @@ from numba import cuda
 
 from .. import dropout as dr
 from .. import masking
+from .. import planning
 
 key_range = cuda.jit(device=True, inline=True)(masking.key_range)
 query_range = cuda.jit(device=True, inline=True)(masking.make_query_range(key_range))
@@ -289,18 +290,14 @@ def _dev(x):
 
 
 def _common(p):
-    from ..cpu.backward import _common as cpu_common
-
-    args = list(cpu_common(p, 0.0, 0))
+    args = list(planning.options(p))
     for n in (5, 7, 8, 10, 11):  # slopes, bias, bias strides, mask, mask strides
         args[n] = _dev(args[n])
     return tuple(args)
 
 
 def _drop(p, drop_p, seed):
-    from ..cpu.backward import _drop_args
-
-    return _drop_args(p, drop_p, seed)
+    return planning.dropout_args(p, drop_p, seed)
 
 
 def _host(x):
@@ -310,8 +307,6 @@ def _host(x):
 def forward_dropout(p, drop_p, seed):
     """Forward with dropout of a contiguous Problem; device arrays for a device problem,
     host arrays (copied back) otherwise."""
-    from ..cpu.backward import _token_rows
-
     cfg = p.config
     dt = np.dtype(p.compute_dtype)
     tq = p.q.shape[0]
@@ -322,7 +317,7 @@ def forward_dropout(p, drop_p, seed):
                    else _dev(x) for x in (p.q, p.k, p.v))
         sinks = _dev(p.sinks if p.sinks is not None else np.zeros(1, dt))
         dropout_forward_kernel[_grid(tq * cfg.num_heads)](
-            q, k, v, out, lse, _dev(p.rows), _dev(_token_rows(p.rows, tq, 0, 1)),
+            q, k, v, out, lse, _dev(p.rows), _dev(planning.token_rows(p.rows, tq, 0, 1)),
             *_common(p), sinks, p.sinks is not None, *_drop(p, drop_p, seed))
     if p.device == "cuda":
         if np.dtype(p.out_dtype) != dt:
@@ -337,8 +332,6 @@ def forward_dropout(p, drop_p, seed):
 
 def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     """The CUDA twin of cpu.backward.backward (host arrays in and out)."""
-    from ..cpu.backward import _token_rows
-
     dt = np.dtype(p.compute_dtype)
     q, k, v = (_dev(_host(x).astype(dt)) for x in (p.q, p.k, p.v))
     tq, n_heads = q.shape[0], q.shape[1]
@@ -353,12 +346,12 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     if tq:
         delta_kernel[_grid(tq * n_heads)](dout_d, out_d, delta)
         dq_kernel[_grid(tq * n_heads)](q, k, v, dout_d, lse_d, delta, dq, rows,
-                                       _dev(_token_rows(p.rows, tq, 0, 1)), *common, *drop)
+                                       _dev(planning.token_rows(p.rows, tq, 0, 1)), *common,
+                                       *drop)
     if k.shape[0]:
         dkdv_kernel[_grid(k.shape[0] * k.shape[1])](
-            q, k, v, dout_d, lse_d, delta, dk, dv, rows, _dev(_token_rows(p.rows, k.shape[0],
-                                                                           2, 3)),
-            *common, *drop)
+            q, k, v, dout_d, lse_d, delta, dk, dv, rows,
+            _dev(planning.token_rows(p.rows, k.shape[0], 2, 3)), *common, *drop)
     dbias = None
     if bias_shape is not None:
         n_rows = int(np.prod(bias_shape[:3]))

@@ -12,14 +12,15 @@ import sys
 import numpy as np
 from numba import cuda
 
-from .. import dispatch as dp
+from .. import dispatch
+from .. import validate as dp
 from ..config import AttentionError
 from . import bf16 as bfm
 from . import forward as fk
 from .launch import STORAGE_DTYPES, elementwise_grid
 
 __all__ = ["as_device", "like", "pack", "check_out", "run_into", "lse_bhs", "lse_transpose",
-           "merge_states", "strided_operand"]
+           "merge_states", "strided_operand", "to_device_like"]
 
 
 def as_device(name, x):
@@ -147,7 +148,7 @@ def run_into(p, backend, out, out_shape):
     tq, h, dv = p.q.shape[0], p.config.num_heads, p.config.head_dim_v
     if dev.is_c_contiguous() and backend != "reference":
         p.extra["out_buffer"] = dev.reshape(tq, h, dv)
-    o, lse = dp.run(p, backend)
+    o, lse = dispatch.run(p, backend)
     if p.extra.get("out_buffer") is not None and o is p.extra["out_buffer"]:
         return out, lse
     if isinstance(o, np.ndarray):
@@ -159,6 +160,11 @@ def run_into(p, backend, out, out_shape):
         grid, threads = elementwise_grid(src.size)
         fk.COPY_KERNELS[src.ndim][grid, threads](src, dev)
     return out, lse
+
+
+def to_device_like(ref, arrays):
+    """Host arrays copied to the GPU, each as the kind of array ``ref`` is."""
+    return tuple(like(ref, cuda.to_device(np.ascontiguousarray(a))) for a in arrays)
 
 
 def _swap(lse, nb, ns, nh):

@@ -14,8 +14,8 @@ import numpy as np
 from numba import cuda
 
 from ..config import AttentionError, BackendUnavailable
-from ..cpu.launch import make_items as _make_items
-from ..dispatch import CONTIGUOUS_BLOCK
+from ..planning import make_items as _make_items
+from ..problem import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
 from . import bf16 as bfm
 from . import forward as fk
