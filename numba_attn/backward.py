@@ -17,6 +17,7 @@ from .autograd import _probe, register, vjp_options
 from .config import AttentionError, check_flag
 from .dropout import check_dropout
 from .interop import Array, like, like_device
+from .mods import BlockMask, MaskMod, ScoreMod
 from .problem import (BATCHED_LAYOUT, CONTIGUOUS_BLOCK, VARLEN_LAYOUT, batched_dims,
                       batched_rows, build_problem, varlen_dims, varlen_rows)
 
@@ -95,8 +96,10 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        seed: int | None = None, return_dbias: bool = False,
                        return_dsinks: bool = False, backend: str = "auto",
                        q_lens: Array | None = None, q_offset: int | None = None,
-                       score_mod=None, score_mod_args: tuple = (), mask_mod=None,
-                       mask_mod_args: tuple = (), block_mask=None, score_mod_grad=None) -> tuple:
+                       score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
+                       mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
+                       block_mask: BlockMask | None = None,
+                       score_mod_grad: ScoreMod | None = None) -> tuple:
     """Gradients of :func:`numba_attn.attention` (FlashAttention-2's backward).
 
     Scores are recomputed from ``lse`` (nothing seqlen_q x seqlen_k is stored);
@@ -212,9 +215,10 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                               sinks: Array | None = None, dropout_p: float = 0.0,
                               seed: int | None = None, return_dbias: bool = False,
                               return_dsinks: bool = False, backend: str = "auto",
-                              score_mod=None, score_mod_args: tuple = (), mask_mod=None,
-                              mask_mod_args: tuple = (), block_mask=None,
-                              score_mod_grad=None) -> tuple:
+                              score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
+                              mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
+                              block_mask: BlockMask | None = None,
+                              score_mod_grad: ScoreMod | None = None) -> tuple:
     """Gradients of :func:`numba_attn.attention_varlen` (packed rows).
 
     Parameters

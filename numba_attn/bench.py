@@ -21,8 +21,8 @@ import numpy as np
 __all__ = ["Shape", "SHAPES", "QUICK_SHAPES", "visible_pairs", "flops", "kv_bytes",
            "storage_dtype", "make_inputs", "numba_attn_call", "numpy_peer",
            "numpy_peer_reason", "peer_shape_reason", "torch_peer", "torch_peer_reason",
-           "time_call", "best_seconds", "fma_peak_gflops", "stream_read_seconds",
-           "sgemm_gflops", "run_bench"]
+           "time_call", "time_samples", "spread_note", "busy_note", "CpuShare", "best_seconds",
+           "fma_peak_gflops", "stream_read_seconds", "sgemm_gflops", "run_bench"]
 
 SEED = 20240601
 NUMPY_SCORES_LIMIT = 256 * 2**20  # bytes of one head's (Sq, Sk) float32 score matrix
@@ -69,6 +69,8 @@ SHAPES = (
     Shape("gpt2_prefill_1k_float64", 1, 1024, 1024, 16, 16, 64, False, dtype="float64"),
     _decode("llama3_8b_decode_4k", 4096),
     _decode("llama3_8b_decode_4k_after_matmul", 4096, after_matmul=True),
+    _decode("llama3_8b_decode_4k_float16", 4096, dtype="float16"),
+    _decode("llama3_8b_decode_4k_bfloat16", 4096, dtype="bfloat16"),
     _decode("llama3_8b_decode_16k", 16384),
     _decode("llama3_8b_decode_16k_float16", 16384, dtype="float16"),
     _decode("llama3_8b_decode_16k_bfloat16", 16384, dtype="bfloat16"),
@@ -307,13 +309,13 @@ def torch_peer(shape: Shape, q, k, v, threads=None):
 # ---------------------------------------------------------------------------------------
 # timing and machine peaks
 # ---------------------------------------------------------------------------------------
-def time_call(fn, *, min_repeats=3, max_repeats=20, target_s=1.0, budget_s=15.0):
-    """Median seconds of ``fn()`` after one untimed warm-up call.
+def time_samples(fn, *, min_repeats=3, max_repeats=20, target_s=1.0, budget_s=15.0):
+    """Seconds of each timed ``fn()`` after one untimed warm-up call.
 
     Repeats until ``min_repeats`` and ``target_s`` of samples are reached, at most
     ``max_repeats`` samples, and stops early (with at least one sample) past ``budget_s``.
     ``fn.before()``, where present, runs untimed before each sample.
-    Returns (median seconds, warm-up seconds, number of samples).
+    Returns (list of sample seconds, warm-up seconds).
     """
     before = getattr(fn, "before", None)
     t0 = time.perf_counter()
@@ -331,7 +333,72 @@ def time_call(fn, *, min_repeats=3, max_repeats=20, target_s=1.0, budget_s=15.0)
             break
         if total >= budget_s:
             break
+    return samples, warm
+
+
+def time_call(fn, *, min_repeats=3, max_repeats=20, target_s=1.0, budget_s=15.0):
+    """Median seconds of ``fn()`` after one untimed warm-up call (:func:`time_samples`).
+    Returns (median seconds, warm-up seconds, number of samples).
+    """
+    samples, warm = time_samples(fn, min_repeats=min_repeats, max_repeats=max_repeats,
+                                 target_s=target_s, budget_s=budget_s)
     return statistics.median(samples), warm, len(samples)
+
+
+# a row whose median is this much above its fastest sample (or whose slowest is SPREAD_MAX
+# times it) was measured on a machine doing other work: its ratios are flagged
+SPREAD_MEDIAN = 1.25
+SPREAD_MAX = 2.0
+
+
+def spread_note(name, samples_ms):
+    """A warning naming the row when its samples spread widely, else None."""
+    lo, med, hi = min(samples_ms), statistics.median(samples_ms), max(samples_ms)
+    if med > SPREAD_MEDIAN * lo or hi > SPREAD_MAX * lo:
+        return (f"WARNING {name}: samples spread widely (min {lo:.2f} / median {med:.2f} / "
+                f"max {hi:.2f} ms): the machine was busy; its ratios are unreliable, rerun "
+                f"on a quiet machine")
+    return None
+
+
+def busy_note(others, cpus):
+    """A warning when other processes used more than a quarter of the CPUs' time while the
+    bench ran (``others``: their CPU-seconds per wall second, from :class:`CpuShare`)."""
+    if others is not None and cpus and others > 0.25 * cpus:
+        return (f"WARNING machine busy: other processes used {others:.1f} of {cpus} CPUs "
+                f"while the bench ran; timings are slower and noisier than on a quiet "
+                f"machine, so rerun there before trusting a ratio")
+    return None
+
+
+class CpuShare:
+    """CPU time the *other* processes of the machine use while this one runs: all CPUs'
+    busy time (/proc/stat) minus this process's own (its threads included), per wall
+    second. ``others()`` is None where /proc is missing (not Linux)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.s0 = self._snap()
+
+    @staticmethod
+    def _snap():
+        import os
+
+        try:
+            with open("/proc/stat") as f:
+                cpu = [int(x) for x in f.readline().split()[1:]]
+            busy = sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)  # minus idle, iowait
+            t = os.times()
+            return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    def others(self):
+        s1 = self._snap()
+        wall = time.perf_counter() - self.t0
+        if self.s0 is None or s1 is None or wall <= 0:
+            return None
+        return max((s1[0] - self.s0[0]) - (s1[1] - self.s0[1]), 0.0) / wall
 
 
 def best_seconds(fn, repeats=7):
@@ -422,10 +489,6 @@ class Progress:
         self.stream.flush()
 
 
-def _fmt_ratio(peer_ms, ms):
-    return f"{peer_ms / ms:.2f}x" if peer_ms and ms else "-"
-
-
 def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
               err=None, json_path=None, plot_path=None):
     """Time every selected shape for numba_attn and each peer; print a table.
@@ -477,6 +540,7 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
     n = 2048 if quick else 4096
     sgemm = sgemm_gflops(n)
     rows = []
+    share = CpuShare()
     for shape in shapes:
         q, k, v = make_inputs(shape)
         row = {"name": shape.name, "label": shape.label, "kind": shape.kind,
@@ -485,10 +549,23 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
             prog.step(f"{shape.name}: stream-read of the same K/V bytes")
             row["stream_ms"] = stream_read_seconds(k, v) * 1e3
         prog.step(f"{shape.name}: numba_attn")
-        ms, warm, nrep = time_call(numba_attn_call(shape, q, k, v), **timing)
-        row.update(ms=ms * 1e3, first_call_s=warm, repeats=nrep,
-                   gflops=flops(shape) / ms / 1e9, gbs=kv_bytes(shape) / ms / 1e9)
-        row["limit_fraction"] = (row["stream_ms"] / row["ms"] if shape.kind == "decode"
+        samples, warm = time_samples(numba_attn_call(shape, q, k, v), **timing)
+        ms = statistics.median(samples)
+        ms_all = [x * 1e3 for x in samples]
+        row.update(ms=ms * 1e3, min_ms=min(ms_all), max_ms=max(ms_all), first_call_s=warm,
+                   repeats=len(samples), gflops=flops(shape) / ms / 1e9,
+                   gbs=kv_bytes(shape) / ms / 1e9)
+        if shape.kind == "decode":  # again after: a busy moment may have hit the first
+            row["stream_ms"] = min(row["stream_ms"], stream_read_seconds(k, v) * 1e3)
+        row["spread_warning"] = spread_note(shape.name, ms_all)
+        if shape.kind == "decode" and row["min_ms"] < 0.9 * row["stream_ms"]:
+            row["spread_warning"] = (
+                f"WARNING {shape.name}: the stream-read of the same bytes ({row['stream_ms']:.2f}"
+                f" ms) took longer than the fastest decode ({row['min_ms']:.2f} ms): the "
+                f"machine was busy; the ratios to it are unreliable")
+        if row["spread_warning"]:
+            notes.append(row["spread_warning"])
+        row["limit_fraction"] = (row["stream_ms"] / row["min_ms"] if shape.kind == "decode"
                                  else row["gflops"] / fma_peak)
         for peer in peer_list:
             prog.step(f"{shape.name}: {peer}")
@@ -512,8 +589,14 @@ def run_bench(quick=False, name_filter=None, peers=("numpy", "torch"), out=None,
             row["ratios"][peer] = pms * 1e3 / row["ms"]
         rows.append(row)
     prog.close()
-    result = {"machine": machine_info(threads, fma_peak, sgemm, n), "quick": quick,
-              "rows": rows, "derived": derived_ratios(rows), "notes": notes}
+    import os
+
+    others = share.others()
+    busy = busy_note(others, os.cpu_count())
+    if busy:
+        notes.insert(0, busy)
+    result = {"machine": dict(machine_info(threads, fma_peak, sgemm, n), other_cpus=others),
+              "quick": quick, "rows": rows, "derived": derived_ratios(rows), "notes": notes}
     _print_table(result, peer_list, out)
     if json_path:
         _write_json(result, json_path, out)
@@ -541,23 +624,27 @@ def machine_info(threads, fma_peak, sgemm, n):
 
 def derived_ratios(rows):
     """Same-run ratios between rows: half caches vs float32, after a matmul vs alone,
-    decode vs stream-read."""
+    decode vs stream-read; on each row's fastest sample (the stream-read is a best-of too,
+    and on a busy machine the fastest sample is the one least disturbed)."""
     by = {r["name"]: r for r in rows}
     out = {}
     for r in rows:
         if r["kind"] != "decode":
             continue
+        fast = r.get("min_ms", r["ms"])
         if not r["name"].endswith("_after_matmul"):
-            out[f"{r['name']}: time / stream-read time"] = r["ms"] / r["stream_ms"]
+            out[f"{r['name']}: fastest time / stream-read time"] = fast / r["stream_ms"]
         base = r["name"]
         for suffix in ("_float16", "_bfloat16", "_after_matmul"):
             base = base.replace(suffix, "")
         if base == r["name"] or base not in by:
             continue
+        base_fast = by[base].get("min_ms", by[base]["ms"])
         if r["name"].endswith("_after_matmul"):
-            out[f"{r['name']}: time / alone"] = r["ms"] / by[base]["ms"]
+            out[f"{r['name']}: fastest time / alone"] = fast / base_fast
         else:
-            out[f"{r['name']}: speed / float32 cache speed"] = by[base]["ms"] / r["ms"]
+            out[f"{r['name']}: speed / float32 cache speed (fastest samples)"] = \
+                base_fast / fast
     return out
 
 
@@ -615,7 +702,7 @@ def _print_table(result, peer_list, out):
     w(f"same-run limits: vector FMA peak {m['fma_peak_gflops']:.1f} GFLOP/s (numba_attn's "
       f"SIMD layer, registers only); numpy sgemm {m['sgemm_gflops']:.1f} GFLOP/s "
       f"({m['sgemm_n']}^3 float32); decode rows: stream-read of the same K/V bytes\n\n")
-    head = ["shape", "problem", "ms", "GFLOP/s", "of limit"]
+    head = ["shape", "problem", "ms", "min/max ms", "GFLOP/s", "of limit"]
     for p in peer_list:
         head += [f"{p} ms", f"vs {p}"]
     table = []
@@ -624,7 +711,8 @@ def _print_table(result, peer_list, out):
             frac = f"{r['limit_fraction']:.0%} stream"
         else:
             frac = f"{r['limit_fraction']:.0%} fma"
-        line = [r["name"], r["label"], f"{r['ms']:.2f}", f"{r['gflops']:.1f}", frac]
+        spread = f"{r['min_ms']:.2f}/{r['max_ms']:.2f}" + ("!" if r["spread_warning"] else "")
+        line = [r["name"], r["label"], f"{r['ms']:.2f}", spread, f"{r['gflops']:.1f}", frac]
         for p in peer_list:
             pm = r["peers"].get(p)
             line += [f"{pm:.2f}" if pm else "skip", _fmt_ratio(r["ratios"].get(p))]
@@ -636,7 +724,9 @@ def _print_table(result, peer_list, out):
     for line in table:
         w(fmt.format(*line) + "\n")
     w("\n'vs <peer>' = peer ms / numba_attn ms (above 1: numba_attn is faster). 'of limit': "
-      "prefill GFLOP/s over the vector FMA peak; decode: stream-read time over decode time.\n")
+      "prefill GFLOP/s over the vector FMA peak; decode: stream-read time over the fastest "
+      "decode time. "
+      "'min/max ms': fastest and slowest sample ('!': widely spread, see the warnings).\n")
     for name, ratio in result["derived"].items():
         w(f"derived: {name} = {ratio:.2f}\n")
     over = [(r["first_call_s"] - r["ms"] / 1e3, r["name"]) for r in result["rows"]]

@@ -54,7 +54,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
               backend: str = "auto",
               q_offset: int | None = None,
-              score_mod_grad=None) -> Array | tuple[Array, Array]:
+              score_mod_grad: ScoreMod | None = None) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
     Parameters
@@ -242,7 +242,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
                      mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                      block_mask: BlockMask | None = None,
-                     backend: str = "auto", score_mod_grad=None) -> Array | tuple[Array, Array]:
+                     backend: str = "auto",
+                     score_mod_grad: ScoreMod | None = None) -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
     Parameters

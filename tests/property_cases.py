@@ -1,6 +1,7 @@
 """Property cases: configurations drawn from the whole option space, each operation
 (forward, backward, varlen, varlen_backward, kvcache, backward_mods) checked against
-numba_attn.reference.
+numba_attn.reference; the layer backward (layer_backward) against central finite differences
+of its own forward in float64 along random directions.
 
 Run as a child process by tests/test_properties.py (so a crash is a reported failing
 example, not a dead suite)::
@@ -472,6 +473,104 @@ def check_backward_mods(cfg):
     return errs + _errors(["dq", "dk", "dv", "dbias", "dsinks"], got, exact, naive, dt, cfg)
 
 
+# ---------------------------------------------------------------------------------------
+# layer backward: MultiHeadAttention.backward against finite differences of its forward
+# ---------------------------------------------------------------------------------------
+@st.composite
+def layer_config(draw):
+    hkv = draw(st.sampled_from([1, 2]))
+    h = hkv * draw(st.sampled_from([1, 2, 3]))
+    rope = draw(st.sampled_from([None, "full", "partial", "interleaved"]))
+    # rotary needs an even head_dim, partial rotary (half of it) one divisible by 4
+    d = draw(st.sampled_from([4, 8] if rope == "partial" else [2, 4, 6, 8]))
+    return dict(
+        B=draw(st.integers(1, 2)), S=draw(st.sampled_from([1, 2, 5, 9, 17])), H=h, Hkv=hkv,
+        D=d, hidden=draw(st.sampled_from([4, 8, 12])),
+        qkv_bias=draw(st.booleans()), out_bias=draw(st.booleans()),
+        qk_norm=draw(st.booleans()),
+        rope=rope, causal=draw(st.booleans()), window=draw(st.sampled_from([None, None, 1, 4])),
+        softcap=draw(st.sampled_from([0.0, 0.0, 3.0])),
+        lora=draw(st.sampled_from([(), ("q",), ("v", "o"), ("q", "k", "v", "o")])),
+        dropout_p=draw(st.sampled_from([0.0, 0.0, 0.25])),
+        pad=draw(st.sampled_from([None, None, "kv_lens", "mask"])),
+        cross=draw(st.sampled_from([0, 0, 0, 3, 8])),  # cross-attention: context length
+        seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def check_layer_backward(cfg):
+    rng = np.random.default_rng(cfg["seed"])
+    rope = cfg["rope"]
+    layer = na.MultiHeadAttention(
+        cfg["hidden"], cfg["H"], cfg["Hkv"], cfg["D"], qkv_bias=cfg["qkv_bias"],
+        out_bias=cfg["out_bias"], qk_norm=cfg["qk_norm"],
+        rope_theta=None if rope is None else 1e4,
+        partial_rotary_factor=0.5 if rope == "partial" else 1.0,
+        rotary_interleaved=rope == "interleaved", causal=cfg["causal"],
+        sliding_window=cfg["window"], softcap=cfg["softcap"], dtype=np.float64,
+        seed=cfg["seed"] % 1000)
+    b, sq, e = cfg["B"], cfg["S"], cfg["hidden"]
+    hd = cfg["H"] * cfg["D"]
+    x = rng.standard_normal((b, sq, e))
+    kw = {}
+    sk = sq
+    if cfg["cross"]:
+        sk = cfg["cross"]
+        kw["context"] = rng.standard_normal((b, sk, e))
+    if cfg["pad"] == "kv_lens":
+        kw["kv_lens"] = rng.integers(0, sk + 1, b)
+    elif cfg["pad"] == "mask":
+        kw["mask"] = rng.random((b, 1, sq, sk)) > 0.3
+    dims = {"q": (e, hd), "k": (e, cfg["Hkv"] * cfg["D"]), "v": (e, cfg["Hkv"] * cfg["D"]),
+            "o": (hd, e)}
+    if cfg["lora"]:
+        kw["lora"] = {t: (rng.standard_normal((2, dims[t][0])),
+                          rng.standard_normal((dims[t][1], 2))) for t in cfg["lora"]}
+        kw["lora_scale"] = 0.5
+    if cfg["dropout_p"]:
+        kw.update(dropout_p=cfg["dropout_p"], seed=cfg["seed"] % 977)
+    y = layer.forward(x, train=True, **kw)
+    dy = rng.standard_normal(y.shape)
+    res = layer.backward(dy)
+    if cfg["cross"]:
+        dx, dctx, grads = res
+    else:
+        (dx, grads), dctx = res, None
+
+    def loss():
+        return float(np.sum(layer.forward(x, train=True, **kw) * dy))
+
+    targets = [("dx", x, dx)]
+    if dctx is not None:
+        targets.append(("dcontext", kw["context"], dctx))
+    params = dict(layer.named_parameters())
+    for name, g in grads.items():
+        if name.startswith("lora."):
+            _, t, m = name.split(".")
+            targets.append((name, kw["lora"][t][0 if m == "A" else 1], g))
+        else:
+            targets.append((name, params[name], g))
+    errs = []
+    if set(grads) != set(params) | {f"lora.{t}.{m}" for t in cfg["lora"] for m in "AB"}:
+        errs.append(f"grads: keys {sorted(grads)}, parameters {sorted(params)}")
+    eps = 1e-5
+    for name, arr, g in targets:
+        if np.shape(g) != arr.shape:
+            errs.append(f"{name}: shape {np.shape(g)}, expected {arr.shape}")
+            continue
+        u = rng.standard_normal(arr.shape)
+        arr += eps * u
+        up = loss()
+        arr -= 2 * eps * u
+        dn = loss()
+        arr += eps * u
+        fd = (up - dn) / (2 * eps)
+        got = float(np.sum(g * u))
+        tol = 1e-6 * float(np.sum(np.abs(g * u))) + 1e-8 * (1.0 + abs(up) + abs(dn))
+        if not abs(fd - got) <= tol:
+            errs.append(f"{name}: <grad, u> = {got:.10g}, finite difference {fd:.10g}")
+    return errs
+
+
 OPERATIONS = {
     "forward": (batched_config(), check_forward),
     "backward": (batched_config(backward=True), check_backward),
@@ -479,6 +578,7 @@ OPERATIONS = {
     "varlen_backward": (varlen_config(backward=True), check_varlen_backward),
     "kvcache": (kvcache_config(), check_kvcache),
     "backward_mods": (mods_config(), check_backward_mods),
+    "layer_backward": (layer_config(), check_layer_backward),
 }
 
 

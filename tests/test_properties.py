@@ -17,7 +17,7 @@ import pytest
 
 # examples per operation in CI; cheap operations get more
 EXAMPLES = {"forward": 80, "backward": 80, "varlen": 40, "varlen_backward": 50, "kvcache": 40,
-            "backward_mods": 30}
+            "backward_mods": 30, "layer_backward": 60}
 DEEP = os.environ.get("NUMBA_ATTN_PROPERTIES", "") == "deep"
 SEED = int(os.environ.get("NUMBA_ATTN_PROPERTIES_SEED", "0"))
 

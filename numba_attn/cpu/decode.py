@@ -33,20 +33,25 @@ from .forward import (
     init_state,
     key_range,
     merge_split_row,
-    online_softmax,
     split_range,
     tile_needs_mask,
     write_rows,
 )
 from .simd import (
     lanes,
+    vadd,
     vbcast,
+    vexp,
     vfma,
     vload,
     vload_tail,
+    vmax,
     vmul,
+    vnotneginf,
     vsplat,
     vstore,
+    vstore_tail,
+    vsub,
     vsums_store,
     vzero,
 )
@@ -64,6 +69,42 @@ def _ldv(x, i, n):
     if n >= w:
         return vload(x, i)
     return vload_tail(x, i, max(n, 0))
+
+
+@inline
+def _stv(x, i, v, n):
+    """Store the first ``n`` lanes of ``v`` at ``x.flat[i:]`` (all of them when n >= lanes)."""
+    if n >= lanes(x):
+        vstore(x, i, v)
+    else:
+        vstore_tail(x, i, v, n)
+
+
+@inline
+def _softmax_tile(s, nk, m, mu, l, alpha):
+    """Online softmax of a (keys, rows) score tile in vectors across rows: s becomes
+    p = exp(s - m_new), l is rescaled and grows, alpha = exp(m_old - m_new) is left for the
+    caller's accumulator (forward.online_softmax's contract, without its scalar passes)."""
+    nr = s.shape[1]
+    w = lanes(s)
+    for c in range(0, nr, w):
+        n = nr - c
+        tm = _ldv(s, c, n)
+        for jj in range(1, nk):
+            tm = vmax(_ldv(s, jj * nr + c, n), tm)
+        mo = _ldv(m, c, n)
+        mn = vmax(tm, mo)
+        mv = vnotneginf(mn)  # a row that saw no key yet shifts by 0
+        a = vexp(vsub(mo, mv))
+        acc = vmul(_ldv(l, c, n), a)
+        for jj in range(nk):
+            x = vexp(vsub(_ldv(s, jj * nr + c, n), mv))
+            _stv(s, jj * nr + c, x, n)
+            acc = vadd(acc, x)
+        _stv(m, c, mn, n)
+        _stv(mu, c, mv, n)
+        _stv(l, c, acc, n)
+        _stv(alpha, c, a, n)
 
 
 @inline
@@ -355,7 +396,7 @@ def flash_decode(q, k, v, out, lse, part_out, part_lse, rows, items, block_table
                 positional = tile_needs_mask(i0, i1, j0, j1, off, causal, wl, wr)
                 fixup_tile(s, nk, nr, j0, b, qi, hh, rlo, rhi, slope_r, off, positional, softcap,
                            has_alibi, bias, bstr, has_bias, mask, mstr, has_mask)
-                online_softmax(s, nk, m, mu, l, alpha, tmax, junk)
+                _softmax_tile(s, nk, m, mu, l, alpha)
                 for r in range(nr):
                     if alpha[r] != 1.0:
                         a = vsplat(alpha[r])
