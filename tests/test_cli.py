@@ -40,6 +40,7 @@ def test_info_lists_versions_threads_and_every_backend():
         assert ("unavailable: " + why if why else "available") in line
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_selftest_quick_passes_on_every_available_backend():
     rc, out, err = run_cli("selftest", "--quick")
@@ -53,6 +54,7 @@ def test_selftest_quick_passes_on_every_available_backend():
             assert f"backend {name} skipped" in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_quick_filter_prints_a_table():
     rc, out, err = run_cli("bench", "--quick", "--filter", "gpt2_prefill_512_causal")
@@ -176,6 +178,7 @@ def test_cuda_reason_names_the_extras_without_numba_cuda(monkeypatch):
     assert "numba_attn[cuda12]" in why and "numba_attn[cuda13]" in why
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_warmup_compiles_a_variant_and_info_lists_it_as_cached(tmp_path, monkeypatch):
     env = dict(os.environ, NUMBA_ATTN_CACHE_DIR=str(tmp_path))  # the manifest's home

@@ -78,6 +78,7 @@ def child(tmp_path, **fmt):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_second_process_loads_the_mod_kernel_and_an_edit_recompiles(tmp_path):
     first = child(tmp_path, scale="1.0")
