@@ -489,8 +489,10 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                     l[r] = 1.0
             for u in range(dvp * nrp):
                 ot[u] = 0.0
-            kh = kpack[kvh]
-            vh = vpack[kvh]
+            # flat (1-D) like the paged scratch kt / vt: for float32 / float64 storage the
+            # two paths share one specialisation of each strip helper and micro-kernel
+            kh = kpack[kvh].reshape(kpack.shape[1] * kpack.shape[2])
+            vh = vpack[kvh].reshape(vpack.shape[1] * vpack.shape[2])
             for j0 in range(js, je, block_k):
                 j1 = min(j0 + block_k, je)
                 nk = j1 - j0
