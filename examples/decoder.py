@@ -110,15 +110,15 @@ class Block:
         self.down, self.down_bias = w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias")
 
     def __call__(self, x, cache=None):
-        h = self.attn(rms_norm(x, self.norm_attn_in, self.eps), cache=cache)
+        h = self.attn(rms_norm(x, self.norm_attn_in, eps=self.eps), cache=cache)
         if self.sandwich:
-            h = rms_norm(h, self.norm_attn_out, self.eps)
+            h = rms_norm(h, self.norm_attn_out, eps=self.eps)
         x = x + h
-        gu = linear(rms_norm(x, self.norm_mlp_in, self.eps), self.gate_up, self.gate_up_bias)
+        gu = linear(rms_norm(x, self.norm_mlp_in, eps=self.eps), self.gate_up, self.gate_up_bias)
         inter = gu.shape[-1] // 2
         h = linear(self.act(gu[..., :inter]) * gu[..., inter:], self.down, self.down_bias)
         if self.sandwich:
-            h = rms_norm(h, self.norm_mlp_out, self.eps)
+            h = rms_norm(h, self.norm_mlp_out, eps=self.eps)
         return x + h
 
 
@@ -257,7 +257,7 @@ class Decoder:
 
     def head(self, h):
         """Final norm + lm head (+ Gemma-2's final softcap): (..., hidden) -> (..., vocab)."""
-        h = rms_norm(np.ascontiguousarray(h), self.w["model.norm.weight"], self.eps)
+        h = rms_norm(np.ascontiguousarray(h), self.w["model.norm.weight"], eps=self.eps)
         logits = linear(h, self.lm_head)
         if self.final_softcap:
             c = self.final_softcap

@@ -19,9 +19,8 @@ from .kvcache import attention_with_kvcache
 from .layers import MultiHeadAttention
 from .mods import BlockMask, create_block_mask
 from .mla import MLACache, MultiHeadLatentAttention
-from .norm import rms_norm
-from .rope import apply_rotary, rotary_cos_sin
-from .training import apply_rotary_backward, rms_norm_backward
+from .norm import rms_norm, rms_norm_backward
+from .rope import apply_rotary, apply_rotary_backward, rotary_cos_sin
 
 from ._version import __version__
 

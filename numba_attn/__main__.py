@@ -1,7 +1,11 @@
-"""python -m numba_attn [info | selftest | bench]; with no subcommand: all three, quick.
+"""python -m numba_attn [info | selftest | bench | warmup]; with no subcommand: the first
+three, quick.
 
 info      versions, CPU, threads and threading layer, BLAS, every backend and why one
-          cannot serve.
+          cannot serve; which kernel variants are in the disk cache.
+warmup    compile the common kernel variants (float32 / float16 / bfloat16 / float64 x
+          forward / varlen / decode / backward) into the disk cache, in parallel
+          processes: run it once per machine (or in a Docker build).
 selftest  every available backend against numba_attn.reference; exit code 1 on a failure.
 bench     the benchmark shapes against numpy and torch (when installed).
 """
@@ -24,6 +28,11 @@ def parser():
     st.add_argument("--quick", action="store_true", help="a small subset of the grid")
     st.add_argument("--backend", action="append", metavar="NAME",
                     help="only this backend (repeatable)")
+    wu = sub.add_parser("warmup", help="compile the common variants into the disk cache")
+    wu.add_argument("--jobs", type=int, metavar="N",
+                    help="parallel processes (default: one per core)")
+    wu.add_argument("--only", metavar="TEXT",
+                    help="only variants whose name contains TEXT, e.g. 'float32'")
     be = sub.add_parser("bench", help="benchmark table against the numpy and torch peers")
     be.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
     be.add_argument("--filter", metavar="NAME", help="only shapes whose name contains NAME")
@@ -44,6 +53,10 @@ def main(argv=None):
         return 0
     if args.command == "selftest":
         return _cli.selftest(quick=args.quick, backends=args.backend)
+    if args.command == "warmup":
+        from . import _warmup
+
+        return _warmup.warmup(jobs=args.jobs, only=args.only)
     if args.command == "bench":
         bench.run_bench(quick=args.quick, name_filter=args.filter,
                         peers=() if args.no_peers else ("numpy", "torch"),

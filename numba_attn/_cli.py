@@ -65,33 +65,51 @@ def first_call_seconds():
 
 
 _STARTUP = """\
-import time
+import sys, time
 t0 = time.perf_counter()
 import numpy as np, numba_attn
 t1 = time.perf_counter()
 q = np.ones((1, 8, 4, 16), np.float32)
 numba_attn.attention(q, q, q, causal=True)
 t2 = time.perf_counter()
-print(t1 - t0, t2 - t1)
+sys.path.insert(0, sys.argv[1])
+from startup_mod import shift
+numba_attn.attention(q, q, q, score_mod=shift, score_mod_args=(0.5,))
+t3 = time.perf_counter()
+out, vjp = numba_attn.attention_vjp(q, q, q, causal=True)
+vjp(out)
+t4 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+"""
+
+_STARTUP_MOD = """\
+def shift(score, b, h, q_idx, kv_idx, c):
+    return score + c * (kv_idx % 2)
 """
 
 
 def startup_times():
-    """Fresh-process (import, first call) seconds with an empty on-disk cache (cold
-    compile), then again with that cache warm. Uses a temporary NUMBA_CACHE_DIR."""
+    """Fresh-process seconds of import, the first float32 call, the first call with a
+    score_mod (a mod file in the temporary directory) and the first backward, with an
+    empty on-disk cache (cold compile), then again with that cache warm. Uses a temporary
+    NUMBA_CACHE_DIR (and so a temporary mod cache): {label: {import, first, mod,
+    backward, wall}}."""
     import subprocess
     import tempfile
 
     res = {}
     with tempfile.TemporaryDirectory(prefix="numba_attn_cache_") as tmp:
+        with open(os.path.join(tmp, "startup_mod.py"), "w") as f:
+            f.write(_STARTUP_MOD)
         env = dict(os.environ, NUMBA_CACHE_DIR=tmp)
+        env.pop("NUMBA_ATTN_CACHE_DIR", None)
         for label in ("cold", "warm"):
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", _STARTUP], env=env,
+            proc = subprocess.run([sys.executable, "-c", _STARTUP, tmp], env=env,
                                   capture_output=True, text=True, check=True)
             wall = time.perf_counter() - t0
-            imp, first = (float(x) for x in proc.stdout.split()[-2:])
-            res[label] = (imp, first, wall)
+            vals = [float(x) for x in proc.stdout.split()[-4:]]
+            res[label] = dict(zip(("import", "first", "mod", "backward"), vals), wall=wall)
     return res
 
 
@@ -134,10 +152,23 @@ def info(out=None, startup=False):
     w(f"  numba cache  {numba.config.CACHE_DIR or '__pycache__ beside the sources'}\n")
     w(f"  first call   {first:.2f}s (tiny float32 attention: JIT compile or cache load)\n")
     w("  simd         " + _simd_line() + "\n")
+    from . import _modcache, _warmup
+
+    status = _warmup.cached_status()
+    ncached = sum(v == "cached" for v in status.values())
+    w(f"  variants     {ncached}/{len(status)} in the disk cache for this CPU target"
+      + ("" if ncached == len(status) else " (python -m numba_attn warmup compiles them)")
+      + "\n")
+    for dts in _warmup.DTYPES:
+        row = ", ".join(f"{p} {status[dts + ' ' + p]}" for p in _warmup.PATHS)
+        w(f"               {dts:<9} {row}\n")
+    nmods = len(_modcache.cached_variants())
+    w(f"  mod cache    {_modcache.cache_dir()} ({nmods} score_mod / mask_mod kernels)\n")
     if startup:
-        for label, (imp, first, wall) in startup_times().items():
-            w(f"  start-up     {label} cache: import {imp:.2f}s + first call {first:.2f}s "
-              f"(process wall {wall:.2f}s)\n")
+        for label, row in startup_times().items():
+            w(f"  start-up     {label} cache: import {row['import']:.2f}s + first call "
+              f"{row['first']:.2f}s; first score_mod call {row['mod']:.2f}s; first "
+              f"backward {row['backward']:.2f}s (process wall {row['wall']:.2f}s)\n")
     w("backends\n")
     for name, why in numba_attn.available_backends().items():
         w(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}\n")

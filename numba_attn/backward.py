@@ -20,6 +20,7 @@ from .interop import Array, like, like_device
 from .mods import BlockMask, MaskMod, ScoreMod
 from .problem import (BATCHED_LAYOUT, CONTIGUOUS_BLOCK, VARLEN_LAYOUT, batched_dims,
                       batched_rows, build_problem, varlen_dims, varlen_rows)
+from . import layout as lay
 
 __all__ = ["attention_backward", "attention_varlen_backward", "attention_vjp",
            "attention_varlen_vjp"]
@@ -87,6 +88,7 @@ def _finish(q, dt, shapes, grads, return_dbias, return_dsinks, bias, device):
     return like_device(q, res, device)
 
 
+@lay.entry("q", "k", "v", "dout", "out", result="grads")
 def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, lse: Array, *,
                        causal: bool | str = False, window: tuple[int, int] = (-1, -1),
                        scale: float | None = None, softcap: float = 0.0,
@@ -99,7 +101,8 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
                        score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
                        mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                        block_mask: BlockMask | None = None,
-                       score_mod_grad: ScoreMod | None = None) -> tuple:
+                       score_mod_grad: ScoreMod | None = None,
+                       layout: str = "bshd") -> tuple:
     """Gradients of :func:`numba_attn.attention` (FlashAttention-2's backward).
 
     Scores are recomputed from ``lse`` (nothing seqlen_q x seqlen_k is stored);
@@ -130,6 +133,9 @@ def attention_backward(dout: Array, q: Array, k: Array, v: Array, out: Array, ls
     backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
         "cuda" copies host arrays to the GPU and the gradients back. Device arrays run on
         the CUDA kernels and give device arrays (staged through the host for now).
+    layout : {"bshd", "bhsd"}, default "bshd"
+        "bhsd": dout, q, k, v and out are (batch, heads, seq, dim) and dq, dk, dv come
+        back so too (transposed views); lse is (batch, heads, seqlen_q) either way.
 
     Returns
     -------
@@ -205,6 +211,7 @@ def _host_opt(name, x):
     return None if x is None else va.host(name, x)
 
 
+@lay.entry("q", "k", "v", "dout", "out", result="grads")
 def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Array,
                               lse: Array, cu_seqlens_q: Array, cu_seqlens_k: Array, *,
                               max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
@@ -218,7 +225,8 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                               score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
                               mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                               block_mask: BlockMask | None = None,
-                              score_mod_grad: ScoreMod | None = None) -> tuple:
+                              score_mod_grad: ScoreMod | None = None,
+                              layout: str = "bshd") -> tuple:
     """Gradients of :func:`numba_attn.attention_varlen` (packed rows).
 
     Parameters
@@ -296,6 +304,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                    bias, device)
 
 
+@lay.entry("q", "k", "v", result="vjp")
 def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
                   return_dsinks: bool = False, **options: Any) -> tuple:
     """Forward attention and its vector-Jacobian product, with the options kept together.
@@ -316,6 +325,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
         ``vjp`` also returns the gradient of ``sinks``.
     **options
         Any keyword of :func:`numba_attn.attention` except ``return_lse`` and ``out``.
+        ``layout="bhsd"`` holds for ``vjp`` too: its dout and gradients are BHSD.
         With ``dropout_p > 0`` and no ``seed``, a fresh seed is drawn and kept for both
         passes. ``score_mod`` needs its derivative: derived automatically (complex step,
         numba_attn.mod_grad) or given as ``score_mod_grad(score, b, h, q_idx, kv_idx,
@@ -360,6 +370,7 @@ def attention_vjp(q: Array, k: Array, v: Array, *, return_dbias: bool = False,
     return out, vjp
 
 
+@lay.entry("q", "k", "v", result="vjp")
 def attention_varlen_vjp(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                          cu_seqlens_k: Array, *, return_dbias: bool = False,
                          return_dsinks: bool = False, **options: Any) -> tuple:

@@ -203,8 +203,10 @@ class _CacheBase:
         ----------
         k_new : array (batch, n_new, num_kv_heads, head_dim)
         v_new : array (batch, n_new, num_kv_heads, head_dim_v)
-            The cache's dtype and device (an int8 cache: any float dtype, quantized
-            per (token, kv head)). Row ``b``'s tokens land at positions
+            The cache's dtype and device; float32 for a host float16 / bfloat16 cache
+            is rounded to the cache's dtype (nearest even); an int8 / float8 cache takes
+            any float dtype, quantized per (token, kv head). Row ``b``'s tokens land at
+            positions
             ``seqlens[b] .. seqlens[b] + n_new - 1``; ``seqlens`` then grows by ``n_new``.
 
         Raises
@@ -212,7 +214,8 @@ class _CacheBase:
         AttentionError (ValueError)
             Shapes, no room (or no free page), bad block-table entries; nothing is written.
         TypeError
-            A dtype other than the cache's.
+            A dtype other than the cache's (and other than float32 over a host float16 /
+            bfloat16 cache).
         """
         if self.device == "cpu":  # torch CPU tensors, lists: numpy before anything is written
             k_new = k_new if k_new is None or _on_device(k_new) else dp.host("k_new", k_new)

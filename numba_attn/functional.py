@@ -18,6 +18,7 @@ from .autograd import wants_grad
 from .config import AttentionError, check_flag
 from .dropout import check_dropout
 from .interop import Array, device_op, like, lse_bhs, lse_ht
+from . import layout as lay
 from .mods import BlockMask, MaskMod, ScoreMod
 from .problem import (BATCHED_LAYOUT, CONTIGUOUS_BLOCK, VARLEN_LAYOUT, batched_dims,
                       batched_rows, build_problem, config_for, pack, set_dropout,
@@ -42,6 +43,7 @@ def canon_qkv(q, k, v, ndim, layout_q, layout_kv):
     return va.check_qkv(q, k, v, ndim, layout_q, layout_kv)
 
 
+@lay.entry("q", "k", "v", "out")
 def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               window: tuple[int, int] = (-1, -1), scale: float | None = None,
               softcap: float = 0.0, alibi_slopes: Array | None = None,
@@ -54,7 +56,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
               mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
               backend: str = "auto",
               q_offset: int | None = None,
-              score_mod_grad: ScoreMod | None = None) -> Array | tuple[Array, Array]:
+              score_mod_grad: ScoreMod | None = None,
+              layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Scaled dot-product attention over batched BSHD arrays, flash-attention style.
 
     Parameters
@@ -128,6 +131,10 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
         ``causal="top_left"`` stays ``j <= i``). For a block of a longer sequence, e.g.
         queries ``qa:qb`` against keys ``ka:kb`` of a bottom-right call, pass
         ``qa + seqlen_k - seqlen_q - ka`` (chunked prefill, key-split context parallelism).
+    layout : {"bshd", "bhsd"}, default "bshd"
+        "bhsd": q, k, v and out= are (batch, heads, seq, dim) (torch's habit) and out comes
+        back so too, as a transposed view (no copy of the result). See
+        :mod:`numba_attn.layout`.
 
     Returns
     -------
@@ -230,6 +237,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     return like(q, o), like(q, lse_bhs(lse, bsz, sq, h))
 
 
+@lay.entry("q", "k", "v", "out")
 def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      cu_seqlens_k: Array, *, max_seqlen_q: int | None = None,
                      max_seqlen_k: int | None = None, causal: bool | str = False,
@@ -243,7 +251,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                      block_mask: BlockMask | None = None,
                      backend: str = "auto",
-                     score_mod_grad: ScoreMod | None = None) -> Array | tuple[Array, Array]:
+                     score_mod_grad: ScoreMod | None = None,
+                     layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
 
     Parameters
@@ -270,6 +279,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     out : ndarray (total_q, num_heads, head_dim_v), optional
     dropout_p, seed : float, int, optional
         As :func:`attention`; ``b`` of the keep mask is the row (segment) index.
+    layout : {"bshd", "bhsd"}, default "bshd"
+        "bhsd": q, k, v and out= are (heads, total, dim) and out comes back so too (a
+        transposed view).
 
     Returns
     -------

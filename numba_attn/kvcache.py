@@ -16,6 +16,7 @@ from . import quant
 from .cache import KVCache, PagedKVCache, _on_device
 from .config import AttentionError, check_flag
 from .interop import Array, like, to_numpy
+from . import layout as lay
 from .mods import BlockMask, MaskMod, ScoreMod
 from .functional import _lse_bhs, build_problem, check_out, run_and_finish
 from .rope import check_tables, rotate, token_positions
@@ -23,6 +24,7 @@ from .rope import check_tables, rotate, token_positions
 __all__ = ["attention_with_kvcache"]
 
 
+@lay.entry("q", "k_new", "v_new", "out", kv="cache")
 def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
                            k_new: Array | None = None, v_new: Array | None = None, *,
                            rotary_cos: Array | None = None, rotary_sin: Array | None = None,
@@ -34,7 +36,8 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
                            out: Array | None = None, score_mod: ScoreMod | None = None,
                            score_mod_args: tuple = (), mask_mod: MaskMod | None = None,
                            mask_mod_args: tuple = (), block_mask: BlockMask | None = None,
-                           backend: str = "auto") -> Array | tuple[Array, Array]:
+                           backend: str = "auto",
+                           layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Decode / chunked-prefill step: append ``k_new``/``v_new`` to ``cache``, attend ``q``.
 
     For each row ``b`` with ``L = cache.seqlens[b]`` before the call and ``n = seqlen_new``:
@@ -75,6 +78,9 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
         As :func:`numba_attn.attention` (host caches); ``q_idx`` is the query's index in
         ``q`` (its cache position is ``q_idx + L + n - seqlen_q``), ``kv_idx`` the cache
         position. A block mask must cover seqlen_q x (L + n) (build it for the capacity).
+    layout : {"bshd", "bhsd"}, default "bshd"
+        "bhsd": q, k_new, v_new and out= are (batch, heads, seq, dim) and out comes back
+        so too (a transposed view); the cache's storage stays (batch, seq, heads, dim).
 
     Returns
     -------

@@ -777,8 +777,8 @@ class MultiHeadAttention(ParameterMixin):
         if self.qk_norm:
             from .norm import rms_norm
 
-            q = rms_norm(q, self.q_norm, self.norm_eps)
-            k = rms_norm(k, self.k_norm, self.norm_eps)
+            q = rms_norm(q, self.q_norm, eps=self.norm_eps)
+            k = rms_norm(k, self.k_norm, eps=self.norm_eps)
         rot = self._rope is not None and context is None
         if cache is not None:
             o = self._attend_cache(q, k, v, cache, positions, rot, mask, backend)

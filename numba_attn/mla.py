@@ -421,12 +421,11 @@ class MultiHeadLatentAttention(ParameterMixin):
         if self.q_lora_rank is None:
             q = linear(x, self.w_q)
         else:
-            q = linear(rms_norm(linear(x, self.w_q_a, self.b_q_a), self.q_a_norm,
-                                self.norm_eps), self.w_q_b)
+            q = linear(rms_norm(linear(x, self.w_q_a, self.b_q_a), self.q_a_norm, eps=self.norm_eps), self.w_q_b)
         q = q.reshape(bsz, sq, h, self.qk_head_dim)
         r, dn = self.kv_lora_rank, self.qk_nope_head_dim
         ckv = linear(x, self.w_kv_a, self.b_kv_a)
-        c = rms_norm(ckv[..., :r], self.kv_a_norm, self.norm_eps)
+        c = rms_norm(ckv[..., :r], self.kv_a_norm, eps=self.norm_eps)
         k_pe = self._rope.rotate(np.ascontiguousarray(ckv[..., None, r:]), positions,
                                  self.rotary_interleaved)  # (b, s, 1, rope)
         q_pe = self._rope.rotate(np.ascontiguousarray(q[..., dn:]), positions,

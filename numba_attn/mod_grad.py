@@ -158,6 +158,7 @@ def derivative(score_mod, score_mod_grad, score_mod_args, dtype, shape=(1, 1, 1,
         raise ModError("score_mod_grad: given without score_mod")
     if score_mod is None:
         return None
+    _dispatcher("score_mod", score_mod)  # a function (else ModError naming score_mod)
     if score_mod_grad is not None and not (inspect.isfunction(score_mod_grad) or isinstance(
             score_mod_grad, numba.core.registry.CPUDispatcher)):
         raise ModError(f"score_mod_grad: expected a Python function or a numba.njit "

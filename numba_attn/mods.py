@@ -77,11 +77,13 @@ Sliding window plus global tokens (Longformer):
 (2, 48, 4, 16)
 
 Compile cost: each distinct function (and argument types) compiles its own specialisation
-of the fused forward, a few seconds to tens of seconds, once per process: a
-kernel specialised on a function object cannot be loaded from Numba's disk cache, so these
-specialisations are never written there (the default path stays cached). A second call with
-the same functions and argument types compiles nothing; pass the same function object (a
-``lambda`` written inside a loop is a new function each time).
+of the fused forward once per machine, a few seconds to tens of seconds: the variant is
+written to a cache directory (a generated ``.py`` file per mod, Numba's disk cache beside
+it; see ``numba_attn._modcache``), keyed by the mod's code, constants, closure values and
+the globals it reads, so a second process loads it in well under a second, and an edited
+mod (or a helper or constant it uses) compiles anew, never a stale hit. A mod reading a
+global the key cannot vouch for (an arbitrary object) compiles once per process instead.
+A second call with the same functions and argument types compiles nothing.
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ from numba import prange
 from numba.core import types
 from numba.core.errors import NumbaError
 
+from ._modcache import ModKernel
 from .config import AttentionError
 
 __all__ = ["BlockMask", "create_block_mask", "ModError"]
@@ -255,7 +258,8 @@ def _flags_py(mmod, margs, sq, sk, bq, bk, flags):
         flags[b, h, qb, kb] = FULL if not seen_f else (PARTIAL if seen_t else EMPTY)
 
 
-_flags_kernel = numba.njit(parallel=True, nogil=True, error_model="numpy")(_flags_py)
+_flags_kernel = ModKernel(numba.njit(parallel=True, nogil=True, error_model="numpy")(_flags_py),
+                          ("mmod",))
 
 
 class BlockMask:

@@ -8,10 +8,10 @@ from . import dispatch as dp
 from .config import AttentionError, check_real
 from .interop import Array, is_torch, like, to_numpy
 
-__all__ = ["rms_norm"]
+__all__ = ["rms_norm", "rms_norm_backward"]
 
 
-def rms_norm(x: Array, weight: Array, eps: float = 1e-6, *,
+def rms_norm(x: Array, weight: Array, *args: float, eps: float = 1e-6,
              out: Array | None = None) -> Array:
     """Root-mean-square normalisation over the last axis.
 
@@ -26,7 +26,9 @@ def rms_norm(x: Array, weight: Array, eps: float = 1e-6, *,
     weight : array (dim,)
         The learned gain, on the same device as ``x``.
     eps : float, default 1e-6
-        Added to the mean square; finite and >= 0.
+        Added to the mean square; finite and >= 0. Keyword-only, as everywhere else in
+        numba_attn (a third positional argument still works this release, with a
+        DeprecationWarning).
     out : array like x, optional
         Written in place and returned (numpy inputs only).
 
@@ -50,6 +52,7 @@ def rms_norm(x: Array, weight: Array, eps: float = 1e-6, *,
     >>> print(np.round(y, 4))
     [[0.8485 1.1314]]
     """
+    eps = _positional_eps("rms_norm", args, eps)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x: expected an array (..., dim), got {type(x).__name__}")
     shape = tuple(x.shape)
@@ -90,6 +93,84 @@ def rms_norm(x: Array, weight: Array, eps: float = 1e-6, *,
         out[...] = y
         return out_ref
     return like(x, y if y.dtype == dt else y.astype(dt))
+
+
+def rms_norm_backward(dout: Array = None, x: Array = None, weight: Array = None,
+                      *args: float, eps: float = 1e-6,
+                      dy: Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients of ``y = rms_norm(x, weight, eps=eps)``.
+
+    With ``r = sqrt(mean(x^2) + eps)`` over the last axis: ``dx = (g - x mean(g x) / r^2)
+    / r`` where ``g = dout * weight``, and ``dweight = sum(dout * x / r)`` over every leading
+    axis.
+
+    Parameters
+    ----------
+    dout, x : ndarray (..., dim)
+        ``dout`` is the gradient of ``y`` (named ``dy`` before 0.3; ``dy=`` still works
+        this release, with a DeprecationWarning).
+    weight : ndarray (dim,)
+    eps : float, default 1e-6
+        Keyword-only (positional: DeprecationWarning), as in :func:`rms_norm`.
+
+    Returns
+    -------
+    dx : ndarray like x; dweight : ndarray (dim,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from numba_attn import rms_norm_backward
+    >>> x = np.array([[3.0, 4.0]]); w = np.ones(2)
+    >>> dx, dw = rms_norm_backward(np.ones((1, 2)), x, w, eps=0.0)
+    >>> dx.shape, dw.shape
+    ((1, 2), (2,))
+    """
+    dout = _renamed("rms_norm_backward", "dy", dy, "dout", dout)
+    eps = _positional_eps("rms_norm_backward", args, eps)
+    x = to_numpy("x", x)
+    dy = to_numpy("dout", dout)
+    weight = to_numpy("weight", weight)
+    if dy.shape != x.shape:
+        raise AttentionError(f"dout: shape {dy.shape} differs from x's {x.shape}")
+    if weight.shape != (x.shape[-1],):
+        raise AttentionError(f"weight: expected shape ({x.shape[-1]},), got {weight.shape}")
+    eps = check_real("eps", eps)
+    ct = np.float64 if np.dtype(x.dtype) == np.float64 else np.float32
+    xc, g0, wc = x.astype(ct), dy.astype(ct), weight.astype(ct)
+    inv = 1.0 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + ct(eps))
+    g = g0 * wc
+    dx = inv * (g - xc * (inv * inv) * np.mean(g * xc, axis=-1, keepdims=True))
+    dw = (g0 * xc * inv).reshape(-1, x.shape[-1]).sum(axis=0)
+    return dx.astype(x.dtype, copy=False), dw.astype(weight.dtype, copy=False)
+
+
+def _positional_eps(fname, args, eps):
+    """eps given as a positional argument (the old signature): warn, and use it."""
+    if not args:
+        return eps
+    if len(args) > 1:
+        raise TypeError(f"{fname}() takes eps as its only extra argument, got {len(args)}")
+    import warnings
+
+    warnings.warn(f"{fname}: pass eps as a keyword (eps=...); positional eps is deprecated "
+                  "and will be removed in the next release", DeprecationWarning, stacklevel=3)
+    return args[0]
+
+
+def _renamed(fname, old, old_value, new, value):
+    """A keyword renamed this release: the old name still works, with a warning."""
+    if old_value is None:
+        if value is None:
+            raise TypeError(f"{fname}() missing required argument '{new}'")
+        return value
+    if value is not None:
+        raise TypeError(f"{fname}(): pass {new} or {old}, not both")
+    import warnings
+
+    warnings.warn(f"{fname}: {old}= is renamed {new}=; {old}= will be removed in the next "
+                  "release", DeprecationWarning, stacklevel=3)
+    return old_value
 
 
 def _rms_norm_cuda(x, weight, eps, cdt):

@@ -61,10 +61,18 @@ _EMPTY = {}
 def dummy(dtype, ndim=1):
     """A (1,) * ndim zero array standing in for an absent optional input (one per dtype
     and rank, so a call pattern never makes a new array type)."""
-    key = (np.dtype(dtype).str, ndim)
-    if key not in _EMPTY:
-        _EMPTY[key] = np.zeros((1,) * ndim, dtype=dtype)
-    return _EMPTY[key]
+    try:  # the hot path: a dtype (or scalar type) seen before, no np.dtype() call
+        return _EMPTY[dtype, ndim]
+    except (KeyError, TypeError):
+        pass
+    a = _EMPTY.get((np.dtype(dtype).str, ndim))
+    if a is None:
+        a = _EMPTY[np.dtype(dtype).str, ndim] = np.zeros((1,) * ndim, dtype=dtype)
+    try:
+        _EMPTY[dtype, ndim] = a
+    except TypeError:  # an unhashable dtype spelling
+        pass
+    return a
 
 
 def codes(p):

@@ -149,8 +149,12 @@ def pack(q, k, v, cdt, device):
     in ``cdt``)."""
     if device != "cpu":
         return device_op("pack")(q, k, v, cdt)
-    return tuple(va.host(n, x, cdt).reshape((int(np.prod(x.shape[:-2])),) + tuple(x.shape[-2:]))
-                 for n, x in (("q", q), ("k", k), ("v", v)))
+    res = []
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        shape = x.shape
+        tokens = shape[0] * shape[1] if len(shape) == 4 else shape[0]  # (no np.prod: per call)
+        res.append(va.host(name, x, cdt).reshape(tokens, shape[-2], shape[-1]))
+    return tuple(res)
 
 
 # ---------------------------------------------------------------------------------------

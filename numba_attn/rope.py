@@ -19,7 +19,7 @@ from .config import AttentionError, _is_int, check_flag, check_int, check_real
 
 SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
 
-__all__ = ["apply_rotary", "rotary_cos_sin"]
+__all__ = ["apply_rotary", "apply_rotary_backward", "rotary_cos_sin"]
 
 
 def rotary_cos_sin(max_position: int, rotary_dim: int, *, base: float = 10000.0,
@@ -296,6 +296,32 @@ def apply_rotary(x: Array, cos: Array, sin: Array, *, interleaved: bool = False,
     x3 = dp.host("x", x, cdt).reshape(n_t, h, d)
     y = rotate(x3, cos, sin, pos, interleaved)
     return like(x, y.reshape(shape).astype(dt, copy=False))
+
+
+def apply_rotary_backward(dout: Array = None, cos: Array = None, sin: Array = None, *,
+                          interleaved: bool = False, positions: int | Array | None = None,
+                          dy: Array | None = None) -> Array:
+    """Gradient of ``apply_rotary(x, cos, sin, ...)`` with respect to ``x``.
+
+    Each pair is rotated by the transposed rotation, i.e. ``apply_rotary`` with ``-sin``;
+    pass-through channels (partial rotary) pass the gradient through unchanged. ``dout``
+    (the gradient of the output) was named ``dy`` before 0.3; ``dy=`` still works this
+    release, with a DeprecationWarning.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> cos, sin = numba_attn.rotary_cos_sin(16, 8)
+    >>> x = np.random.default_rng(0).standard_normal((1, 3, 2, 8))
+    >>> y = numba_attn.apply_rotary(x, cos, sin)
+    >>> bool(np.allclose(numba_attn.apply_rotary_backward(y, cos, sin), x))  # a rotation
+    True
+    """
+    from .norm import _renamed
+
+    dout = _renamed("apply_rotary_backward", "dy", dy, "dout", dout)
+    return apply_rotary(dout, cos, -to_numpy("sin", sin), interleaved=interleaved,
+                        positions=positions)
 
 
 def token_positions(positions, tokens, max_position):

@@ -1,7 +1,8 @@
 """Backward passes of the building blocks and of :class:`~numba_attn.MultiHeadAttention`.
 
-:func:`rms_norm_backward` and :func:`apply_rotary_backward` are the gradients of
-:func:`~numba_attn.rms_norm` and :func:`~numba_attn.apply_rotary`; ``layer.forward(x, ...,
+:func:`rms_norm_backward` and :func:`apply_rotary_backward` (the gradients of
+:func:`~numba_attn.rms_norm` and :func:`~numba_attn.apply_rotary`) live in norm.py and
+rope.py beside their forwards and are re-exported here; ``layer.forward(x, ...,
 train=True)`` records what ``layer.backward(dy)`` needs (see :func:`mha_forward_train`,
 :func:`mha_backward`). Everything here is numpy over the kernels' forward and backward.
 """
@@ -12,77 +13,15 @@ import numpy as np
 from .config import AttentionError, check_real
 from .interop import Array, like, to_numpy
 
+# the gradients of the building blocks live beside their forwards; re-exported here
+from .norm import rms_norm_backward  # noqa: E402
+from .rope import apply_rotary_backward  # noqa: E402
+
 __all__ = ["apply_rotary_backward", "linear_backward", "rms_norm_backward"]
 
 
 def _cdt(dt):
     return np.float64 if np.dtype(dt) == np.float64 else np.float32
-
-
-def rms_norm_backward(dy: Array, x: Array, weight: Array,
-                      eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
-    """Gradients of ``y = rms_norm(x, weight, eps)``.
-
-    With ``r = sqrt(mean(x^2) + eps)`` over the last axis: ``dx = (g - x mean(g x) / r^2)
-    / r`` where ``g = dy * weight``, and ``dweight = sum(dy * x / r)`` over every leading
-    axis.
-
-    Parameters
-    ----------
-    dy, x : ndarray (..., dim)
-    weight : ndarray (dim,)
-    eps : float, default 1e-6
-
-    Returns
-    -------
-    dx : ndarray like x; dweight : ndarray (dim,)
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from numba_attn import rms_norm_backward
-    >>> x = np.array([[3.0, 4.0]]); w = np.ones(2)
-    >>> dx, dw = rms_norm_backward(np.ones((1, 2)), x, w, eps=0.0)
-    >>> dx.shape, dw.shape
-    ((1, 2), (2,))
-    """
-    x = to_numpy("x", x)
-    dy = to_numpy("dy", dy)
-    weight = to_numpy("weight", weight)
-    if dy.shape != x.shape:
-        raise AttentionError(f"dy: shape {dy.shape} differs from x's {x.shape}")
-    if weight.shape != (x.shape[-1],):
-        raise AttentionError(f"weight: expected shape ({x.shape[-1]},), got {weight.shape}")
-    eps = check_real("eps", eps)
-    ct = _cdt(x.dtype)
-    xc, g0, wc = x.astype(ct), dy.astype(ct), weight.astype(ct)
-    inv = 1.0 / np.sqrt(np.mean(xc * xc, axis=-1, keepdims=True) + ct(eps))
-    g = g0 * wc
-    dx = inv * (g - xc * (inv * inv) * np.mean(g * xc, axis=-1, keepdims=True))
-    dw = (g0 * xc * inv).reshape(-1, x.shape[-1]).sum(axis=0)
-    return dx.astype(x.dtype, copy=False), dw.astype(weight.dtype, copy=False)
-
-
-def apply_rotary_backward(dy: Array, cos: Array, sin: Array, *, interleaved: bool = False,
-                          positions: int | Array | None = None) -> Array:
-    """Gradient of ``apply_rotary(x, cos, sin, ...)`` with respect to ``x``.
-
-    Each pair is rotated by the transposed rotation, i.e. ``apply_rotary`` with ``-sin``;
-    pass-through channels (partial rotary) pass the gradient through unchanged.
-
-    Examples
-    --------
-    >>> import numpy as np, numba_attn
-    >>> cos, sin = numba_attn.rotary_cos_sin(16, 8)
-    >>> x = np.random.default_rng(0).standard_normal((1, 3, 2, 8))
-    >>> y = numba_attn.apply_rotary(x, cos, sin)
-    >>> bool(np.allclose(numba_attn.apply_rotary_backward(y, cos, sin), x))  # a rotation
-    True
-    """
-    from .rope import apply_rotary
-
-    return apply_rotary(dy, cos, -to_numpy("sin", sin), interleaved=interleaved,
-                        positions=positions)
 
 
 def linear_backward(x, dy, w, lora=None, lora_scale=1.0):
@@ -143,8 +82,8 @@ def mha_forward_train(layer, x, *, context=None, positions=None, cache=None, kv_
     v = linear(src, layer.w_v, layer.b_v, lo.get("v"), lora_scale).reshape(bsz, sk, hkv, hd)
     qn, kn = q1, k1
     if layer.qk_norm:
-        qn = rms_norm(q1, layer.q_norm, layer.norm_eps)
-        kn = rms_norm(k1, layer.k_norm, layer.norm_eps)
+        qn = rms_norm(q1, layer.q_norm, eps=layer.norm_eps)
+        kn = rms_norm(k1, layer.k_norm, eps=layer.norm_eps)
     rot = layer._rope is not None and context is None
     q2, k2 = qn, kn
     if rot:
@@ -157,13 +96,12 @@ def mha_forward_train(layer, x, *, context=None, positions=None, cache=None, kv_
                 "window": cfg.window if context is None else (-1, -1), "scale": cfg.scale,
                 "softcap": cfg.softcap, "mask": mask, "kv_lens": kv_lens, "dropout_p": drop[0],
                 "seed": None if drop[0] == 0.0 else drop[1]}
-    att_backend = "cpu" if backend == "auto" else backend
-    o, lse = attention(q2, k2, v, return_lse=True, backend=att_backend, **opts)
+    o, lse = attention(q2, k2, v, return_lse=True, backend=backend, **opts)
     of = o.reshape(bsz, sq, h * hd)
     y = linear(of, layer.w_o, layer.b_o, lo.get("o"), lora_scale)
     layer._tape = {"x": x, "src": src, "cross": context is not None, "q1": q1, "k1": k1, "qn": qn, "kn": kn,
                        "q2": q2, "k2": k2, "v": v, "o": o, "lse": lse, "of": of, "positions": positions, "rot": rot,
-                       "lora": lo, "lora_scale": lora_scale, "opts": opts, "backend": att_backend}
+                       "lora": lo, "lora_scale": lora_scale, "opts": opts, "backend": backend}
     return like(x_ref, y)
 
 
@@ -215,9 +153,9 @@ def mha_backward(layer, dy):
     dq1, dk1 = dqn, dkn
     if layer.qk_norm:
         dq1, grads["q_norm.weight"] = rms_norm_backward(dqn, tape["q1"], layer.q_norm,
-                                                        layer.norm_eps)
+                                                        eps=layer.norm_eps)
         dk1, grads["k_norm.weight"] = rms_norm_backward(dkn, tape["k1"], layer.k_norm,
-                                                        layer.norm_eps)
+                                                        eps=layer.norm_eps)
     has_b = layer.b_q is not None
     rq = linear_backward(x, dq1.reshape(bsz, sq, h * hd), layer.w_q, lo.get("q"), s)
     rk = linear_backward(src, dk1.reshape(bsz, sk, hkv * hd), layer.w_k, lo.get("k"), s)
@@ -261,13 +199,13 @@ def mla_forward_train(layer, x, *, positions=None, cache=None, kv_lens=None, mas
         q = linear(x, layer.w_q)
     else:
         a = linear(x, layer.w_q_a, layer.b_q_a)
-        an = rms_norm(a, layer.q_a_norm, layer.norm_eps)
+        an = rms_norm(a, layer.q_a_norm, eps=layer.norm_eps)
         q = linear(an, layer.w_q_b)
     q = q.reshape(bsz, sq, h, layer.qk_head_dim)
     r, dn, dr, dv = (layer.kv_lora_rank, layer.qk_nope_head_dim, layer.qk_rope_head_dim,
                      layer.v_head_dim)
     ckv = linear(x, layer.w_kv_a, layer.b_kv_a)
-    c = rms_norm(ckv[..., :r], layer.kv_a_norm, layer.norm_eps)
+    c = rms_norm(ckv[..., :r], layer.kv_a_norm, eps=layer.norm_eps)
     k_pe = layer._rope.rotate(np.ascontiguousarray(ckv[..., None, r:]), positions,
                               layer.rotary_interleaved)
     q_pe = layer._rope.rotate(np.ascontiguousarray(q[..., dn:]), positions,
@@ -278,12 +216,11 @@ def mla_forward_train(layer, x, *, positions=None, cache=None, kv_lens=None, mas
     v = np.ascontiguousarray(kv[..., dn:])
     opts = {"causal": layer.causal, "scale": layer.scale, "kv_lens": kv_lens, "mask": mask,
                 "dropout_p": drop[0], "seed": None if drop[0] == 0.0 else drop[1]}
-    att_backend = "cpu" if backend == "auto" else backend
-    o, lse = attention(qq, kk, v, return_lse=True, backend=att_backend, **opts)
+    o, lse = attention(qq, kk, v, return_lse=True, backend=backend, **opts)
     of = o.reshape(bsz, sq, h * dv)
     y = linear(of, layer.w_o, layer.b_o)
     layer._tape = {"x": x, "a": a, "an": an, "ckv": ckv, "c": c, "qq": qq, "kk": kk, "v": v, "o": o, "lse": lse, "of": of,
-                       "positions": positions, "opts": opts, "backend": att_backend}
+                       "positions": positions, "opts": opts, "backend": backend}
     return like(x_ref, y)
 
 
@@ -319,7 +256,7 @@ def mla_backward(layer, dy):
                                                                          keepdims=True)),
                                  cos, sin, **rot)
     dckv_r, grads["kv_a_layernorm.weight"] = rms_norm_backward(
-        dc, np.ascontiguousarray(tape["ckv"][..., :r]), layer.kv_a_norm, layer.norm_eps)
+        dc, np.ascontiguousarray(tape["ckv"][..., :r]), layer.kv_a_norm, eps=layer.norm_eps)
     dckv = np.concatenate([dckv_r, dkpe[..., 0, :]], -1)
     rkv = linear_backward(x, dckv, layer.w_kv_a)
     _put_linear(grads, "kv_a_proj_with_mqa", rkv, layer.b_kv_a is not None, None, False)
@@ -334,7 +271,7 @@ def mla_backward(layer, dy):
         rb = linear_backward(tape["an"], dq, layer.w_q_b)
         _put_linear(grads, "q_b_proj", rb, False, None, False)
         da, grads["q_a_layernorm.weight"] = rms_norm_backward(rb[0], tape["a"], layer.q_a_norm,
-                                                              layer.norm_eps)
+                                                              eps=layer.norm_eps)
         ra = linear_backward(x, da, layer.w_q_a)
         _put_linear(grads, "q_a_proj", ra, layer.b_q_a is not None, None, False)
         dxq = ra[0]

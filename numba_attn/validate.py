@@ -280,7 +280,8 @@ def check_qkv(q, k, v, ndim, layout_q, layout_kv):
     for name, x in (("k", k), ("v", v)):
         if as_np_dtype(x.dtype) != dt:
             raise TypeError(f"{name}: dtype {x.dtype} differs from q's {dt}; "
-                            f"cast all of q, k, v to one dtype")
+                            f"cast all of q, k, v to one dtype (mixed precision, a float32 "
+                            f"q over float16/bfloat16 keys, is a KVCache/PagedKVCache's)")
     devs = {name: array_device(x) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(devs.values())) > 1:
         raise AttentionError("q, k, v: mixed devices " + ", ".join(f"{n} on {d}" for n, d in

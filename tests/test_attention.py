@@ -170,10 +170,12 @@ def test_out_argument_is_filled_and_returned(rng):
     got = na.attention(q, k, v, causal=True, out=out)
     assert got is out
     assert_close(out, ref.attention(q, k, v, causal=True), np.float32)
-    out16 = np.zeros(q.shape, np.float16)
-    got16 = na.attention(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16),
-                         out=out16)
-    assert got16 is out16 and np.abs(out16).sum() > 0
+    out16 = np.full(q.shape, np.nan, np.float16)
+    q16, k16, v16 = (x.astype(np.float16) for x in (q, k, v))
+    got16 = na.attention(q16, k16, v16, out=out16)
+    assert got16 is out16  # the float16 out= is written through the float32 result
+    assert_close(out16, ref.attention(q16, k16, v16), np.float16)
+    np.testing.assert_array_equal(out16, na.attention(q16, k16, v16))
 
 
 def test_large_scores_do_not_overflow(rng):

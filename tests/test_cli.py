@@ -3,6 +3,7 @@ bench peers compute attention (checked against the reference)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def test_info_lists_versions_threads_and_every_backend():
         assert ("unavailable: " + why if why else "available") in line
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_selftest_quick_passes_on_every_available_backend():
     rc, out, err = run_cli("selftest", "--quick")
@@ -52,6 +54,7 @@ def test_selftest_quick_passes_on_every_available_backend():
             assert f"backend {name} skipped" in out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_quick_filter_prints_a_table():
     rc, out, err = run_cli("bench", "--quick", "--filter", "gpt2_prefill_512_causal")
@@ -173,3 +176,30 @@ def test_cuda_reason_names_the_extras_without_numba_cuda(monkeypatch):
     monkeypatch.setattr(cuda_pkg, "numba_cuda_installed", lambda: False)
     why = cuda_pkg._find_reason()
     assert "numba_attn[cuda12]" in why and "numba_attn[cuda13]" in why
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_warmup_compiles_a_variant_and_info_lists_it_as_cached(tmp_path, monkeypatch):
+    env = dict(os.environ, NUMBA_ATTN_CACHE_DIR=str(tmp_path))  # the manifest's home
+    proc = subprocess.run([sys.executable, "-m", "numba_attn", "warmup", "--only",
+                           "float32 forward", "--jobs", "1"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=850)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[########################] 1/1  float32 forward:" in proc.stdout
+    assert "warmup: 1/1 variants" in proc.stdout
+    from numba_attn import _warmup
+
+    used = json.loads((tmp_path / "warmup.json").read_text())
+    (entry,) = used.values()
+    assert any(q == "flash_forward" for m, q, s in entry["float32 forward"])
+    proc = subprocess.run([sys.executable, "-m", "numba_attn", "info"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    row = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith("float32 "))
+    assert "forward cached" in row and "varlen not warmed" in row, proc.stdout
+    # an entry whose signature is in no index reads as stale, not cached
+    entry["float32 forward"][0][2] = "(nonsense,)"
+    (tmp_path / "warmup.json").write_text(json.dumps(used))
+    monkeypatch.setenv("NUMBA_ATTN_CACHE_DIR", str(tmp_path))
+    assert _warmup.cached_status()["float32 forward"].startswith("stale")

@@ -342,8 +342,13 @@ def test_from_hf_config_llama3():
                                                     num_attention_heads=4,
                                                     num_key_value_heads=2), seed=0)
     assert layer5.rope_theta == 5e5 and layer5.rope_scaling["rope_type"] == "llama3"
-    x = np.ones((1, 3, 256), np.float32)
-    assert np.all(np.isfinite(layer5(x)))
+    # the same model in the transformers-4 spelling gives the same layer, output included
+    layer4 = MultiHeadAttention.from_hf_config(dict(cfg, hidden_size=256,
+                                                    num_attention_heads=4,
+                                                    num_key_value_heads=2), seed=0)
+    x = np.random.default_rng(0).standard_normal((1, 3, 256)).astype(np.float32)
+    np.testing.assert_array_equal(layer5(x), layer4(x))
+    assert layer5._rope.get(3)[0].shape == layer4._rope.get(3)[0].shape
 
 
 def test_from_hf_config_qwen2_qwen3_mistral_gemma2():

@@ -40,7 +40,7 @@ def test_out_written_in_place(rng):
     x = rng.standard_normal((4, 9)).astype(np.float32)
     w = rng.standard_normal(9).astype(np.float32)
     out = np.zeros_like(x)
-    assert rms_norm(x, w, 1e-6, out=out) is out
+    assert rms_norm(x, w, eps=1e-6, out=out) is out
     np.testing.assert_allclose(out, naive_rms_norm(x, w, 1e-6), rtol=2e-6, atol=1e-6)
 
 
@@ -60,7 +60,7 @@ def test_non_contiguous_input(rng):
 ], ids=["weight-len", "weight-rank", "eps-negative", "eps-nan", "weight-int"])
 def test_bad_input(weight, eps, exc, word):
     with pytest.raises(exc, match=word):
-        rms_norm(np.ones((2, 8), np.float32), weight, eps)
+        rms_norm(np.ones((2, 8), np.float32), weight, eps=eps)
 
 
 def test_bad_x_dtype():
@@ -78,5 +78,34 @@ def test_cuda_twin_matches_formula(rng):
 
     x = rng.standard_normal((3, 200)).astype(np.float32)
     w = rng.standard_normal(200).astype(np.float32)
-    got = rms_norm(cuda.to_device(x), cuda.to_device(w), 1e-6).copy_to_host()
+    got = rms_norm(cuda.to_device(x), cuda.to_device(w), eps=1e-6).copy_to_host()
     np.testing.assert_allclose(got, naive_rms_norm(x, w, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+def test_positional_eps_and_dy_still_work_with_a_deprecation_warning():
+    """API drift (issue 18): eps is keyword-only and the gradient is ``dout`` everywhere;
+    the old spellings give the same numbers for one release, with a warning."""
+    import numba_attn as na
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    w = rng.standard_normal(8).astype(np.float32)
+    d = rng.standard_normal((3, 8)).astype(np.float32)
+    with pytest.warns(DeprecationWarning, match="eps"):
+        old = rms_norm(x, w, 1e-2)
+    np.testing.assert_array_equal(old, rms_norm(x, w, eps=1e-2))
+    with pytest.warns(DeprecationWarning, match="dy= is renamed dout="):
+        gx_old, gw_old = na.rms_norm_backward(dy=d, x=x, weight=w, eps=1e-2)
+    gx, gw = na.rms_norm_backward(d, x, w, eps=1e-2)
+    np.testing.assert_array_equal(gx_old, gx)
+    np.testing.assert_array_equal(gw_old, gw)
+    with pytest.raises(TypeError, match="dout or dy, not both"):
+        na.rms_norm_backward(d, x, w, dy=d)
+    cos, sin = na.rotary_cos_sin(8, 8)
+    x4 = rng.standard_normal((1, 3, 2, 8))
+    with pytest.warns(DeprecationWarning, match="dy= is renamed dout="):
+        r_old = na.apply_rotary_backward(dy=x4, cos=cos, sin=sin)
+    np.testing.assert_array_equal(r_old, na.apply_rotary_backward(x4, cos, sin))
+    from numba_attn import training
+
+    assert training.rms_norm_backward is na.rms_norm_backward  # the old home re-exports

@@ -32,6 +32,7 @@ from numba import prange
 
 from .. import dropout as dr
 from .. import masking
+from .._modcache import ModKernel
 from .. import planning
 from .._jit import inline, jit
 from .atomics import fetch_add
@@ -874,10 +875,7 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                     out[t, hh[r], c] = ot[c * nrp + r]
 
 
-# the same kernels for calls with user mods (numba_attn.mods): specialised on the user's
-# functions, so compiled per process and never written to the disk cache (as the forward's
-# flash_forward_mods)
-_MODDED = {"dq": jit(tiled_dq.py_func, parallel=True, cache=False),
-           "dkdv": jit(tiled_dkdv.py_func, parallel=True, cache=False),
-           "dbias": jit(bwd_dbias.py_func, parallel=True, cache=False),
-           "dropout": jit(tiled_dropout_out.py_func, parallel=True, cache=False)}
+# the same kernels for calls with user mods (numba_attn.mods): one variant per mod written to
+# a real file and cached on disk (numba_attn._modcache, as the forward's flash_forward_mods)
+_MODDED = {"dq": ModKernel(tiled_dq), "dkdv": ModKernel(tiled_dkdv),
+           "dbias": ModKernel(bwd_dbias), "dropout": ModKernel(tiled_dropout_out)}

@@ -26,6 +26,7 @@ from numba import prange
 
 from .. import masking
 from .._jit import inline, jit
+from .._modcache import ModKernel
 from .atomics import fetch_add
 from .expmath import exp_diff_acc
 from .microkernels import pv6, pv8, qk4, qk6, qk8, qk12
@@ -423,7 +424,8 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
     nqb, nkb), 0 empty / 1 partial / 2 full per bq x bk block) skips empty strip-tiles and
     calls ``mmod`` only on partial ones. score_mod runs on the scaled scores, before
     soft-cap, ALiBi, bias and masks; mask_mod with the masks. The cached dispatcher serves
-    the default path; :data:`flash_forward_mods` (same code, not cached on disk) the mods.
+    the default path; :data:`flash_forward_mods` (the same code with the mods as globals of
+    a generated file, cached on disk per mod: numba_attn._modcache) the mods.
     """
     dt = q.dtype
     n_heads, d = q.shape[1], q.shape[2]
@@ -487,8 +489,10 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                     l[r] = 1.0
             for u in range(dvp * nrp):
                 ot[u] = 0.0
-            kh = kpack[kvh]
-            vh = vpack[kvh]
+            # flat (1-D) like the paged scratch kt / vt: for float32 / float64 storage the
+            # two paths share one specialisation of each strip helper and micro-kernel
+            kh = kpack[kvh].reshape(kpack.shape[1] * kpack.shape[2])
+            vh = vpack[kvh].reshape(vpack.shape[1] * vpack.shape[2])
             for j0 in range(js, je, block_k):
                 j1 = min(j0 + block_k, je)
                 nk = j1 - j0
@@ -546,10 +550,9 @@ def flash_forward(q, k, v, out, lse, part_out, part_lse, rows, items, block_tabl
                        part_lse)
 
 
-# the same kernel for calls with user mods: one specialisation per mod function (its type
-# is the function object), so it is compiled per process and never written to the disk
-# cache (an entry keyed by a function object could never be loaded again)
-flash_forward_mods = jit(flash_forward.py_func, parallel=True, cache=False)
+# the same kernel for calls with user mods: a variant per distinct mod, with the mod a module
+# global of a generated file, cached on disk (numba_attn._modcache)
+flash_forward_mods = ModKernel(flash_forward)
 
 
 @jit(parallel=True)

@@ -107,7 +107,7 @@ def test_bf16_device_cache_decodes_with_rotary(rng, tuned, kind):
 def test_bf16_device_rms_norm(rng):
     x = bf(rng, (3, 40))
     w = rng.standard_normal(40).astype(np.float32)
-    got = numba_attn.rms_norm(cuda.to_device(x), cuda.to_device(w), 1e-6)
+    got = numba_attn.rms_norm(cuda.to_device(x), cuda.to_device(w), eps=1e-6)
     assert got.dtype == BF16
     xf = f64(x)
     want = xf / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + 1e-6) * w
