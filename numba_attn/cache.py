@@ -43,8 +43,8 @@ def _storage_dtype(dtype, device):
     try:
         dp.check_float("dtype", np.empty(0, dt))
     except TypeError as e:
-        raise TypeError(f"{e} (a cache stores float16, bfloat16, float32, float64, int8 or "
-                        "ml_dtypes.float8_e4m3fn)") from None
+        raise TypeError(f"{e} (a cache stores float16, bfloat16, float32, float64, int8, "
+                        "ml_dtypes.float8_e4m3fn or float8_e5m2)") from None
     if device == "cuda" and dt not in (np.float16, np.float32, np.float64) and \
             not dp._is_bfloat16(dt):
         raise TypeError(f"dtype: a device cache stores float16, bfloat16, float32 or "
@@ -270,8 +270,8 @@ class KVCache(_CacheBase):
     num_kv_heads, head_dim : int
     dtype : numpy dtype, default float32
         float16, bfloat16, float32 or float64 on the CPU (all read in place; float16 /
-        bfloat16 converted in registers, with float32 accumulation); ``np.int8`` on the
-        CPU: symmetric 8-bit values with float32 scales per (position, kv head) in
+        bfloat16 converted in registers, with float32 accumulation); ``np.int8``,
+        ``ml_dtypes.float8_e4m3fn`` or ``ml_dtypes.float8_e5m2`` on the CPU: 8-bit values with float32 scales per (position, kv head) in
         ``k_scale`` / ``v_scale`` (see :mod:`numba_attn.quant`; new keys/values of any
         float dtype are quantized on append, q is float32, float16 or bfloat16); float16,
         bfloat16, float32 or float64 on CUDA (read in place, float32 accumulation for

@@ -6,7 +6,8 @@ A key (or value) row ``x`` of ``head_dim`` values for one kv head is stored as
 ``x ~= s * q`` with ``|x - s * q| <= s / 2``; an all-zero row stores ``s = 0`` (and zeros).
 ``ml_dtypes.float8_e4m3fn`` storage uses ``s = max|x| / 448`` (its largest finite value)
 and ``q = float8(x / s)`` (round to nearest even: 3 mantissa bits, relative error
-<= 2**-4 per value, subnormals below 2**-6).
+<= 2**-4 per value, subnormals below 2**-6); ``ml_dtypes.float8_e5m2`` uses
+``s = max|x| / 57344`` (2 mantissa bits: relative error <= 2**-3).
 The decode kernel reads ``q`` and ``s`` and dequantizes in registers: the score of key
 ``j`` is ``s_k[j] * (q_row . k_int8[j])`` and ``p_j * s_v[j]`` multiplies ``v_int8[j]``.
 Calls the decode kernel does not serve (more query rows per kv head, user mods, the
@@ -24,13 +25,14 @@ try:
     import ml_dtypes
 
     QMAX[np.dtype(ml_dtypes.float8_e4m3fn)] = 448.0
+    QMAX[np.dtype(ml_dtypes.float8_e5m2)] = 57344.0
 except ImportError:  # fp8 caches need ml_dtypes
     pass
 QUANTIZED = tuple(QMAX)
 
 
 def is_quantized(dt) -> bool:
-    """True for the 8-bit storage dtypes (int8, float8_e4m3fn with ml_dtypes)."""
+    """True for the 8-bit storage dtypes (int8; float8_e4m3fn, float8_e5m2 with ml_dtypes)."""
     return isinstance(dt, np.dtype) and dt in QMAX
 
 

@@ -9,7 +9,8 @@ keys/values, appends ``n_new`` more through attention_with_kvcache and checks th
   kernel must compute exactly up to rounding): the twice-naive-error rule, the naive
   result being the reference evaluated in float32;
 * against the reference over the **float** data: max |out - ref| <= 3e-2 max |ref|
-  (the accuracy the int8 storage promises on N(0, 1) data; 8e-2 for float8_e4m3fn).
+  (the accuracy the int8 storage promises on N(0, 1) data; 8e-2 for float8_e4m3fn, 0.2 for
+  float8_e5m2).
 
 Lengths sit at the decode kernel's edges (4-key groups, 32-key tiles, 1024/2048-key split
 changes); GQA groups 1..8; a few drawn calls have more query rows than the decode kernel
@@ -31,7 +32,9 @@ import numba_attn as na  # noqa: E402
 from numba_attn import reference as ref  # noqa: E402
 
 LENGTHS = [0, 1, 3, 4, 5, 31, 32, 33, 63, 64, 65, 97, 513, 1023, 1025, 2049]
-BOUND = {"int8": 3e-2, "float8_e4m3fn": 8e-2}
+# float8_e5m2 keeps 2 mantissa bits (relative error up to 2**-3 per value): it does not
+# meet 8e-2 (up to ~0.11 measured on short rows), so its bound is looser
+BOUND = {"int8": 3e-2, "float8_e4m3fn": 8e-2, "float8_e5m2": 0.2}
 
 
 @st.composite

@@ -56,6 +56,20 @@ def test_quantize_float8_e4m3fn():
     assert (err <= np.abs(y) * 2.0 ** -4 + s[..., None] * 2.0 ** -9).all()
 
 
+def test_quantize_float8_e5m2():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    f8 = np.dtype(ml_dtypes.float8_e5m2)
+    x = np.array([[57344.0, 1.0, -3.0, 0.0, 5.0, 2.0 ** -16]], np.float32)  # scale 1
+    q, s = quant.quantize(x, f8)
+    assert q.dtype == f8 and s.tolist() == [1.0]
+    np.testing.assert_array_equal(q.astype(np.float32), [[57344.0, 1.0, -3.0, 0.0, 5.0,
+                                                          2.0 ** -16]])  # subnormal min
+    y = np.random.default_rng(0).standard_normal((40, 2, 64)).astype(np.float32)
+    q, s = quant.quantize(y, f8)
+    err = np.abs(quant.dequantize(q, s) - y)
+    assert (err <= np.abs(y) * 2.0 ** -3 + s[..., None] * 2.0 ** -17).all()
+
+
 def _storage(name):
     if name == "int8":
         return np.dtype(np.int8)
@@ -94,7 +108,7 @@ def _reference_rows(q, cache, **kw):
     return np.stack(outs)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "float8_e5m2"])
 @pytest.mark.parametrize("sq", [1, 3, 40])  # decode kernel; 40 x group 4: the prefill path
 @pytest.mark.parametrize("kind", ["contiguous", "paged"])
 def test_decode_and_prefill_match_reference(kind, sq, dtype):
@@ -115,7 +129,7 @@ def test_decode_and_prefill_match_reference(kind, sq, dtype):
     assert np.abs(out - exact).max() <= 1e-5 * np.abs(exact).max()
     floatref = ref.attention(q, np.concatenate([kf, kn], 1), np.concatenate([vf, vn], 1),
                              causal=True)
-    bound = 3e-2 if dtype == "int8" else 8e-2
+    bound = {"int8": 3e-2, "float8_e4m3fn": 8e-2, "float8_e5m2": 0.2}[dtype]
     assert np.abs(out - floatref).max() <= bound * np.abs(floatref).max()
     # the reference backend reads the same dequantized rows
     o2 = na.attention_with_kvcache(q, c, causal=True, backend="reference")

@@ -19,7 +19,9 @@ shift left 16, bitcast: bfloat16 is the top half of a float32), and **int8** -> 
 (sign-extend, ``sitofp``: the values of an int8 KV cache, whose scales the caller applies)
 and **uint8 = float8_e4m3fn bits** -> float32 (sign to bit 31, the other 7 bits to bits
 20..26, times 2**120: exact for normal and subnormal values; the NaN pattern is never
-stored by numba_attn.quant).
+stored by numba_attn.quant), and **boolean = float8_e5m2 bits** (the one other 1-byte
+Numba array type; e5m2 is the top byte of an IEEE float16: shift left 8, then as
+float16). Nothing reads these bytes as booleans.
 :func:`kernel_storage` makes the half views. Stores take float32 or float64 arrays.
 
 Indices are flat element offsets into a C-contiguous array's data (any rank).
@@ -94,7 +96,8 @@ def _vec_of(dtype):
     """Compute vector type for a storage/scalar dtype, or None."""
     if dtype == types.float64:
         return VF64
-    if dtype in (types.float32, types.uint16, types.int16, types.int8, types.uint8):
+    if dtype in (types.float32, types.uint16, types.int16, types.int8, types.uint8,
+                 types.boolean):
         return VF32
     return None
 
@@ -117,7 +120,7 @@ def _raw_type(dtype, lanes):
     """LLVM vector type of the *storage* elements."""
     if dtype in (types.uint16, types.int16):
         return ir.VectorType(_I16, lanes)
-    if dtype in (types.int8, types.uint8):
+    if dtype in (types.int8, types.uint8, types.boolean):
         return ir.VectorType(ir.IntType(8), lanes)
     if dtype == types.float32:
         return ir.VectorType(ir.FloatType(), lanes)
@@ -166,6 +169,10 @@ def _to_compute(builder, raw, dtype, vt):
         return builder.sitofp(raw, _llty(vt))
     if dtype == types.uint8:
         return _e4m3_ir(builder, raw, _llty(vt))
+    if dtype == types.boolean:  # float8_e5m2 bits: the top byte of a float16
+        h = builder.shl(builder.zext(raw, ir.VectorType(_I16, vt.lanes)),
+                        ir.Constant(ir.VectorType(_I16, vt.lanes), [8] * vt.lanes))
+        return _to_compute(builder, h, types.uint16, vt)
     return raw
 
 
@@ -197,6 +204,9 @@ def _scalar_to_compute(builder, raw, dtype):
         return builder.sitofp(raw, ir.FloatType())
     if dtype == types.uint8:
         return _e4m3_ir(builder, raw, ir.FloatType())
+    if dtype == types.boolean:
+        h = builder.shl(builder.zext(raw, _I16), ir.Constant(_I16, 8))
+        return _scalar_to_compute(builder, h, types.uint16)
     return raw
 
 
@@ -630,8 +640,8 @@ def vtanh(typingctx, a):
 
 
 def kernel_storage(x):
-    """The array the kernels read for float16 / bfloat16 / float8_e4m3fn storage: its
-    uint16 / int16 / uint8 bit view (no copy); float32 / float64 / int8 arrays are returned
+    """The array the kernels read for float16 / bfloat16 / float8_e4m3fn / float8_e5m2
+    storage: its uint16 / int16 / uint8 / bool bit view (no copy); float32 / float64 / int8 arrays are returned
     as they are."""
     import numpy as np
 
@@ -639,6 +649,8 @@ def kernel_storage(x):
         return x.view(np.uint16)
     if str(x.dtype) == "float8_e4m3fn":
         return x.view(np.uint8)
+    if str(x.dtype) == "float8_e5m2":
+        return x.view(np.bool_)
     if str(x.dtype) == "bfloat16":
         return x.view(np.int16)
     return x
