@@ -389,19 +389,28 @@ def _forward_only(out, *inputs):
     return _NO_BACKWARD["function"].apply(out, *inputs)
 
 
+def _check_cache_pair(q, q_form, k_named, v_named, kv_form, host_hint):
+    """Ranks, host placement and one float dtype of q and a (k, v) cache pair; the dtype.
+    ``kv_form`` is k's shape in words (v's is the same with ``headdim_v``)."""
+    va.check_rank("q", q, len(q_form.split(",")), q_form)
+    for (name, x), form in ((k_named, kv_form), (v_named, kv_form[:-1] + "_v)")):
+        va.check_rank(name, x, 4, form)
+    dt = va.check_float("q", q)
+    for name, x in (k_named, v_named):
+        if va.array_device(x) != "cpu" or va.array_device(q) != "cpu":
+            raise AttentionError(f"{name}: {host_hint}")
+        if va.check_float(name, x) != dt:
+            raise TypeError(f"{name}: dtype {va.as_np_dtype(x.dtype)} differs from q's {dt}")
+    return dt
+
+
 def _paged_varlen(q, k_cache, v_cache, cu_q, cu_k, mq, mk, block_table, scale, causal,
                   window, softcap, alibi_slopes, ret):
     """Varlen queries over a paged cache: one Problem read through the block table."""
-    va.check_rank("q", q, 3, "(total_q, nheads, headdim)")
-    va.check_rank("k", k_cache, 4, "(num_blocks, page_block_size, nheads_k, headdim)")
-    va.check_rank("v", v_cache, 4, "(num_blocks, page_block_size, nheads_k, headdim_v)")
-    dt = va.check_float("q", q)
-    for name, x in (("k", k_cache), ("v", v_cache)):
-        if va.array_device(x) != "cpu" or va.array_device(q) != "cpu":
-            raise AttentionError(f"{name}: numba_attn.compat's paged prefill takes host "
-                                 f"arrays (numpy, torch CPU)")
-        if va.check_float(name, x) != dt:
-            raise TypeError(f"{name}: dtype {va.as_np_dtype(x.dtype)} differs from q's {dt}")
+    dt = _check_cache_pair(
+        q, "(total_q, nheads, headdim)", ("k", k_cache), ("v", v_cache),
+        "(num_blocks, page_block_size, nheads_k, headdim)",
+        "numba_attn.compat's paged prefill takes host arrays (numpy, torch CPU)")
     total, h, d = q.shape
     nb, page, hkv = k_cache.shape[:3]
     dv = v_cache.shape[3]
@@ -761,16 +770,11 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array,
     ((1, 1, 4, 8), True, True)
     """
     q_ref = q
-    va.check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    va.check_rank("k_cache", k_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim)")
-    va.check_rank("v_cache", v_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim_v)")
-    dt = va.check_float("q", q)
-    for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if va.array_device(x) != "cpu" or va.array_device(q) != "cpu":
-            raise AttentionError(f"{name}: numba_attn.compat takes host arrays (numpy, torch "
-                                 f"CPU); on a GPU use numba_attn.KVCache(device='cuda')")
-        if va.check_float(name, x) != dt:
-            raise TypeError(f"{name}: dtype {va.as_np_dtype(x.dtype)} differs from q's {dt}")
+    dt = _check_cache_pair(
+        q, "(batch, seqlen_q, nheads, headdim)", ("k_cache", k_cache), ("v_cache", v_cache),
+        "(batch_cache, seqlen_cache, nheads_k, headdim)",
+        "numba_attn.compat takes host arrays (numpy, torch CPU); on a GPU use "
+        "numba_attn.KVCache(device='cuda')")
     qh, kc, vc = (to_numpy(n, x) for n, x in (("q", q), ("k_cache", k_cache),
                                                ("v_cache", v_cache)))
     for name, x in (("k_cache", kc), ("v_cache", vc)):
