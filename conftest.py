@@ -12,7 +12,8 @@ try:  # the CUDA modules import numba-cuda at module level
 except ImportError:
     collect_ignore_glob = ["numba_attn/cuda/*.py"]
 
-# whole modules in the slow tier: each spends minutes in child processes or simulators
+# whole modules in the slow tier: each spends minutes in child processes or simulators, or
+# compiles a kernel variant per user mod (seconds to tens of seconds each, cold)
 SLOW_MODULES = {
     "test_properties.py",          # hypothesis examples of every operation, child processes
     "test_cuda_simulator.py",      # the CUDA kernels under the simulator (Python speed)
@@ -22,7 +23,20 @@ SLOW_MODULES = {
     "test_minilm.py",              # a real model end to end
     "test_benchmark_suites.py",    # the asv / bench suites
     "test_compile_threads.py",     # cold compiles in child processes
+    "test_mods.py",                # a forward variant per mod
+    "test_backward_mods.py",       # forward + dq + dk/dv variants per mod
 }
+# single tests (node ids ending so) in the slow tier, and those of the slow modules kept in
+# the quick one so that every feature keeps its core there
+SLOW_TESTS = (
+    "numba_attn/mods.py::numba_attn.mods",  # the module doctest compiles five mods
+    "test_register_picks_the_threading_layer_before_numbas_threads_start[default]",
+    "test_register_picks_the_threading_layer_before_numbas_threads_start[user-choice]",
+)
+QUICK_TESTS = (
+    "test_mods.py::test_t5_relative_bias_matches_reference[float32]",
+    "test_backward_mods.py::test_gradients_match_finite_differences_of_the_forward",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,5 +44,8 @@ def pytest_collection_modifyitems(config, items):
 
     slow = pytest.mark.slow
     for item in items:
-        if os.path.basename(str(item.fspath)) in SLOW_MODULES:
+        nodeid = item.nodeid
+        if nodeid.endswith(QUICK_TESTS):
+            continue
+        if os.path.basename(str(item.fspath)) in SLOW_MODULES or nodeid.endswith(SLOW_TESTS):
             item.add_marker(slow)
