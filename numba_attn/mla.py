@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from . import dispatch as dp
+from . import quant
 from .config import AttentionConfig, AttentionError, check_flag, check_real
 from .layers import (
     ParameterMixin,
@@ -55,7 +56,15 @@ class MLACache:
     qk_rope_head_dim : int
         Width of the shared (rotated) rope key.
     dtype : numpy dtype, default float32
-        float32 or float64.
+        float32 or float64; or 8-bit storage on the CPU for a float32 layer: ``np.int8``,
+        ``ml_dtypes.float8_e4m3fn`` or ``ml_dtypes.float8_e5m2`` with ONE float32 scale
+        per token for its whole ``[latent ; rope key]`` row (``scale``, absmax / qmax as
+        :func:`numba_attn.quant.quantize`). One scale, not one per part: the absorbed
+        attention reads the value from the latent columns of the key row itself, and
+        the kernels apply one scale per stored row (to the score and to the value), so
+        a second scale inside a row has no place there; a rope key much smaller than
+        the latent is stored with the latent's step (its relative error grows by the
+        ratio).
     device : {"cpu", "cuda"}, default "cpu"
         "cuda" keeps the storage on the GPU (a numba device array): new entries are
         appended there and the absorbed attention reads it in place on the CUDA backend
@@ -67,6 +76,8 @@ class MLACache:
     kv : array (batch, max_seqlen, 1, kv_lora_rank + qk_rope_head_dim)
         Storage: ``kv[b, t, 0, :kv_lora_rank]`` is token t's latent, the rest its rope key.
         A numpy array, or a numba device array for ``device="cuda"``.
+    scale : ndarray (batch, max_seqlen, 1) float32, or None
+        8-bit caches: token t of row b is ``scale[b, t, 0] * kv[b, t, 0]``; None otherwise.
     seqlens : ndarray (batch,) int32
         Valid tokens per row.
 
@@ -84,11 +95,17 @@ class MLACache:
                         ("kv_lora_rank", kv_lora_rank), ("qk_rope_head_dim", qk_rope_head_dim)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise AttentionError(f"{name}: expected a positive int, got {v!r}")
-        dt = np.dtype(dtype)
-        if dt not in (np.float32, np.float64):
-            raise TypeError(f"dtype: an MLACache stores float32 or float64, got {dt}")
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
+        if dt not in (np.float32, np.float64) and not quant.is_quantized(dt):
+            raise TypeError(f"dtype: an MLACache stores float32, float64, int8, "
+                            f"float8_e4m3fn or float8_e5m2, got {dt}")
         if device not in ("cpu", "cuda"):
             raise AttentionError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if quant.is_quantized(dt) and device != "cpu":
+            raise TypeError(f"dtype: a {dt} MLACache is host-only (device='cpu')")
         self.batch, self.max_seqlen = int(batch), int(max_seqlen)
         self.kv_lora_rank, self.qk_rope_head_dim = int(kv_lora_rank), int(qk_rope_head_dim)
         self.dtype, self.device = dt, device
@@ -100,6 +117,8 @@ class MLACache:
             self.kv = cuda.device_array(shape, dt)  # never read outside the valid prefix
         else:
             self.kv = np.zeros(shape, dt)
+        self.quantized = quant.is_quantized(dt)
+        self.scale = np.zeros(shape[:3], np.float32) if self.quantized else None
         self.seqlens = np.zeros(self.batch, np.int32)
 
     @property
@@ -109,8 +128,18 @@ class MLACache:
 
     @property
     def bytes_per_token(self):
-        """Cache bytes per token: (kv_lora_rank + qk_rope_head_dim) * itemsize."""
-        return self.head_dim * self.dtype.itemsize
+        """Cache bytes per token: (kv_lora_rank + qk_rope_head_dim) * itemsize (+ 4 for the
+        float32 scale of an 8-bit cache)."""
+        return self.head_dim * self.dtype.itemsize + 4 * self.quantized
+
+    def dequantized_prefix(self, row):
+        """Row ``row``'s valid tokens as float32 (seqlens[row], head_dim): ``scale * kv``
+        for an 8-bit cache, a float32 copy otherwise (host caches)."""
+        n = int(self.seqlens[row])
+        kv = self.kv[row, :n, 0]
+        if not self.quantized:
+            return np.asarray(kv, np.float32)
+        return quant.dequantize(kv, self.scale[row, :n, 0])
 
     @property
     def latent(self):
@@ -150,6 +179,11 @@ class MLACache:
             store = self.kv.reshape(self.batch * self.max_seqlen, 1, self.head_dim)
             new = cuda.to_device(np.ascontiguousarray(entries, dtype=self.dtype))
             cache_ops.append_rows(store, cuda.to_device(slots), new, self.batch * n)
+        elif self.quantized:  # one scale per token over [latent ; rope key]
+            vals, scales = quant.quantize(entries, self.dtype)
+            for b in range(self.batch):
+                self.kv[b, old[b]:old[b] + n, 0] = vals[b]
+                self.scale[b, old[b]:old[b] + n, 0] = scales[b]
         else:
             for b in range(self.batch):
                 self.kv[b, old[b]:old[b] + n, 0] = entries[b]
@@ -354,10 +388,11 @@ class MultiHeadLatentAttention(ParameterMixin):
                 f"{self.kv_lora_rank}, qk_nope_head_dim={self.qk_nope_head_dim}, "
                 f"qk_rope_head_dim={self.qk_rope_head_dim}, v_head_dim={self.v_head_dim})")
 
-    def new_cache(self, batch, max_seqlen, device="cpu"):
-        """An empty :class:`MLACache` sized for this layer (``device="cuda"``: on the GPU)."""
+    def new_cache(self, batch, max_seqlen, device="cpu", dtype=None):
+        """An empty :class:`MLACache` sized for this layer (``device="cuda"``: on the GPU;
+        ``dtype`` default the layer's, or an 8-bit storage dtype)."""
         return MLACache(batch, max_seqlen, self.kv_lora_rank, self.qk_rope_head_dim,
-                        self.dtype, device)
+                        self.dtype if dtype is None else dtype, device)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x, *, positions=None, cache=None, kv_lens=None, mask=None, backend=None,
@@ -402,12 +437,13 @@ class MultiHeadLatentAttention(ParameterMixin):
         if cache is not None:
             if not isinstance(cache, MLACache):
                 raise TypeError(f"cache: expected an MLACache, got {type(cache).__name__}")
-            if (cache.batch, cache.kv_lora_rank, cache.qk_rope_head_dim, cache.dtype) != (
+            cdt = np.float32 if cache.quantized else cache.dtype  # 8-bit: float32 layers
+            if (cache.batch, cache.kv_lora_rank, cache.qk_rope_head_dim, cdt) != (
                     bsz, self.kv_lora_rank, self.qk_rope_head_dim, dt):
                 raise AttentionError(
                     f"cache: expected batch={bsz}, kv_lora_rank={self.kv_lora_rank}, "
                     f"qk_rope_head_dim={self.qk_rope_head_dim}, dtype={dt}; got {cache!r} "
-                    f"of dtype {cache.dtype}")
+                    f"of dtype {cache.dtype} (8-bit caches serve float32 layers)")
             if kv_lens is not None:
                 raise AttentionError("kv_lens: not used with a cache (it knows each row's "
                                      "length)")
@@ -502,9 +538,14 @@ class MultiHeadLatentAttention(ParameterMixin):
             batch=bsz, causal=self.causal, window=(-1, -1), scale=self.scale, softcap=0.0,
             alibi_slopes=None, bias=None, mask=mask, sinks=None, has_kv_lens=False,
             out_dtype=self.dtype, device="cuda" if on_dev else "cpu")
-        dp.select(p, backend)  # an unusable backend raises before the cache is written
+        be = dp.select(p, backend)  # an unusable backend raises before the cache is written
         entries = np.concatenate([c, k_pe[:, :, 0]], axis=-1)
         cache._write(old, entries)
+        if cache.quantized:  # key and value are one row: one scale serves both
+            sc = cache.scale.reshape(bsz * cache.max_seqlen, 1)
+            p.extra["kv_scales"] = (sc, sc)
+            if be.name != "cpu":  # other backends read float32 copies of the rows
+                p = quant.dequantized(p)
         o, _ = run_and_finish(p, backend, None, (bsz * sq, h, d))
         if on_dev:
             o = o.copy_to_host()  # (b*s, h, d): the latent outputs (and d - r rope channels)
