@@ -122,6 +122,34 @@ class Block:
         return x + h
 
 
+KV_CACHE_DTYPES = ("float32", "float64", "bfloat16", "float16", "int8", "float8_e4m3fn",
+                   "float8_e5m2")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype, dtype):
+    """The KV caches' storage dtype: ``dtype`` (None), or a name of KV_CACHE_DTYPES / a
+    numpy dtype that the compute dtype ``dtype`` may attend over."""
+    if kv_cache_dtype is None:
+        return np.dtype(dtype)
+    name = kv_cache_dtype if isinstance(kv_cache_dtype, str) else np.dtype(kv_cache_dtype).name
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: expected one of {', '.join(KV_CACHE_DTYPES)}, "
+                         f"got {kv_cache_dtype!r}")
+    if name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise ValueError(f"kv_cache_dtype: {name} needs ml_dtypes (pip install "
+                             "ml_dtypes)") from None
+        cdt = np.dtype(getattr(ml_dtypes, name))
+    else:
+        cdt = np.dtype(name)
+    if cdt != np.dtype(dtype) and not (np.dtype(dtype) == np.float32 and cdt.itemsize < 4):
+        raise ValueError(f"kv_cache_dtype: {name} caches with {np.dtype(dtype)} compute; "
+                         f"use {np.dtype(dtype)} or (float32 compute) a 1- or 2-byte dtype")
+    return cdt
+
+
 class Decoder:
     """A decoder-only language model from a Hugging Face config and safetensors weights.
 
@@ -136,6 +164,11 @@ class Decoder:
     weight_dtype : numpy dtype, default dtype
         ``dtype``, or ``ml_dtypes.bfloat16`` with float32 compute: matrices (embeddings,
         projections, lm head) stay in bfloat16.
+    kv_cache_dtype : numpy dtype or name, default dtype
+        Storage of the KV caches: ``dtype``, or with float32 compute "float16",
+        "bfloat16" (converted in registers) or "int8", "float8_e4m3fn", "float8_e5m2"
+        (8-bit values with a float32 scale per token and kv head, quantized on append;
+        bfloat16 and float8 need ml_dtypes). See :data:`KV_CACHE_DTYPES`.
     backend : str, default "auto"
         numba_attn backend of the attention calls.
 
@@ -146,10 +179,12 @@ class Decoder:
         every missing, mis-shaped or non-floating tensor.
     """
 
-    def __init__(self, config, ckpt, *, dtype=np.float32, weight_dtype=None, backend="auto"):
+    def __init__(self, config, ckpt, *, dtype=np.float32, weight_dtype=None, backend="auto",
+                 kv_cache_dtype=None):
         check_config(config)
         self.config = c = dict(config)
         self.dtype = np.dtype(dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
         self.weight_dtype = self.dtype if weight_dtype is None else np.dtype(weight_dtype)
         mt = c["model_type"]
         self.gemma = mt == "gemma2"
@@ -214,7 +249,7 @@ class Decoder:
 
     @classmethod
     def from_pretrained(cls, model_dir, *, dtype=np.float32, weight_dtype="auto",
-                        backend="auto"):
+                        backend="auto", kv_cache_dtype=None):
         """Load ``config.json`` and the safetensors weights of a model directory.
 
         ``weight_dtype="auto"`` keeps bfloat16 matrices in bfloat16 (with float32 compute
@@ -239,7 +274,8 @@ class Decoder:
         weight_dtype = np.dtype(weight_dtype)
         native = weight_dtype.name == "bfloat16"
         ckpt = open_checkpoint(d, dtype=None if native else weight_dtype)
-        return cls(config, ckpt, dtype=dtype, weight_dtype=weight_dtype, backend=backend)
+        return cls(config, ckpt, dtype=dtype, weight_dtype=weight_dtype, backend=backend,
+                   kv_cache_dtype=kv_cache_dtype)
 
     # -- the model ----------------------------------------------------------------------
     def embed(self, ids):
@@ -276,7 +312,8 @@ class Decoder:
         """One PagedKVCache per layer with room for ``batch`` rows of ``max_seqlen``."""
         blocks = batch * -(-max_seqlen // block_size)
         return [PagedKVCache(batch, blocks, block_size, layer.attn.num_kv_heads,
-                             layer.attn.head_dim, dtype=self.dtype, max_seqlen=max_seqlen)
+                             layer.attn.head_dim, dtype=self.kv_cache_dtype,
+                             max_seqlen=max_seqlen)
                 for layer in self.layers]
 
     def prefill(self, prompts, caches):

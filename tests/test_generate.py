@@ -574,3 +574,64 @@ def test_logits_match_hugging_face(models, family):
     # HF computes the rotary angles in float32 even in a float64 model: float32 tolerance
     np.testing.assert_allclose(got[0], expected, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(oracle_logits(cfg, w, PROMPT), expected, rtol=2e-5, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# KV-cache storage dtypes (--kv-cache-dtype)
+# ---------------------------------------------------------------------------------------
+# bound on max |logits - float32-cache logits| / max |float32-cache logits| over a prefill
+# and 5 teacher-forced decode steps of the tiny models (2 layers); measured (llama /
+# gemma2): int8 4.2e-3 / 6.7e-3, e4m3 1.6e-2 / 3.5e-2, e5m2 3.3e-2 / 7.1e-2, float16
+# 1.7e-4 / 2.8e-4, bfloat16 1.7e-3 / 3.0e-3
+KV_BOUND = {"int8": 1.5e-2, "float8_e4m3fn": 5e-2, "float8_e5m2": 1e-1, "float16": 2e-3,
+            "bfloat16": 1.5e-2}
+
+
+@pytest.mark.parametrize("kv", sorted(KV_BOUND))
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_kv_cache_dtype_logits_stay_close_to_the_float32_cache(models, family, kv):
+    if kv in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        pytest.importorskip("ml_dtypes")
+    path, cfg, w = models(family)
+    ref_model = decoder.Decoder.from_pretrained(path)
+    model = decoder.Decoder.from_pretrained(path, kv_cache_dtype=kv)
+    assert model.new_caches(1, 4)[0].dtype.name == kv
+    rows = [PROMPT[:6], PROMPT[6:8]]
+    runs = []
+    for m in (ref_model, model):
+        caches = m.new_caches(2, 16, block_size=4)
+        logits = [m.prefill(rows, caches)]
+        for step in range(5):
+            logits.append(m.decode_step([PROMPT[9 - step], PROMPT[step]], caches))
+        runs.append(np.stack(logits))
+    want, got = runs
+    # the float32-cache run is itself the oracle's up to float32 rounding
+    np.testing.assert_allclose(want[0, 0], oracle_logits(cfg, w, rows[0])[-1], rtol=1e-4,
+                               atol=1e-4)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert 0 < err <= KV_BOUND[kv], err
+
+
+def test_cli_kv_cache_dtype_int8_generates_the_float32_tokens(models, capsys, monkeypatch):
+    path, cfg, w = models("llama")
+    seen = []
+    new_caches = decoder.Decoder.new_caches
+
+    def spy(self, *a, **kw):
+        caches = new_caches(self, *a, **kw)
+        seen.append(caches[0].dtype.name)
+        return caches
+
+    monkeypatch.setattr(decoder.Decoder, "new_caches", spy)
+    args = [str(path), "--prompt-ids", "3,17,5,42", "--max-new-tokens", "6", "--ids-only"]
+    f32 = generate.main(args)[0]
+    q8 = generate.main(args + ["--kv-cache-dtype", "int8"])[0]
+    assert seen == ["float32", "int8"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert [int(t) for t in last.split()] == q8
+    assert q8[:4] == f32[:4]  # greedy tokens of the int8 cache: the float32 cache's
+    with pytest.raises(SystemExit):
+        generate.main(args + ["--kv-cache-dtype", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kv_cache_dtype: int8 caches with float64"):
+        decoder.Decoder.from_pretrained(path, dtype=np.float64, kv_cache_dtype="int8")
