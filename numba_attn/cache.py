@@ -36,9 +36,6 @@ def _storage_dtype(dtype, device):
     except TypeError:
         raise TypeError(f"dtype: not a numpy dtype: {dtype!r}") from None
     if quant.is_quantized(dt):
-        if device == "cuda":
-            raise TypeError(f"dtype: {dt.name} caches are host-only (the cuda kernels read "
-                            "float16, bfloat16, float32 or float64)")
         return dt
     try:
         dp.check_float("dtype", np.empty(0, dt))
@@ -47,8 +44,9 @@ def _storage_dtype(dtype, device):
                         "ml_dtypes.float8_e4m3fn or float8_e5m2)") from None
     if device == "cuda" and dt not in (np.float16, np.float32, np.float64) and \
             not dp._is_bfloat16(dt):
-        raise TypeError(f"dtype: a device cache stores float16, bfloat16, float32 or "
-                        f"float64 (what the cuda kernels read), got {dt}")
+        raise TypeError(f"dtype: a device cache stores float16, bfloat16, float32, "
+                        f"float64, int8, float8_e4m3fn or float8_e5m2 (what the cuda "
+                        f"kernels read), got {dt}")
     return dt
 
 
@@ -81,11 +79,12 @@ class _CacheBase:
         self.quantized = quant.is_quantized(self.dtype)
 
     def _alloc_scales(self, lead):
-        """float32 scales per (storage position, kv head) for an int8 cache, else None."""
+        """float32 scales per (storage position, kv head) for an 8-bit cache (on its
+        device), else None."""
         if not self.quantized:
             return None, None
-        return (np.zeros(lead + (self.num_kv_heads,), np.float32),
-                np.zeros(lead + (self.num_kv_heads,), np.float32))
+        return (_alloc(lead + (self.num_kv_heads,), np.float32, self.device),
+                _alloc(lead + (self.num_kv_heads,), np.float32, self.device))
 
     def _flat_scales(self):
         n = int(np.prod(self.k_scale.shape[:-1]))
@@ -137,7 +136,9 @@ class _CacheBase:
                 if xdt.kind != "f" and not dp._is_bfloat16(xdt):
                     raise TypeError(f"{name}: a {self.dtype} cache quantizes float keys and "
                                     f"values on append, got dtype {xdt}")
-                if not np.isfinite(np.asarray(dp.host(name, x), np.float32)).all():
+                xh = (_device_view(x).copy_to_host() if _on_device(x)  # new tokens only
+                      else dp.host(name, x))
+                if not np.isfinite(np.asarray(xh, np.float32)).all():
                     raise AttentionError(f"{name}: a {self.dtype} cache stores finite values "
                                          "only (inf / nan have no scale)")
             elif xdt != self.dtype and not (xdt == np.float32 and self.mixed_ok()):
@@ -169,6 +170,11 @@ class _CacheBase:
             from .cuda import cache_ops as cops
 
             slots = cuda.to_device(np.ascontiguousarray(slots, dtype=np.int64))
+            if self.quantized:  # quantized on the device, scales beside the values
+                ksc, vsc = self._flat_scales()
+                cops.append_quantized(ks, ksc, slots, _device_view(k_new), n, self.dtype)
+                cops.append_quantized(vs, vsc, slots, _device_view(v_new), n, self.dtype)
+                return
             cops.append_rows(ks, slots, _device_view(k_new), n)
             cops.append_rows(vs, slots, _device_view(v_new), n)
             return
@@ -232,10 +238,10 @@ class _CacheBase:
         """A row's valid keys and values as float32 host arrays (seqlens[row],
         num_kv_heads, head_dim[_v]): ``scale * value`` for an int8 cache, a float32 copy
         of the storage otherwise."""
-        k, v = self.prefix(row)
+        k, v = (_host(a) for a in self.prefix(row))
         if not self.quantized:
             return np.asarray(k, np.float32), np.asarray(v, np.float32)
-        ks, vs = self.prefix_scales(row)
+        ks, vs = (_host(a) for a in self.prefix_scales(row))
         return quant.dequantize(k, ks), quant.dequantize(v, vs)
 
     def __repr__(self):
@@ -243,6 +249,11 @@ class _CacheBase:
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"dtype={self.dtype.name}, device={self.device!r}, "
                 f"seqlens={self._seqlens.tolist()})")
+
+
+def _host(x):
+    """A host copy of a device array; host arrays as they are."""
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else x
 
 
 def _on_device(x):
@@ -271,11 +282,12 @@ class KVCache(_CacheBase):
     dtype : numpy dtype, default float32
         float16, bfloat16, float32 or float64 on the CPU (all read in place; float16 /
         bfloat16 converted in registers, with float32 accumulation); ``np.int8``,
-        ``ml_dtypes.float8_e4m3fn`` or ``ml_dtypes.float8_e5m2`` on the CPU: 8-bit values with float32 scales per (position, kv head) in
-        ``k_scale`` / ``v_scale`` (see :mod:`numba_attn.quant`; new keys/values of any
-        float dtype are quantized on append, q is float32, float16 or bfloat16); float16,
-        bfloat16, float32 or float64 on CUDA (read in place, float32 accumulation for
-        float16 and bfloat16).
+        ``ml_dtypes.float8_e4m3fn`` or ``ml_dtypes.float8_e5m2`` on the CPU or CUDA:
+        8-bit values with float32 scales per (position, kv head) in ``k_scale`` /
+        ``v_scale`` (see :mod:`numba_attn.quant`; new keys/values of any float dtype are
+        quantized on append, on the cache's device; q is float32, float16 or bfloat16;
+        the kernels dequantize in registers); float16, bfloat16, float32 or float64 on
+        CUDA (read in place, float32 accumulation for float16 and bfloat16).
     device : {"cpu", "cuda"}, default "cpu"
         "cuda" stores numba device arrays.
     head_dim_v : int, default head_dim
@@ -286,8 +298,9 @@ class KVCache(_CacheBase):
     v : array (batch, max_seqlen, num_kv_heads, head_dim_v)
         The storage; row ``b``'s valid keys are ``k[b, :seqlens[b]]``. A caller may fill it
         directly (e.g. a prompt) and then set ``seqlens``.
-    k_scale, v_scale : ndarray (batch, max_seqlen, num_kv_heads) float32, or None
-        int8 caches: key ``j`` of row ``b``, head ``h`` is
+    k_scale, v_scale : array (batch, max_seqlen, num_kv_heads) float32, or None
+        8-bit caches (numpy, or numba device arrays for ``device="cuda"``): key ``j`` of
+        row ``b``, head ``h`` is
         ``k_scale[b, j, h] * k[b, j, h, :]`` (``quant.quantize``: max|x| / 127, 0 for
         an all-zero row); None for float caches. Filled on append; a caller filling
         ``k`` directly fills these too.
@@ -656,6 +669,10 @@ class PagedKVCache(_CacheBase):
 
             cops.copy_page(self.k_pages, src, dst)
             cops.copy_page(self.v_pages, src, dst)
+            if self.quantized:  # the scales travel with their page
+                shape = self.k_scale.shape + (1,)
+                cops.copy_page(self.k_scale.reshape(shape), src, dst)
+                cops.copy_page(self.v_scale.reshape(shape), src, dst)
         else:
             self.k_pages[dst] = self.k_pages[src]
             self.v_pages[dst] = self.v_pages[src]

@@ -190,9 +190,9 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
         out_dtype=dt, device="cuda" if on_dev else "cpu", score_mod=score_mod,
         score_mod_args=score_mod_args, mask_mod=mask_mod, mask_mod_args=mask_mod_args,
         block_mask=block_mask)
-    be = dp.select(p, backend)  # an unavailable backend raises here, before any write
-    if cache.quantized:  # the cpu kernels read the scales; launch.py decides how
+    if cache.quantized:  # the cpu and cuda kernels read the scales (their launch decides)
         p.extra["kv_scales"] = cache._flat_scales()
+    be = dp.select(p, backend)  # an unavailable backend raises here, before any write
 
     # from here on nothing raises for bad input: rotate, append, attend
     if rotary:  # new arrays: the caller's q and k_new are never modified
@@ -207,7 +207,7 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
     slots = cache.commit(plan)
     if n_new:
         cache._write(slots, k_new, v_new)
-    if cache.quantized and be.name != "cpu":  # other backends read float32 copies
+    if cache.quantized and be.name not in ("cpu", "cuda"):  # others read float32 copies
         p = quant.dequantized(p)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if out_ref is not None:

@@ -538,14 +538,14 @@ class MultiHeadLatentAttention(ParameterMixin):
             batch=bsz, causal=self.causal, window=(-1, -1), scale=self.scale, softcap=0.0,
             alibi_slopes=None, bias=None, mask=mask, sinks=None, has_kv_lens=False,
             out_dtype=self.dtype, device="cuda" if on_dev else "cpu")
+        if cache.quantized:  # key and value are one row: one scale serves both
+            sc = cache.scale.reshape(bsz * cache.max_seqlen, 1)  # a view: filled below
+            p.extra["kv_scales"] = (sc, sc)
         be = dp.select(p, backend)  # an unusable backend raises before the cache is written
         entries = np.concatenate([c, k_pe[:, :, 0]], axis=-1)
         cache._write(old, entries)
-        if cache.quantized:  # key and value are one row: one scale serves both
-            sc = cache.scale.reshape(bsz * cache.max_seqlen, 1)
-            p.extra["kv_scales"] = (sc, sc)
-            if be.name != "cpu":  # other backends read float32 copies of the rows
-                p = quant.dequantized(p)
+        if cache.quantized and be.name not in ("cpu", "cuda"):  # others: float32 copies
+            p = quant.dequantized(p)
         o, _ = run_and_finish(p, backend, None, (bsz * sq, h, d))
         if on_dev:
             o = o.copy_to_host()  # (b*s, h, d): the latent outputs (and d - r rope channels)

@@ -60,9 +60,12 @@ def dequantize(q, scale):
 
 
 def dequantized(p):
-    """A copy of Problem ``p`` whose k/v are float32: every storage row some batch row
-    reads (``p.extra["kv_scales"]``) dequantized, the rest zero (calloc, untouched)."""
-    ksc, vsc = p.extra["kv_scales"]
+    """A copy of Problem ``p`` whose k/v are float32 host arrays: every storage row some
+    batch row reads (``p.extra["kv_scales"]``) dequantized, the rest zero (calloc,
+    untouched); device storage is copied to the host first."""
+    ksc, vsc = (a.copy_to_host() if hasattr(a, "copy_to_host") else a
+                for a in p.extra["kv_scales"])
+    pk, pv = (a.copy_to_host() if hasattr(a, "copy_to_host") else a for a in (p.k, p.v))
     k = np.zeros(p.k.shape, np.float32)
     v = np.zeros(p.v.shape, np.float32)
     bs = p.block_size
@@ -73,7 +76,7 @@ def dequantized(p):
         for blk in range(-(-klen // bs)):
             n = min(bs, klen - blk * bs)
             s = k0 + int(p.block_table[b, blk]) * bs
-            k[s:s + n] = dequantize(p.k[s:s + n], ksc[s:s + n])
-            v[s:s + n] = dequantize(p.v[s:s + n], vsc[s:s + n])
+            k[s:s + n] = dequantize(pk[s:s + n], ksc[s:s + n])
+            v[s:s + n] = dequantize(pv[s:s + n], vsc[s:s + n])
     extra = {key: val for key, val in p.extra.items() if key != "kv_scales"}
     return dataclasses.replace(p, k=k, v=v, extra=extra)

@@ -213,3 +213,40 @@ def test_forward_kernel_with_mods_compiles_for_sm90(storage, dynamic, heads):
     ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
     assert "shfl.sync.bfly" in ptx
     assert (".extern .shared" in ptx) == dynamic
+
+
+@pytest.mark.parametrize("name", ["int8", "float8_e4m3fn", "float8_e5m2"])
+def test_quantized_kv_kernels_compile_for_sm90(name):
+    """The forward kernel over 8-bit K/V storage (int8, float8 as uint8 bits) and the
+    device append that quantizes type and lower with the real numba-cuda compiler, in
+    float32 only (no silent double-precision math) and without a libdevice call in the
+    dequantization."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda not installed")
+    why = _toolchain_missing()
+    if why:
+        pytest.skip(why[:300])
+    import numba
+    from numba import cuda, types
+
+    from numba_attn.cuda import cache_ops
+    from numba_attn.cuda import forward as fk
+    from numba_attn.cuda import quant as cq
+    from numba_attn.cuda.ptxas_report import kernel_args
+
+    code = {"int8": cq.INT8, "float8_e4m3fn": cq.E4M3, "float8_e5m2": cq.E5M2}[name]
+    raw = np.int8 if code == cq.INT8 else np.uint8
+    kern = fk.make_forward(np.float32, 64, 64, 4, 4, 32, 4, quant=code)
+    assert kern is not fk.make_forward(np.float32, 64, 64, 4, 4, 32, 4)  # part of the key
+    sig = types.void(*(numba.typeof(x) for x in kernel_args(np.float32, np.float32,
+                                                            kv_store=raw)))
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+    body = ptx.split("// .globl")[-1]
+    assert ".f64" not in ptx and "call" not in body
+    assert ("ld.global.s8" if code == cq.INT8 else "ld.global.u8") in ptx  # 1-byte loads
+    for bf16 in (False, True):
+        app = cache_ops._quantizer(code, bf16)
+        sig = types.void(types.Array(numba.from_dtype(np.dtype(raw)), 3, "C"),
+                         types.float32[:, ::1], types.int64[::1],
+                         types.Array(types.uint16 if bf16 else types.float32, 3, "C"))
+        ptx, _ = cuda.compile_ptx(app.py_func, sig, cc=(9, 0))
+        assert ".f64" not in ptx and "call" not in ptx.split("// .globl")[-1]

@@ -175,8 +175,8 @@ def test_fork_copy_on_write_carries_scales():
 def test_errors_name_the_argument_and_leave_the_cache_unchanged():
     with pytest.raises(TypeError, match="dtype"):
         na.KVCache(1, 8, 1, 8, dtype=np.int16)
-    with pytest.raises(TypeError, match="dtype.*host-only"):
-        na.KVCache(1, 8, 1, 8, dtype=np.int8, device="cuda")
+    with pytest.raises(TypeError, match="dtype: unsupported dtype int16.*int8"):
+        na.KVCache(1, 8, 1, 8, dtype=np.int16, device="cuda")  # int8 is a device dtype too
     rng = np.random.default_rng(5)
     c = na.PagedKVCache(1, 4, 3, 1, 8, dtype=np.int8)
     c.append(_kv(rng, 1, 2, 1, 8), _kv(rng, 1, 2, 1, 8))

@@ -17,6 +17,9 @@ from ..interop import _is_bfloat16
 
 __all__ = ["CUDABackend"]
 
+# 8-bit KV-cache storage the forward kernel dequantizes in registers (cuda/quant.py)
+_QUANT_NAMES = ("int8", "float8_e4m3fn", "float8_e5m2")
+
 _probe_lock = threading.Lock()
 _probe_result = []
 
@@ -90,6 +93,16 @@ class CUDABackend(_be.Backend):
                            "or CUDA device arrays")
         for name in ("q", "k", "v"):
             dt = as_np_dtype(getattr(problem, name).dtype)
+            if name != "q" and dt.name in _QUANT_NAMES:  # 8-bit KV-cache storage
+                if "kv_scales" not in problem.extra:
+                    reasons.append(f"{name}: dtype {dt} is read by the cuda kernels only as "
+                                   "the storage of an 8-bit KV cache (KVCache / "
+                                   "PagedKVCache / MLACache with their scales)")
+                    break
+                if op == "backward":
+                    reasons.append(f"{name}: no backward over an 8-bit {dt} KV cache")
+                    break
+                continue
             if dt not in (np.float16, np.float32, np.float64) and not _is_bfloat16(dt):
                 reasons.append(f"{name}: dtype {dt} is not supported by the cuda kernels "
                                "(float16, bfloat16, float32, float64)")

@@ -24,7 +24,10 @@ Storage addressing is the CPU one: key ``j`` of row ``b`` is storage row
 ``part_lse`` that :func:`merge_splits` combines with the LSE rule; split 0 carries the sink.
 
 bfloat16 storage reaches the kernel as uint16 bits (``bf16``): widened on load, rounded
-to nearest even on store (:mod:`numba_attn.cuda.bf16`).
+to nearest even on store (:mod:`numba_attn.cuda.bf16`). 8-bit K/V storage (``quant``:
+int8, or float8 as uint8 bits) is dequantized as the tile is staged: ``value * scale``
+with the float32 scale of its (storage row, kv head) from ``k_scale`` / ``v_scale``
+(:mod:`numba_attn.cuda.quant`); q and out keep their own dtype.
 
 Kernels are built per specialisation (dtype, head dims, group, tile sizes, warps,
 bfloat16 storage, dynamic tiles, heads per block, and the user's score_mod / mask_mod as
@@ -41,6 +44,7 @@ from numba import cuda
 
 from .. import masking
 from . import bf16 as bfm
+from . import quant as cq
 
 WARP = 32
 FULL_MASK = 0xFFFFFFFF
@@ -120,7 +124,7 @@ def device_mod(fn, kind, nargs):
 
 def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps, *, bf16=False,
                  dynamic=False, heads=None, smod=None, mmod=None, blocks=False, n_sargs=0,
-                 n_margs=0):
+                 n_margs=0, quant=0):
     """The forward kernel specialised on its compile-time constants (cached).
 
     ``bf16``: q, k, v and out are bfloat16 storage given as uint16 bits (see
@@ -139,17 +143,20 @@ def make_forward(acc_dtype, d, dv, group, block_q, block_k, num_warps, *, bf16=F
 
     ``smod`` / ``mmod``: user mods (numba_attn.mods) compiled in as device functions (one
     kernel per function object); ``blocks``: a block mask's flags skip empty tiles.
+    ``quant``: 8-bit K/V storage (:data:`numba_attn.cuda.quant.INT8` / ``E4M3`` /
+    ``E5M2``; 0 for float storage), dequantized with the ``k_scale`` / ``v_scale`` (N, Hkv)
+    float32 arguments (one-element dummies otherwise).
     """
     heads = group if heads is None else int(heads)
     if heads < 1 or group % heads:
         raise ValueError(f"heads: {heads} does not divide the group size {group}")
     key = (np.dtype(acc_dtype).str, d, dv, group, block_q, block_k, num_warps, bool(bf16),
-           bool(dynamic), heads, smod, mmod, bool(blocks), n_sargs, n_margs)
+           bool(dynamic), heads, smod, mmod, bool(blocks), n_sargs, n_margs, int(quant))
     kern = _KERNELS.get(key)
     if kern is None:
         kern = _KERNELS[key] = _build_forward(
             np.dtype(acc_dtype), d, dv, group, block_q, block_k, num_warps, bool(bf16),
-            bool(dynamic), heads, smod, mmod, bool(blocks), n_sargs, n_margs)
+            bool(dynamic), heads, smod, mmod, bool(blocks), n_sargs, n_margs, int(quant))
     return kern
 
 
@@ -168,7 +175,7 @@ def dynamic_layout(acc_itemsize, d, dv, group, block_q, block_k, num_warps):
 
 
 def _build_forward(acc_dtype, D, DV, GROUP_ALL, BLOCK_Q, BK, NW, BF16, DYN, GROUP, smod,
-                   mmod, blocks, n_sargs, n_margs):
+                   mmod, blocks, n_sargs, n_margs, QUANT=0):
     CHUNKS = GROUP_ALL // GROUP  # blocks per kv head (GROUP: query heads of this block)
     HAS_SMOD = smod is not None
     HAS_MMOD = mmod is not None
@@ -204,6 +211,17 @@ def _build_forward(acc_dtype, D, DV, GROUP_ALL, BLOCK_Q, BK, NW, BF16, DYN, GROU
     STORE = bfm.storer(BF16)  # accumulator -> stored element
     Q0, K0, V0, P0, END = dynamic_layout(acc_dtype.itemsize, D, DV, GROUP, BLOCK_Q, BK, NW)
 
+    if QUANT:
+        DEQ = cq.dequantizer(QUANT)
+
+        @cuda.jit(device=True, inline=True)
+        def load_kv(x, xs, r, h, c):  # 8-bit storage times its (row, head) scale
+            return DEQ(x[r, h, c]) * xs[r, h]
+    else:
+        @cuda.jit(device=True, inline=True)
+        def load_kv(x, xs, r, h, c):
+            return LOAD(x[r, h, c])
+
     if not DYN:  # one static buffer (krow apart): the same offsets as the dynamic one
         Q0, K0, V0, P0, END = 0, K0 - Q0, V0 - Q0, P0 - Q0, END - Q0
 
@@ -225,7 +243,7 @@ def _build_forward(acc_dtype, D, DV, GROUP_ALL, BLOCK_Q, BK, NW, BF16, DYN, GROU
     def flash_forward(q, k, v, out, lse, part_out, part_lse, meta, items_off, block_table,
                       block_size, scale, causal, wl, wr, softcap, slopes, has_alibi, bias,
                       bstr, has_bias, mask, mstr, has_mask, sinks, has_sinks, sargs, margs,
-                      bflags, bq, bk):
+                      bflags, bq, bk, k_scale, v_scale):
         sm, krow = TILES()  # tiles: q_s, k_s, v_s, p_s at Q0, K0, V0, P0 (row-major)
         acc = cuda.local.array(NACC, ACC)
         sc = cuda.local.array(NSC, ACC)
@@ -298,11 +316,11 @@ def _build_forward(acc_dtype, D, DV, GROUP_ALL, BLOCK_Q, BK, NW, BF16, DYN, GROU
             for idx in range(tid, nk * D, NT):
                 jj = idx // D
                 c = idx % D
-                sm[K0 + jj * DP + c] = LOAD(k[krow[jj], kvh, c])
+                sm[K0 + jj * DP + c] = load_kv(k, k_scale, krow[jj], kvh, c)
             for idx in range(tid, nk * DV, NT):
                 jj = idx // DV
                 c = idx % DV
-                sm[V0 + jj * DV + c] = LOAD(v[krow[jj], kvh, c])
+                sm[V0 + jj * DV + c] = load_kv(v, v_scale, krow[jj], kvh, c)
             cuda.syncthreads()
             positional = tile_needs_mask(i0, i1, j0, j0 + nk, off, causal, wl, wr)
 

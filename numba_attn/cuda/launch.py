@@ -19,6 +19,7 @@ from ..problem import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
 from . import bf16 as bfm
 from . import forward as fk
+from . import quant as cq
 
 SHARED_BYTES = 46 * 1024  # static shared memory per block stays under the 48 KiB limit
 # Tiles that static shared memory caps below DYNAMIC_BELOW_BK keys (large head dims: MLA's
@@ -306,6 +307,8 @@ def _launch(p, acc, out, lse, bf16=False):
             f"in static shared memory and the dynamic shared memory opt-in failed "
             f"({DYNAMIC_FAILURE[-1] if DYNAMIC_FAILURE else 'unknown'})")
     mods = p.extra.get("mods")
+    scales = p.extra.get("kv_scales")  # an 8-bit KV cache: dequantized in the kernel
+    qcode = cq.code_of(p.k.dtype) if scales is not None else 0
     smod = mmod = None
     if mods is not None:
         smod = None if mods.smod is None else mods.raw[0]
@@ -315,7 +318,7 @@ def _launch(p, acc, out, lse, bf16=False):
         pl.num_warps, bf16=bf16, dynamic=pl.dynamic > 0, heads=pl.heads or None,
         smod=smod, mmod=mmod, blocks=mods is not None and mods.bflags is not None,
         n_sargs=0 if mods is None else len(mods.sargs),
-        n_margs=0 if mods is None else len(mods.margs))
+        n_margs=0 if mods is None else len(mods.margs), quant=qcode)
     head_blocks = cfg.num_kv_heads * (cfg.group_size // (pl.heads or cfg.group_size))
     store = bfm.bits if bf16 else to_device  # bfloat16 storage travels as uint16 bits
     items = make_items(p.rows, pl.block_q)
@@ -329,8 +332,14 @@ def _launch(p, acc, out, lse, bf16=False):
     else:
         part_out, part_lse = dummy(acc, 4), dummy(acc, 3)
     opt = lambda x, dt, nd=1: dummy(dt, nd) if x is None else to_device(x)  # noqa: E731
+    if qcode:
+        kk, vv = to_device(cq.raw(p.k)), to_device(cq.raw(p.v))
+        ksc, vsc = to_device(scales[0]), to_device(scales[1])
+    else:
+        kk, vv = store(p.k), store(p.v)
+        ksc = vsc = dummy(np.float32, 2)
     args = (
-        store(p.q), store(p.k), store(p.v), out, lse, part_out, part_lse,
+        store(p.q), kk, vv, out, lse, part_out, part_lse,
         cuda.to_device(np.concatenate((p.rows.reshape(-1), items.reshape(-1)))),
         np.int64(p.rows.size), _block_table(p),
         np.int64(p.block_size), acc.type(cfg.scale), np.int64(CAUSAL_CODES[cfg.causal]),
@@ -338,7 +347,7 @@ def _launch(p, acc, out, lse, bf16=False):
         opt(p.slopes, acc, 2), p.slopes is not None,
         opt(p.bias, acc), opt(p.bias_strides, np.int64), p.bias is not None,
         opt(p.mask, np.bool_), opt(p.mask_strides, np.int64), p.mask is not None,
-        opt(p.sinks, acc), p.sinks is not None, *_mod_args(mods, acc))
+        opt(p.sinks, acc), p.sinks is not None, *_mod_args(mods, acc), ksc, vsc)
     if pl.dynamic:
         try:
             opt_in_shared(kernel, args, pl.dynamic)

@@ -22,19 +22,21 @@ import numpy as np
 __all__ = ["read_forward", "kernel_args", "main"]
 
 
-def kernel_args(store, acc, sargs=(), margs=(), bflags_shape=(1, 1, 1, 1)):
+def kernel_args(store, acc, sargs=(), margs=(), bflags_shape=(1, 1, 1, 1), kv_store=None):
     """Stand-in arguments of the forward kernel (zeros of the right types, for typing it
     without a GPU): ``store`` is the storage dtype of q, k, v, out (uint16 for bfloat16),
     ``acc`` the accumulator dtype; ``sargs`` / ``margs`` the mods' argument tuples and
-    ``bflags_shape`` the block-mask flags' shape."""
+    ``bflags_shape`` the block-mask flags' shape; ``kv_store`` the dtype of k and v when
+    it differs (int8, or uint8 float8 bits, of an 8-bit cache)."""
     z = np.zeros
-    return (z((2, 2, 2), store), z((2, 2, 2), store), z((2, 2, 2), store), z((2, 2, 2), store),
+    kvs = store if kv_store is None else kv_store
+    return (z((2, 2, 2), store), z((2, 2, 2), kvs), z((2, 2, 2), kvs), z((2, 2, 2), store),
             z((2, 2), acc), z((2, 2, 2, 2), acc), z((2, 2, 2), acc), z(16, np.int64),
             np.int64(10), z((2, 1), np.int32), np.int64(1), np.dtype(acc).type(1),
             np.int64(0), np.int64(0), np.int64(0), np.dtype(acc).type(0), z((1, 1), acc),
             True, z(1, acc), z(1, np.int64), True, z(1, np.bool_), z(1, np.int64), True,
             z(1, acc), True, tuple(sargs), tuple(margs), z(bflags_shape, np.int8),
-            np.int64(1), np.int64(1))
+            np.int64(1), np.int64(1), z((2, 2), np.float32), z((2, 2), np.float32))
 
 
 def read_forward(dtype, d, dv, group, block_q, block_k, num_warps, *, dynamic=False,
