@@ -56,7 +56,7 @@ class MLACache:
     qk_rope_head_dim : int
         Width of the shared (rotated) rope key.
     dtype : numpy dtype, default float32
-        float32 or float64; or 8-bit storage on the CPU for a float32 layer: ``np.int8``,
+        float32 or float64; or 8-bit storage (CPU or CUDA) for a float32 layer: ``np.int8``,
         ``ml_dtypes.float8_e4m3fn`` or ``ml_dtypes.float8_e5m2`` with ONE float32 scale
         per token for its whole ``[latent ; rope key]`` row (``scale``, absmax / qmax as
         :func:`numba_attn.quant.quantize`). One scale, not one per part: the absorbed
@@ -77,7 +77,8 @@ class MLACache:
         Storage: ``kv[b, t, 0, :kv_lora_rank]`` is token t's latent, the rest its rope key.
         A numpy array, or a numba device array for ``device="cuda"``.
     scale : ndarray (batch, max_seqlen, 1) float32, or None
-        8-bit caches: token t of row b is ``scale[b, t, 0] * kv[b, t, 0]``; None otherwise.
+        8-bit caches: token t of row b is ``scale[b, t, 0] * kv[b, t, 0]`` (on the cache's
+        device; quantized there on append); None otherwise.
     seqlens : ndarray (batch,) int32
         Valid tokens per row.
 
@@ -104,8 +105,6 @@ class MLACache:
                             f"float8_e4m3fn or float8_e5m2, got {dt}")
         if device not in ("cpu", "cuda"):
             raise AttentionError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-        if quant.is_quantized(dt) and device != "cpu":
-            raise TypeError(f"dtype: a {dt} MLACache is host-only (device='cpu')")
         self.batch, self.max_seqlen = int(batch), int(max_seqlen)
         self.kv_lora_rank, self.qk_rope_head_dim = int(kv_lora_rank), int(qk_rope_head_dim)
         self.dtype, self.device = dt, device
@@ -118,7 +117,10 @@ class MLACache:
         else:
             self.kv = np.zeros(shape, dt)
         self.quantized = quant.is_quantized(dt)
-        self.scale = np.zeros(shape[:3], np.float32) if self.quantized else None
+        self.scale = None
+        if self.quantized:
+            self.scale = (cuda.device_array(shape[:3], np.float32) if device == "cuda"
+                          else np.zeros(shape[:3], np.float32))
         self.seqlens = np.zeros(self.batch, np.int32)
 
     @property
@@ -133,13 +135,14 @@ class MLACache:
         return self.head_dim * self.dtype.itemsize + 4 * self.quantized
 
     def dequantized_prefix(self, row):
-        """Row ``row``'s valid tokens as float32 (seqlens[row], head_dim): ``scale * kv``
-        for an 8-bit cache, a float32 copy otherwise (host caches)."""
+        """Row ``row``'s valid tokens as float32 host arrays (seqlens[row], head_dim):
+        ``scale * kv`` for an 8-bit cache, a float32 copy otherwise."""
         n = int(self.seqlens[row])
-        kv = self.kv[row, :n, 0]
+        host = lambda a: a.copy_to_host() if hasattr(a, "copy_to_host") else a  # noqa: E731
+        kv = host(self.kv[row, :n, 0])
         if not self.quantized:
             return np.asarray(kv, np.float32)
-        return quant.dequantize(kv, self.scale[row, :n, 0])
+        return quant.dequantize(kv, host(self.scale[row, :n, 0]))
 
     @property
     def latent(self):
@@ -177,8 +180,14 @@ class MLACache:
             slots = (np.arange(self.batch, dtype=np.int64)[:, None] * self.max_seqlen
                      + old[:, None] + np.arange(n, dtype=np.int64)[None, :]).reshape(-1)
             store = self.kv.reshape(self.batch * self.max_seqlen, 1, self.head_dim)
-            new = cuda.to_device(np.ascontiguousarray(entries, dtype=self.dtype))
-            cache_ops.append_rows(store, cuda.to_device(slots), new, self.batch * n)
+            if self.quantized:  # one (token, "head") row each: one scale per token
+                new = cuda.to_device(np.ascontiguousarray(entries, dtype=np.float32))
+                cache_ops.append_quantized(
+                    store, self.scale.reshape(self.batch * self.max_seqlen, 1),
+                    cuda.to_device(slots), new, self.batch * n, self.dtype)
+            else:
+                new = cuda.to_device(np.ascontiguousarray(entries, dtype=self.dtype))
+                cache_ops.append_rows(store, cuda.to_device(slots), new, self.batch * n)
         elif self.quantized:  # one scale per token over [latent ; rope key]
             vals, scales = quant.quantize(entries, self.dtype)
             for b in range(self.batch):
@@ -543,6 +552,9 @@ class MultiHeadLatentAttention(ParameterMixin):
             p.extra["kv_scales"] = (sc, sc)
         be = dp.select(p, backend)  # an unusable backend raises before the cache is written
         entries = np.concatenate([c, k_pe[:, :, 0]], axis=-1)
+        if cache.quantized and not np.isfinite(entries).all():
+            raise AttentionError(f"x: a {cache.dtype} MLACache stores finite values only "
+                                 "(its latents / rope keys have inf or nan)")
         cache._write(old, entries)
         if cache.quantized and be.name not in ("cpu", "cuda"):  # others: float32 copies
             p = quant.dequantized(p)

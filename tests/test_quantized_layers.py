@@ -151,8 +151,6 @@ def test_mla_8bit_cache_errors():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     with pytest.raises(TypeError, match="dtype.*int16"):
         na.MLACache(1, 4, 8, 2, dtype=np.int16)
-    with pytest.raises(TypeError, match="dtype.*host-only"):
-        na.MLACache(1, 4, 8, 2, dtype=ml_dtypes.float8_e4m3fn, device="cuda")
     m = na.MultiHeadLatentAttention(32, 2, kv_lora_rank=8, qk_nope_head_dim=4,
                                     qk_rope_head_dim=2, v_head_dim=4, dtype=np.float64,
                                     seed=0)
@@ -160,3 +158,11 @@ def test_mla_8bit_cache_errors():
     with pytest.raises(na.AttentionError, match="cache.*float32 layers"):
         m(np.zeros((1, 1, 32)), cache=cache)
     assert cache.seqlens.tolist() == [0]
+    m32 = na.MultiHeadLatentAttention(32, 2, kv_lora_rank=8, qk_nope_head_dim=4,
+                                      qk_rope_head_dim=2, v_head_dim=4, seed=0)
+    cache = na.MLACache(1, 4, 8, 2, dtype=ml_dtypes.float8_e4m3fn)
+    x = np.ones((1, 2, 32), np.float32)
+    x[0, 1, 5] = np.inf
+    with pytest.raises(na.AttentionError, match="x: .*finite"), np.errstate(all="ignore"):
+        m32(x, cache=cache)  # (numpy's own inf arithmetic in the projections: silenced)
+    assert cache.seqlens.tolist() == [0] and not cache.kv.view(np.uint8).any()

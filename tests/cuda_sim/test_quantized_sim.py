@@ -242,6 +242,28 @@ def test_mla_int8_latent_cache_on_the_cuda_backend(rng, tuned):
     np.testing.assert_array_equal(gpu.scale, cpu.scale)
 
 
+@pytest.mark.parametrize("name", ["int8", "float8_e5m2"])
+def test_mla_8bit_latent_cache_on_the_device(rng, tuned, name):
+    from numba_attn import MultiHeadLatentAttention
+
+    m = MultiHeadLatentAttention(32, 2, kv_lora_rank=8, qk_nope_head_dim=4,
+                                 qk_rope_head_dim=2, v_head_dim=4, seed=5)
+    x = _kv(rng, 2, 4, 32)
+    gpu = m.new_cache(2, 6, device="cuda", dtype=DTYPES[name])
+    cpu = m.new_cache(2, 6, dtype=DTYPES[name])
+    assert hasattr(gpu.kv, "copy_to_host") and hasattr(gpu.scale, "copy_to_host")
+    with tuned():
+        for s0, s1 in [(0, 3), (3, 4)]:
+            got = m(x[:, s0:s1], cache=gpu)
+            want = m(x[:, s0:s1], cache=cpu, backend="cpu")
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    n = 4  # quantized on the device: the host cache's bits and scales
+    np.testing.assert_array_equal(gpu.kv.copy_to_host()[:, :n].view(np.uint8),
+                                  cpu.kv[:, :n].view(np.uint8))
+    np.testing.assert_array_equal(gpu.scale.copy_to_host()[:, :n], cpu.scale[:, :n])
+    np.testing.assert_array_equal(gpu.dequantized_prefix(1), cpu.dequantized_prefix(1))
+
+
 # -- the layer --------------------------------------------------------------------------
 def test_layer_over_a_device_int8_cache(rng, tuned):
     theta = 1e4
