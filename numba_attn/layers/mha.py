@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from . import dispatch as dp
-from .config import (AttentionConfig, AttentionError, BackendUnavailable, check_flag,
+from .. import dispatch as dp
+from ..config import (AttentionConfig, AttentionError, BackendUnavailable, check_flag,
                      check_int, check_real)
-from .interop import Array, like, to_numpy
+from ..interop import Array, like, to_numpy
 
 __all__ = ["MultiHeadAttention"]
 
 # projections, LoRA and the input checks live in projections.py (training.py uses them
 # too); re-exported here for mla.py and earlier imports
-from .projections import (_LORA_TARGETS, GEMV_MAX_TOKENS, check_hidden,  # noqa: E402,F401
+from ..projections import (_LORA_TARGETS, GEMV_MAX_TOKENS, check_hidden,  # noqa: E402,F401
                           check_lora, check_positions, linear, widen)
 
 
@@ -164,7 +164,7 @@ class RotaryTable:
     ROWS_MAX = 1 << 20
 
     def __init__(self, rotary_dim, base, scaling, dtype):
-        from .rope import scaling_kind
+        from ..rope import scaling_kind
 
         self.rotary_dim, self.base, self.scaling, self.dtype = rotary_dim, base, scaling, dtype
         self.cos = self.sin = None
@@ -190,7 +190,7 @@ class RotaryTable:
 
     def freq_att(self, seq_len):
         """(inv_freq float64, attention factor) for tables serving ``seq_len``."""
-        from .reference_rope import rope_parameters
+        from ..reference_rope import rope_parameters
 
         return rope_parameters(self.rotary_dim, self.base, self.scaling, seq_len)
 
@@ -221,7 +221,7 @@ class RotaryTable:
 
     def rotate(self, x, positions, interleaved):
         """x (batch, seq, heads, dim) rotated at positions (batch, seq) int64."""
-        from .rope import apply_rotary
+        from ..rope import apply_rotary
 
         n = int(positions.max(initial=0)) + 1
         if n <= self.ROWS_MAX:
@@ -482,7 +482,7 @@ class MultiHeadAttention(ParameterMixin):
                 raise AttentionError(
                     f"partial_rotary_factor: head_dim * factor = {self.rotary_dim} must be an "
                     f"even number in [2, head_dim={self.head_dim}]")
-            from .rope import check_scaling
+            from ..rope import check_scaling
 
             try:
                 self.rope_scaling = check_scaling(rope_scaling, self.rotary_dim)
@@ -741,7 +741,7 @@ class MultiHeadAttention(ParameterMixin):
         True
         """
         if check_flag("train", train):
-            from .training import mha_forward_train
+            from ..training import mha_forward_train
 
             return mha_forward_train(self, x, context=context, positions=positions,
                                      cache=cache, kv_lens=kv_lens, mask=mask, lora=lora,
@@ -775,7 +775,7 @@ class MultiHeadAttention(ParameterMixin):
         k = k.reshape(bsz, sk, hkv, hd)
         v = v.reshape(bsz, sk, hkv, hd)
         if self.qk_norm:
-            from .norm import rms_norm
+            from ..norm import rms_norm
 
             q = rms_norm(q, self.q_norm, eps=self.norm_eps)
             k = rms_norm(k, self.k_norm, eps=self.norm_eps)
@@ -788,7 +788,7 @@ class MultiHeadAttention(ParameterMixin):
                     positions = np.broadcast_to(np.arange(sq, dtype=np.int64), (bsz, sq))
                 q = self._rope.rotate(q, positions, self.rotary_interleaved)
                 k = self._rope.rotate(k, positions, self.rotary_interleaved)
-            from .functional import attention
+            from ..functional import attention
 
             cfg = self.config
             qd, kd, vd = to_device_if(backend, q, k, v)
@@ -823,14 +823,14 @@ class MultiHeadAttention(ParameterMixin):
         >>> dx.shape, sorted(grads)[:2]
         ((1, 5, 16), ['k_proj.weight', 'o_proj.weight'])
         """
-        from .training import mha_backward
+        from ..training import mha_backward
 
         return mha_backward(self, dy)
 
     def _attend_cache(self, q, k, v, cache, positions, rot, mask, backend):
         """Append k/v to ``cache`` and attend; rotary inside the kernel call when the
         positions are the cache's own (the decode fast path: nothing grows with the cache)."""
-        from .kvcache import attention_with_kvcache
+        from ..kvcache import attention_with_kvcache
 
         cfg = self.config
         kw = dict(causal=cfg.causal, window=cfg.window, scale=cfg.scale,
