@@ -251,6 +251,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                      block_mask: BlockMask | None = None,
                      backend: str = "auto",
+                     q_offset: int | None = None,
                      score_mod_grad: ScoreMod | None = None,
                      layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
@@ -271,6 +272,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
         Further limits row ``b`` to its first ``kv_lens[b]`` keys.
     causal, window, scale, softcap, alibi_slopes, sinks, backend
         As in :func:`attention`; alignment is per row (``len_k[b] - len_q[b]``).
+    q_offset : int, default len_k[b] - len_q[b] per row
+        As in :func:`attention`: in-row query ``i`` sits at key position ``i + q_offset``
+        of its row, in every row (chunked prefill of rows that share an offset).
     score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask, score_mod_grad
         As in :func:`attention`; ``b`` is the segment, ``q_idx`` / ``kv_idx`` positions
         within it (a block mask covers max_seqlen_q x max_seqlen_k).
@@ -311,13 +315,13 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
             kv_lens=kv_lens, sinks=sinks, return_lse=return_lse, out=out, dropout_p=dropout_p,
             seed=seed, score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
             mask_mod_args=mask_mod_args, block_mask=block_mask, backend=backend,
-            score_mod_grad=score_mod_grad)
+            q_offset=q_offset, score_mod_grad=score_mod_grad)
     dt, cdt, device = va.check_qkv(q, k, v, 3, *VARLEN_LAYOUT)
     return_lse = check_flag("return_lse", return_lse)
     dropout = check_dropout(dropout_p, seed)
     tq, tk, h, hkv, d, dv = varlen_dims(q, k, v)
     rows, _, _, mq, mk, kl = varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q,
-                                         max_seqlen_k, kv_lens)
+                                         max_seqlen_k, kv_lens, q_offset)
     out_ref, out = out, va.check_out(out, (tq, h, dv), dt)
     qp, kp, vp = pack(q, k, v, cdt, device)
     p = build_problem(

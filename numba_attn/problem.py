@@ -119,8 +119,10 @@ def batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device):
     return rows, kl, ql
 
 
-def varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q, max_seqlen_k, kv_lens):
-    """The rows table of packed rows, checked: (rows, cu_q, cu_k, max_q, max_k, kv_lens)."""
+def varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q, max_seqlen_k, kv_lens,
+                q_offset=None):
+    """The rows table of packed rows, checked: (rows, cu_q, cu_k, max_q, max_k, kv_lens).
+    ``q_offset`` (an int) aligns every row as :func:`batched_rows` does."""
     cq = va.check_cu("cu_seqlens_q", cu_seqlens_q, tq)
     ck = va.check_cu("cu_seqlens_k", cu_seqlens_k, tk)
     if len(cq) != len(ck):
@@ -135,7 +137,8 @@ def varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q, max_seqlen_k, 
     rows[:, 1] = lq
     rows[:, 2] = ck[:-1]
     rows[:, 3] = lk
-    rows[:, 4] = lk - lq
+    # chunked calls: in-row query i sits at key position i + q_offset, in every row
+    rows[:, 4] = lk - lq if q_offset is None else va.check_offset("q_offset", q_offset)
     kl = None
     if kv_lens is not None:
         kl = va.check_int_vector("kv_lens", kv_lens, bsz, 0, int(lk.max(initial=0)))
