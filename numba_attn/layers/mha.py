@@ -343,8 +343,9 @@ class MultiHeadAttention(ParameterMixin):
             B ``(out_features, rank)``; adds ``lora_scale * x @ A.T @ B.T`` to that
             projection.
         lora_scale : float, default 1.0
-        backend : str, optional
-            Overrides the layer's ``backend`` for this call.
+        backend : {"auto", "cpu", "cuda", "reference"}, default None
+            None means the layer's own ``backend`` (the constructor's, "auto" by default);
+            a name overrides it for this call. ``train=True`` runs on it as well.
         train : bool, default False
             Keep what :meth:`backward` needs (no cache); host arrays.
         dropout_p, seed : float, int, optional

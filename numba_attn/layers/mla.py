@@ -352,7 +352,9 @@ class MultiHeadLatentAttention(ParameterMixin):
         kv_lens : int array (batch,), optional
             Key padding (no cache).
         mask : bool array broadcastable to (batch, num_heads, seqlen, seqlen_kv), optional
-        backend : str, optional
+        backend : {"auto", "cpu", "cuda", "reference"}, default None
+            None means the layer's own ``backend`` (the constructor's, "auto" by default);
+            a name overrides it for this call. ``train=True`` runs on it as well.
         train : bool, default False
             Naive form, keeping what :meth:`backward` needs (no cache).
         dropout_p, seed : float, int, optional
