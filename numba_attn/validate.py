@@ -230,6 +230,38 @@ def check_offset(name, x):
 MAX_OFFSET = 1 << 40
 
 
+def check_merge(out_a, lse_a, out_b, lse_b):
+    """The four arrays of ``merge_states``: (dtype of out_a, device, lse shape (..., H, S)).
+
+    out_a / out_b (..., S, H, Dv) of one shape, lse_a / lse_b (..., H, S); device arrays all
+    on the device, out_b there of out_a's dtype (host arrays are cast to the compute dtype).
+    """
+    for name, x in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    if out_a.ndim < 3:
+        raise AttentionError(f"out_a: expected (..., seqlen, num_heads, head_dim_v), got "
+                             f"shape {out_a.shape}")
+    dt = check_float("out_a", out_a)
+    if out_b.shape != out_a.shape:
+        raise AttentionError(f"out_b: shape {out_b.shape} differs from out_a's {out_a.shape}")
+    oshape = tuple(out_a.shape)  # (the CUDA simulator's shape refuses negative indices)
+    want = oshape[:-3] + (oshape[-2], oshape[-3])
+    for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if tuple(x.shape) != want:
+            raise AttentionError(f"{name}: expected shape (..., num_heads, seqlen) = {want}, "
+                                 f"got {tuple(x.shape)}")
+    device = array_device(out_a)
+    if device != "cpu":
+        for name, x in (("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+            if array_device(x) != device:
+                raise AttentionError(f"{name}: a host array while out_a is on the device; "
+                                     "pass all four arrays on the same device")
+        if as_np_dtype(out_b.dtype) != dt:
+            raise TypeError(f"out_b: dtype {out_b.dtype} differs from out_a's {dt}")
+    return dt, device, want
+
+
 def check_cu(name, cu, total):
     """``cu_seqlens`` offsets: 1-D ints from 0 to ``total``, non-decreasing; int64 copy."""
     a = host(name, cu)

@@ -78,12 +78,16 @@ class CUDABackend(_be.Backend):
 
     name = "cuda"
     device = "cuda"
-    operations = frozenset({"forward", "backward"})
+    operations = frozenset({"forward", "backward", "merge"})
 
     def unavailable_reason(self):
         return _probe()
 
     def not_supported_reasons(self, problem, op="forward") -> list:
+        if op == "merge":  # elementwise, on the arrays' own device
+            return ([] if problem.device == "cuda" else
+                    ["merge_states: the cuda backend merges device arrays (host arrays: "
+                     "backend 'cpu')"])
         reasons = []
         if problem.device not in ("cpu", "cuda"):
             reasons.append(f"data lives on {problem.device!r}; the cuda backend reads host "
@@ -122,6 +126,11 @@ class CUDABackend(_be.Backend):
         from .backward import backward
 
         return backward(problem, dout, out, lse, dropout_p, seed, bias_shape)
+
+    def merge(self, out_a, lse_a, out_b, lse_b):
+        from .launch import merge_states
+
+        return merge_states(out_a, lse_a, out_b, lse_b)
 
 
 _be.register_backend(CUDABackend())

@@ -20,7 +20,7 @@ from . import forward as fk
 from .launch import STORAGE_DTYPES, elementwise_grid
 
 __all__ = ["as_device", "like", "pack", "check_out", "run_into", "lse_bhs", "lse_transpose",
-           "merge_states", "strided_operand", "to_device_like"]
+           "merge_operands", "merge_result", "strided_operand", "to_device_like"]
 
 
 def as_device(name, x):
@@ -187,37 +187,24 @@ def lse_transpose(lse):
     return _swap(lse, 1, t, h).reshape(h, t)
 
 
-def merge_states(out_a, lse_a, out_b, lse_b):
-    """Device twin of :func:`numba_attn.merge_states` (shapes already checked there)."""
-    arrs = {}
-    for name, x in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
-        if dp.array_device(x) != "cuda":
-            raise AttentionError(f"{name}: a host array while out_a is on the device; pass "
-                                 "all four arrays on the same device")
-        arrs[name] = as_device(name, x)
+def merge_operands(out_a, lse_a, out_b, lse_b, cdt):
+    """Device twin of ``problem.merge_operands`` (checked by ``validate.check_merge``):
+    out (lead, S, H, Dv) (bfloat16 as its bits), lse (lead, H, S) in ``cdt``."""
+    arrs = {name: as_device(name, x) for name, x in
+            (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b))}
     dt = dp.as_np_dtype(arrs["out_a"].dtype)
-    bf16 = bfm.is_bf16(dt)
-    if dt not in STORAGE_DTYPES and not bf16:
-        raise TypeError(f"out_a: dtype {dt} is not supported on the device (float16, "
-                        "bfloat16, float32, float64)")
-    for name in ("out_b",):
-        if dp.as_np_dtype(arrs[name].dtype) != dt:
-            raise TypeError(f"{name}: dtype {arrs[name].dtype} differs from out_a's {dt}")
-    cdt = dp.compute_dtype(dt)
+    sdt = bfm.BITS if bfm.is_bf16(dt) else dt  # bfloat16 outputs travel as their bits
     shape_o = tuple(out_a.shape)
-    shape_l = tuple(lse_a.shape)
     s, h, dv = shape_o[-3:]
     lead = int(np.prod(shape_o[:-3], dtype=np.int64))
-    sdt = bfm.BITS if bf16 else dt  # bfloat16 outputs travel as their bits
-    oa = _contiguous(bfm.bits(arrs["out_a"]), sdt, (lead, s, h, dv))
-    ob = _contiguous(bfm.bits(arrs["out_b"]), sdt, (lead, s, h, dv))
-    la = _contiguous(arrs["lse_a"], cdt, (lead, h, s))
-    lb = _contiguous(arrs["lse_b"], cdt, (lead, h, s))
-    o = cuda.device_array((lead, s, h, dv), sdt)
-    lse = cuda.device_array((lead, h, s), cdt)
-    if o.size:
-        grid, threads = elementwise_grid(o.size)
-        kern = fk.merge_states_bf16 if bf16 else fk.merge_states
-        kern[grid, threads](oa, la, ob, lb, o, lse)
-    o = bfm.from_bits(o) if bf16 else o
-    return like(out_a, o.reshape(shape_o)), like(out_a, lse.reshape(shape_l))
+    return (_contiguous(bfm.bits(arrs["out_a"]), sdt, (lead, s, h, dv)),
+            _contiguous(arrs["lse_a"], cdt, (lead, h, s)),
+            _contiguous(bfm.bits(arrs["out_b"]), sdt, (lead, s, h, dv)),
+            _contiguous(arrs["lse_b"], cdt, (lead, h, s)))
+
+
+def merge_result(ref, out, lse, dtype, out_shape, lse_shape):
+    """Device twin of ``interop.merge_result``: out in ``dtype`` (bfloat16 from its bits)
+    and ``out_shape``, lse in ``lse_shape``, as ``ref``'s kind of array."""
+    out = bfm.from_bits(out) if bfm.is_bf16(dtype) else out
+    return like(ref, out.reshape(out_shape)), like(ref, lse.reshape(lse_shape))

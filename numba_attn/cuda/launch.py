@@ -354,3 +354,16 @@ def _launch(p, acc, out, lse, bf16=False):
         grid, threads = elementwise_grid(tq * h * dv)
         merge = fk.merge_splits_bf16 if bf16 else fk.merge_splits
         merge[grid, threads](part_out, part_lse, out, lse)
+
+
+def merge_states(out_a, lse_a, out_b, lse_b):
+    """``merge_states`` over device arrays out (lead, S, H, Dv) (bfloat16 as its bits),
+    lse (lead, H, S) in the compute dtype: (out, lse), new device arrays."""
+    o = cuda.device_array(out_a.shape, out_a.dtype)
+    lse = cuda.device_array(lse_a.shape, lse_a.dtype)
+    if o.size:
+        grid, threads = elementwise_grid(o.size)
+        bf16 = np.dtype(out_a.dtype) == np.dtype(bfm.BITS)
+        kern = fk.merge_states_bf16 if bf16 else fk.merge_states
+        kern[grid, threads](out_a, lse_a, out_b, lse_b, o, lse)
+    return o, lse
