@@ -212,7 +212,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     return_lse = check_flag("return_lse", return_lse)
     dropout = check_dropout(dropout_p, seed)
     bsz, sq, sk, h, hkv, d, dv = batched_dims(q, k, v)
-    out_ref, out = out, va.check_out(out, (bsz, sq, h, dv), dt)
+    out_ref, out = out, va.check_out(out, (bsz, sq, h, dv), dt, device)
     rows, kl, ql = batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device)
     qp, kp, vp = pack(q, k, v, cdt, device)  # device arrays stay on the device
     p = build_problem(
@@ -321,7 +321,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     tq, tk, h, hkv, d, dv = varlen_dims(q, k, v)
     rows, _, _, mq, mk, kl = varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q,
                                          max_seqlen_k, kv_lens, q_offset)
-    out_ref, out = out, va.check_out(out, (tq, h, dv), dt)
+    out_ref, out = out, va.check_out(out, (tq, h, dv), dt, device)
     qp, kp, vp = pack(q, k, v, cdt, device)
     p = build_problem(
         q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((len(rows), 1), np.int32),

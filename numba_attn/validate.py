@@ -163,7 +163,14 @@ def strided_operand(name, x, full_shape, dtype, device="cpu"):
     (cast or made contiguous there when needed).
     """
     if device == "cuda" and array_device(x) == "cuda":
-        got = device_op("strided_operand")(name, x, full_shape, dtype)
+        dt = as_np_dtype(x.dtype)
+        if np.dtype(dtype) == np.bool_:
+            if dt.kind != "b":
+                raise TypeError(f"{name}: expected {MASK_WHAT}, got dtype {dt}")
+        elif dt.kind not in "fiu" and not _is_bfloat16(dt):
+            raise TypeError(f"{name}: expected {BIAS_WHAT}, got dtype {dt}")
+        got = device_op("strided_operand")(name, x, broadcast_4d(name, x.shape, full_shape),
+                                           dtype)
         if got is not None:
             return got
     if dtype == np.bool_:
@@ -334,13 +341,22 @@ def check_like(named, shapes, device):
                                  f"{device}; pass all arrays on the same device")
 
 
-def check_out(out, shape, dtype):
-    """Validate a user ``out=`` array (host or device); returns the array to write (a numpy
-    view of a torch CPU tensor), or None."""
+def check_out(out, shape, dtype, device=None):
+    """Validate a user ``out=`` array (host or device; on ``device``, the inputs' device,
+    when given); returns the array to write (a numpy view of a torch CPU tensor), or None."""
     if out is None:
         return None
     if array_device(out) != "cpu":
-        return device_op("check_out")(out, shape, dtype)
+        if tuple(out.shape) != tuple(shape):
+            raise AttentionError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+        if as_np_dtype(out.dtype) != np.dtype(dtype):
+            raise TypeError(f"out: expected dtype {np.dtype(dtype)} (the dtype of q), got "
+                            f"{as_np_dtype(out.dtype)}")
+        if device is not None and device != array_device(out):
+            raise AttentionError("out: a device array while q, k, v are host arrays; pass all "
+                                 "arrays on the same device")
+        device_op("as_device")("out", out)  # a usable device array (or TypeError naming out)
+        return out
     if is_torch(out):
         out = to_numpy("out", out)  # a view: writing it writes the tensor
     if not isinstance(out, np.ndarray):

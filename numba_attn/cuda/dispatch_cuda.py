@@ -17,9 +17,9 @@ from .. import validate as dp
 from ..config import AttentionError
 from . import bf16 as bfm
 from . import forward as fk
-from .launch import STORAGE_DTYPES, elementwise_grid
+from .launch import elementwise_grid
 
-__all__ = ["as_device", "like", "pack", "check_out", "run_into", "lse_bhs", "lse_transpose",
+__all__ = ["as_device", "like", "pack", "run_into", "lse_bhs", "lse_transpose",
            "merge_operands", "merge_result", "strided_operand", "to_device_like"]
 
 
@@ -77,12 +77,9 @@ def pack(q, k, v, cdt):
     float16/32/64 and bfloat16 keep their storage dtype (the kernels accumulate in
     ``cdt``; bfloat16 is copied, when it must be, through its uint16 bits).
     """
-    res = []
+    res = []  # dtypes checked by validate.check_qkv (float16/32/64, bfloat16)
     for name, x in (("q", q), ("k", k), ("v", v)):
         dt = dp.as_np_dtype(x.dtype)
-        if dt not in STORAGE_DTYPES and not bfm.is_bf16(dt):
-            raise TypeError(f"{name}: {dt} device arrays are not supported by the cuda kernels "
-                            "(float16, bfloat16, float32, float64); cast on the device first")
         a = as_device(name, x)
         shape = (int(np.prod(a.shape[:-2], dtype=np.int64)),) + tuple(a.shape[-2:])
         if bfm.is_bf16(dt):
@@ -92,22 +89,17 @@ def pack(q, k, v, cdt):
     return tuple(res)
 
 
-def strided_operand(name, x, full_shape, dtype):
-    """A device bias/mask checked from its shape and dtype alone (no copy to the host).
+def strided_operand(name, x, shape4, dtype):
+    """A device bias/mask (dtype and ``shape4``, its 4-D broadcast shape, checked by
+    ``validate.strided_operand``) read in place: no copy to the host.
 
     Returns (flat C-contiguous device array of ``dtype``, int64 element strides with 0 on
-    broadcast axes), as :func:`numba_attn.dispatch.strided_operand`; the same errors.
-    A C-contiguous array of ``dtype`` is used in place; another dtype or layout is cast /
-    copied on the device. None (the host path decides) for what this cannot copy on the
-    device: bfloat16 bias, 1-D non-contiguous arrays.
+    broadcast axes), as :func:`numba_attn.validate.strided_operand`. A C-contiguous array
+    of ``dtype`` is used in place; another dtype or layout is cast / copied on the device.
+    None (the host path decides) for what this cannot copy on the device: bfloat16 bias,
+    1-D non-contiguous arrays.
     """
     dt = dp.as_np_dtype(x.dtype)
-    if np.dtype(dtype) == np.bool_:
-        if dt.kind != "b":
-            raise TypeError(f"{name}: expected {dp.MASK_WHAT}, got dtype {dt}")
-    elif dt.kind not in "fiu" and not bfm.is_bf16(dt):
-        raise TypeError(f"{name}: expected {dp.BIAS_WHAT}, got dtype {dt}")
-    shape4 = dp.broadcast_4d(name, x.shape, full_shape)
     if bfm.is_bf16(dt):
         return None
     a = as_device(name, x)
@@ -124,27 +116,13 @@ def strided_operand(name, x, full_shape, dtype):
     return a.reshape(a.size), np.array(strides[::-1], dtype=np.int64)
 
 
-def check_out(out, shape, dtype):
-    """Validate a device ``out=`` array (shape and dtype as on the host); returns it."""
-    if tuple(out.shape) != tuple(shape):
-        raise AttentionError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
-    if dp.as_np_dtype(out.dtype) != np.dtype(dtype):
-        raise TypeError(f"out: expected dtype {np.dtype(dtype)} (the dtype of q), got "
-                        f"{dp.as_np_dtype(out.dtype)}")
-    as_device("out", out)
-    return out
-
-
 def run_into(p, backend, out, out_shape):
     """Run ``p`` and write the result into the device array ``out``; returns (out, lse).
 
     A C-contiguous ``out`` of the kernel's output dtype is written by the kernel itself;
     otherwise the result is copied (and cast) into it on the device.
     """
-    if p.device != "cuda":
-        raise AttentionError("out: a device array while q, k, v are host arrays; pass all "
-                             "arrays on the same device")
-    dev = as_device("out", out)
+    dev = as_device("out", out)  # on the problem's device: validate.check_out
     tq, h, dv = p.q.shape[0], p.config.num_heads, p.config.head_dim_v
     if dev.is_c_contiguous() and backend != "reference":
         p.extra["out_buffer"] = dev.reshape(tq, h, dv)

@@ -251,10 +251,11 @@ def test_device_bias_and_mask_stay_on_the_device(rng, tuned, no_host_copy_of):
 
 
 def test_device_bias_of_the_compute_dtype_is_not_copied(rng):
-    from numba_attn.cuda import dispatch_cuda
+    from numba_attn import validate
 
     dbias = cuda.to_device(rng.standard_normal((2, 1, 5)).astype(np.float32))
-    flat, strides = dispatch_cuda.strided_operand("bias", dbias, (3, 2, 4, 5), np.float32)
+    flat, strides = validate.strided_operand("bias", dbias, (3, 2, 4, 5), np.float32,
+                                             device="cuda")
     from numba import config
 
     def ptr(a):
