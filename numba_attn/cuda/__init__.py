@@ -115,7 +115,7 @@ class CUDABackend(_be.Backend):
 
     def run(self, problem):
         if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
-            from .backward import forward_dropout
+            from .launch import forward_dropout
 
             return forward_dropout(problem, *problem.extra["dropout"])
         from .launch import forward
@@ -123,7 +123,7 @@ class CUDABackend(_be.Backend):
         return forward(problem)
 
     def backward(self, problem, dout, out, lse, dropout_p, seed, bias_shape):
-        from .backward import backward
+        from .launch import backward
 
         return backward(problem, dout, out, lse, dropout_p, seed, bias_shape)
 
