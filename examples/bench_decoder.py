@@ -74,7 +74,7 @@ def run_ours(path, weights, context, tokens):
     import ml_dtypes
 
     import numba_attn.kvcache as kvc
-    import numba_attn.layers as nl
+    import numba_attn.layers.mha as nl  # the module whose linear MultiHeadAttention calls
 
     sys.path.insert(0, str(HERE))
     import decoder

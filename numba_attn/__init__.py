@@ -16,9 +16,8 @@ from .backward import (attention_backward, attention_varlen_backward, attention_
                        attention_vjp)
 from .functional import attention, attention_varlen, merge_states
 from .kvcache import attention_with_kvcache
-from .layers import MultiHeadAttention
-from .mods import BlockMask, create_block_mask
-from .mla import MLACache, MultiHeadLatentAttention
+from .layers import MLACache, MultiHeadAttention, MultiHeadLatentAttention
+from .mods import BlockMask, ModError, create_block_mask
 from .norm import rms_norm, rms_norm_backward
 from .rope import apply_rotary, apply_rotary_backward, rotary_cos_sin
 
@@ -28,6 +27,7 @@ __all__ = [
     "AttentionConfig",
     "AttentionError",
     "BackendUnavailable",
+    "ModError",
     "Checkpoint",
     "CheckpointError",
     "open_checkpoint",

@@ -1,6 +1,7 @@
 """The backend protocol and the registry (backends found lazily, by module path).
 
-A backend says what it serves: ``operations`` (``"forward"``, ``"backward"``), the
+A backend says what it serves: ``operations`` (``"forward"``, ``"backward"``,
+``"merge"``), the
 ``device`` its kernels run on, ``unavailable_reason()`` (None when it can run at all) and
 ``not_supported_reasons(problem, op)`` (empty when it can run this problem), xformers
 style, so a refusal always comes with its reasons. ``numba_attn.cpu`` and
@@ -25,7 +26,10 @@ class Backend:
     ``run(problem)`` -> (out (Tq, H, Dv), lse (Tq, H)) in the compute dtype (the dropout
     forward too, when ``problem.extra["dropout"]`` is set);
     ``backward(problem, dout, out, lse, dropout_p, seed, bias_shape)`` -> (dq, dk, dv,
-    dbias or None, dsinks or None) in the packed shapes of q, k, v.
+    dbias or None, dsinks or None) in the packed shapes of q, k, v;
+    ``merge(out_a, lse_a, out_b, lse_b)`` -> (out, lse) of ``merge_states`` over out
+    (lead, S, H, Dv) and lse (lead, H, S) in the compute dtype (its "problem" for
+    ``not_supported_reasons`` is a ``problem.Elementwise``: only a device).
     """
 
     name = "?"
@@ -52,16 +56,21 @@ class Backend:
     def backward(self, problem, dout, out, lse, dropout_p, seed, bias_shape):
         raise NotImplementedError
 
+    def merge(self, out_a, lse_a, out_b, lse_b):
+        raise NotImplementedError
+
 
 class ReferenceBackend(Backend):
     """reference.py in float64 (tests, debugging); copies device data to the host."""
 
     name = "reference"
     device = "cpu"
-    operations = frozenset({"forward", "backward"})
+    operations = frozenset({"forward", "backward", "merge"})
     needs_score_mod_grad = False  # the oracle differentiates the Python mod itself
 
     def not_supported_reasons(self, problem, op="forward"):
+        if op == "merge" and problem.device != "cpu":
+            return ["merge_states: the reference backend merges host arrays"]
         return []
 
     # backward: the public function puts the oracle over the caller's own arrays (the
@@ -74,6 +83,12 @@ class ReferenceBackend(Backend):
 
     def backward(self, problem, dout, out, lse, dropout_p, seed, bias_shape):
         return problem.extra["oracle"]()
+
+    def merge(self, out_a, lse_a, out_b, lse_b):
+        from .reference import merge_states
+
+        o, lse = merge_states(out_a, lse_a, out_b, lse_b)
+        return o.astype(out_a.dtype), lse.astype(lse_a.dtype)
 
 
 BACKEND_MODULES = {"cpu": "numba_attn.cpu", "cuda": "numba_attn.cuda"}

@@ -222,6 +222,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
                               sinks: Array | None = None, dropout_p: float = 0.0,
                               seed: int | None = None, return_dbias: bool = False,
                               return_dsinks: bool = False, backend: str = "auto",
+                              q_offset: int | None = None,
                               score_mod: ScoreMod | None = None, score_mod_args: tuple = (),
                               mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                               block_mask: BlockMask | None = None,
@@ -236,8 +237,8 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
         As ``attention_varlen(..., return_lse=True)`` returned them.
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         As :func:`numba_attn.attention_varlen`.
-    causal, window, scale, softcap, alibi_slopes, bias, mask, kv_lens, sinks, dropout_p, seed,
-    return_dbias, return_dsinks, backend
+    causal, window, scale, softcap, alibi_slopes, bias, mask, kv_lens, q_offset, sinks,
+    dropout_p, seed, return_dbias, return_dsinks, backend
         As :func:`attention_backward`; dbias positions beyond a row's lengths get zero.
 
     Returns
@@ -268,7 +269,7 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
     va.check_like((("dout", dout), ("out", out), ("lse", lse)),
                   ((tq, h, dv), (tq, h, dv), (h, tq)), device)
     rows, cq, ck, mq, mk, kl = varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q,
-                                           max_seqlen_k, kv_lens)
+                                           max_seqlen_k, kv_lens, q_offset)
     bsz = len(rows)
     qp, kp, vp = (va.host(n, x, cdt) for n, x in (("q", q), ("k", k), ("v", v)))
     p = build_problem(
@@ -295,7 +296,8 @@ def attention_varlen_backward(dout: Array, q: Array, k: Array, v: Array, out: Ar
             scale=p.config.scale, softcap=p.config.softcap,
             alibi_slopes=_host_opt("alibi_slopes", alibi_slopes),
             bias=_host_opt("bias", bias), mask=_host_opt("mask", mask), kv_lens=kl,
-            sinks=p.sinks, dropout_p=drop_p, seed=seed_v, **_ref_mods(p, score_mod_grad))
+            q_offset=q_offset, sinks=p.sinks, dropout_p=drop_p, seed=seed_v,
+            **_ref_mods(p, score_mod_grad))
 
     p.extra["oracle"] = oracle
     grads = _grads(p, be, dout_p, out_p, lse_p, drop_p, seed_v, bias,

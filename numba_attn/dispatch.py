@@ -1,8 +1,9 @@
 """Backend selection: the one step between a canonical Problem and the kernels.
 
 ``select(problem, backend, op)`` returns the backend that will run an operation
-(``"forward"`` or ``"backward"``) or raises :class:`BackendUnavailable` with every
-backend's reasons; :func:`run`, :func:`run_into` and :func:`backward` run it. Validation
+(``"forward"``, ``"backward"`` or ``"merge"``) or raises :class:`BackendUnavailable` with
+every backend's reasons; :func:`run`, :func:`run_into`, :func:`backward` and :func:`merge`
+run it. Validation
 lives in :mod:`numba_attn.validate`, the Problem in :mod:`numba_attn.problem`, the
 protocol and registry in :mod:`numba_attn.backends`.
 """
@@ -15,7 +16,7 @@ from .backends import (BACKEND_MODULES, BACKENDS, Backend, ReferenceBackend,  # 
                        available_backends, get_backend, register_backend)
 from .config import BackendUnavailable
 from .interop import device_op
-from .problem import CONTIGUOUS_BLOCK, Problem  # noqa: F401  (re-exported: old home)
+from .problem import CONTIGUOUS_BLOCK, Elementwise, Problem  # noqa: F401  (Problem: old home)
 from .validate import array_device
 
 # The helpers below moved to numba_attn.validate (checks) and numba_attn.problem; they stay
@@ -25,8 +26,8 @@ from .validate import (BIAS_WHAT, MASK_WHAT, as_np_dtype, broadcast_4d,  # noqa:
                        compute_dtype, host, host_operand, same, strided_operand)
 from .interop import _bfloat16, _is_bfloat16  # noqa: F401
 
-__all__ = ["select", "run", "run_into", "select_backward", "backward", "available_backends", "get_backend",
-           "register_backend", "BACKENDS"]
+__all__ = ["select", "run", "run_into", "select_backward", "backward", "merge",
+           "available_backends", "get_backend", "register_backend", "BACKENDS"]
 
 _load_optional_backends = _be.load_all  # old name (tests, cache.py)
 
@@ -112,3 +113,9 @@ def backward(p, be, dout, out, lse, dropout_p, seed, bias_shape):
     cdt = p.compute_dtype
     return be.backward(p, dout.astype(cdt, copy=False), out.astype(cdt, copy=False),
                        np.ascontiguousarray(lse, dtype=cdt), dropout_p, seed, bias_shape)
+
+
+def merge(out_a, lse_a, out_b, lse_b, device, backend="auto"):
+    """merge_states on the chosen backend: operands from ``problem.merge_operands`` (out
+    (lead, S, H, Dv), lse (lead, H, S), on ``device``) -> (out, lse) in the compute dtype."""
+    return select(Elementwise(device), backend, op="merge").merge(out_a, lse_a, out_b, lse_b)

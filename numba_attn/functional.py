@@ -13,16 +13,15 @@ import numpy as np
 from . import autograd
 from . import dispatch
 from . import validate as va
-from ._jit import parallel_guard
 from .autograd import wants_grad
-from .config import AttentionError, check_flag
+from .config import check_flag
 from .dropout import check_dropout
-from .interop import Array, device_op, like, lse_bhs, lse_ht
+from .interop import Array, like, lse_bhs, lse_ht, merge_result
 from . import layout as lay
 from .mods import BlockMask, MaskMod, ScoreMod
 from .problem import (BATCHED_LAYOUT, CONTIGUOUS_BLOCK, VARLEN_LAYOUT, batched_dims,
-                      batched_rows, build_problem, config_for, pack, set_dropout,
-                      varlen_dims, varlen_rows)
+                      batched_rows, build_problem, config_for, merge_operands, pack,
+                      set_dropout, varlen_dims, varlen_rows)
 
 __all__ = ["attention", "attention_varlen", "merge_states"]
 
@@ -213,7 +212,7 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool | str = False,
     return_lse = check_flag("return_lse", return_lse)
     dropout = check_dropout(dropout_p, seed)
     bsz, sq, sk, h, hkv, d, dv = batched_dims(q, k, v)
-    out_ref, out = out, va.check_out(out, (bsz, sq, h, dv), dt)
+    out_ref, out = out, va.check_out(out, (bsz, sq, h, dv), dt, device)
     rows, kl, ql = batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device)
     qp, kp, vp = pack(q, k, v, cdt, device)  # device arrays stay on the device
     p = build_problem(
@@ -251,6 +250,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
                      mask_mod: MaskMod | None = None, mask_mod_args: tuple = (),
                      block_mask: BlockMask | None = None,
                      backend: str = "auto",
+                     q_offset: int | None = None,
                      score_mod_grad: ScoreMod | None = None,
                      layout: str = "bshd") -> Array | tuple[Array, Array]:
     """Attention over packed variable-length rows (no padding), FlashAttention's varlen form.
@@ -271,6 +271,9 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
         Further limits row ``b`` to its first ``kv_lens[b]`` keys.
     causal, window, scale, softcap, alibi_slopes, sinks, backend
         As in :func:`attention`; alignment is per row (``len_k[b] - len_q[b]``).
+    q_offset : int, default len_k[b] - len_q[b] per row
+        As in :func:`attention`: in-row query ``i`` sits at key position ``i + q_offset``
+        of its row, in every row (chunked prefill of rows that share an offset).
     score_mod, score_mod_args, mask_mod, mask_mod_args, block_mask, score_mod_grad
         As in :func:`attention`; ``b`` is the segment, ``q_idx`` / ``kv_idx`` positions
         within it (a block mask covers max_seqlen_q x max_seqlen_k).
@@ -311,14 +314,14 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
             kv_lens=kv_lens, sinks=sinks, return_lse=return_lse, out=out, dropout_p=dropout_p,
             seed=seed, score_mod=score_mod, score_mod_args=score_mod_args, mask_mod=mask_mod,
             mask_mod_args=mask_mod_args, block_mask=block_mask, backend=backend,
-            score_mod_grad=score_mod_grad)
+            q_offset=q_offset, score_mod_grad=score_mod_grad)
     dt, cdt, device = va.check_qkv(q, k, v, 3, *VARLEN_LAYOUT)
     return_lse = check_flag("return_lse", return_lse)
     dropout = check_dropout(dropout_p, seed)
     tq, tk, h, hkv, d, dv = varlen_dims(q, k, v)
     rows, _, _, mq, mk, kl = varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q,
-                                         max_seqlen_k, kv_lens)
-    out_ref, out = out, va.check_out(out, (tq, h, dv), dt)
+                                         max_seqlen_k, kv_lens, q_offset)
+    out_ref, out = out, va.check_out(out, (tq, h, dv), dt, device)
     qp, kp, vp = pack(q, k, v, cdt, device)
     p = build_problem(
         q=qp, k=kp, v=vp, rows=rows, block_table=np.zeros((len(rows), 1), np.int32),
@@ -337,8 +340,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array,
     return like(q, o), like(q, lse_ht(lse))
 
 
-def merge_states(out_a: Array, lse_a: Array, out_b: Array,
-                 lse_b: Array) -> tuple[Array, Array]:
+def merge_states(out_a: Array, lse_a: Array, out_b: Array, lse_b: Array, *,
+                 backend: str = "auto") -> tuple[Array, Array]:
     """Merge two partial attention results computed over disjoint key sets.
 
     ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse)
@@ -351,6 +354,8 @@ def merge_states(out_a: Array, lse_a: Array, out_b: Array,
         As :func:`attention` (batch, seqlen_q, H, Dv) or :func:`attention_varlen` (T, H, Dv).
     lse_a, lse_b : array (..., num_heads, seqlen)
         The matching log-sum-exp arrays, natural log.
+    backend : {"auto", "cpu", "cuda", "reference"}, default "auto"
+        "auto" merges where the arrays live (all four on one device).
 
     Returns
     -------
@@ -367,38 +372,10 @@ def merge_states(out_a: Array, lse_a: Array, out_b: Array,
     >>> bool(np.allclose(o, numba_attn.attention(q, k, k)))
     True
     """
-    for name, x in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
-        if not hasattr(x, "shape"):
-            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
-    if out_a.ndim < 3:
-        raise AttentionError(f"out_a: expected (..., seqlen, num_heads, head_dim_v), got "
-                             f"shape {out_a.shape}")
-    dt = va.check_float("out_a", out_a)
-    if out_b.shape != out_a.shape:
-        raise AttentionError(f"out_b: shape {out_b.shape} differs from out_a's {out_a.shape}")
-    oshape = tuple(out_a.shape)  # (the CUDA simulator's shape refuses negative indices)
-    want = oshape[:-3] + (oshape[-2], oshape[-3])
-    for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
-        if tuple(x.shape) != want:
-            raise AttentionError(f"{name}: expected shape (..., num_heads, seqlen) = {want}, "
-                                 f"got {tuple(x.shape)}")
-    if va.array_device(out_a) != "cpu":  # device arrays: merged on the device
-        return device_op("merge_states")(out_a, lse_a, out_b, lse_b)
-    from .cpu.forward import merge_states as kernel
-
-    cdt = va.compute_dtype(dt)
-    s, h, dv = out_a.shape[-3:]
-    lead = int(np.prod(out_a.shape[:-3], dtype=np.int64))
-    oa = va.host("out_a", out_a, cdt).reshape(lead, s, h, dv)
-    ob = va.host("out_b", out_b, cdt).reshape(lead, s, h, dv)
-    la = va.host("lse_a", lse_a, cdt).reshape(lead, h, s)
-    lb = va.host("lse_b", lse_b, cdt).reshape(lead, h, s)
-    o = np.empty_like(oa)
-    lse = np.empty_like(la)
-    with parallel_guard():
-        kernel(oa, la, ob, lb, o, lse)
-    return (like(out_a, o.reshape(oshape).astype(dt, copy=False)),
-            like(out_a, lse.reshape(want)))
+    dt, device, lse_shape = va.check_merge(out_a, lse_a, out_b, lse_b)
+    oa, la, ob, lb = merge_operands(out_a, lse_a, out_b, lse_b, va.compute_dtype(dt), device)
+    o, lse = dispatch.merge(oa, la, ob, lb, device, backend)
+    return merge_result(out_a, o, lse, dt, tuple(out_a.shape), lse_shape)
 
 
 autograd.register("attention", forward=attention)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Array", "is_torch", "to_numpy", "like", "device_op", "lse_bhs", "lse_ht",
-           "like_device"]
+           "like_device", "merge_result"]
 
 
 def is_torch(x) -> bool:
@@ -154,6 +154,15 @@ def like_device(ref, arrays, device):
     if device == "cpu":
         return tuple(like(ref, a) for a in arrays)
     return device_op("to_device_like")(ref, arrays)
+
+
+def merge_result(ref, out, lse, dtype, out_shape, lse_shape):
+    """merge_states' results (compute dtype, on the backend's device) as ``ref``'s kind of
+    array: out in ``dtype`` and ``out_shape``, lse in ``lse_shape``."""
+    if isinstance(out, np.ndarray):
+        return (like(ref, out.reshape(out_shape).astype(dtype, copy=False)),
+                like(ref, lse.reshape(lse_shape)))
+    return device_op("merge_result")(ref, out, lse, dtype, out_shape, lse_shape)
 
 
 def device_op(name):

@@ -167,7 +167,7 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
                               (bsz, span), rotary_cos.shape[0])
         pos = pos.reshape(bsz, span)
     cdt = dp.compute_dtype(dt)
-    out = check_out(out, (bsz, sq, h, dv), dt) if not on_dev or out is None else out
+    out = check_out(out, (bsz, sq, h, dv), dt, "cpu") if not on_dev or out is None else out
     if on_dev and out is not None:
         raise AttentionError("out: only host caches accept out=")
 

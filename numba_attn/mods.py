@@ -108,7 +108,21 @@ MaskMod = Callable[..., bool]  # (b, h, q_idx, kv_idx, *mask_mod_args) -> bool
 
 class ModError(AttentionError, TypeError):
     """A score_mod / mask_mod that cannot serve: wrong arity, does not compile for the
-    kernel with the argument types it is given, or returns the wrong type."""
+    kernel with the argument types it is given, or returns the wrong type (also an
+    :class:`AttentionError` and a ``TypeError``). Raised before any kernel runs.
+
+    Examples
+    --------
+    >>> import numpy as np, numba_attn
+    >>> q = np.zeros((1, 2, 4, 8), np.float32)
+    >>> def two_args(score, b):
+    ...     return score
+    >>> try:
+    ...     numba_attn.attention(q, q, q, score_mod=two_args)
+    ... except numba_attn.ModError as e:
+    ...     print(str(e).split(" (")[0].split(":")[0], isinstance(e, TypeError))
+    score_mod True
+    """
 
 
 _WRAPPED = weakref.WeakKeyDictionary()  # plain Python function -> its njit dispatcher

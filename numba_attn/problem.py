@@ -20,7 +20,7 @@ from .interop import device_op
 
 __all__ = ["Problem", "CONTIGUOUS_BLOCK", "build_problem", "batched_rows", "varlen_rows",
            "batched_dims", "varlen_dims", "pack", "set_dropout", "config_for",
-           "BATCHED_LAYOUT", "VARLEN_LAYOUT"]
+           "BATCHED_LAYOUT", "VARLEN_LAYOUT", "Elementwise", "merge_operands"]
 
 CONTIGUOUS_BLOCK = 1 << 40  # "block size" of a contiguous store: one block per row
 
@@ -119,8 +119,10 @@ def batched_rows(bsz, sq, sk, kv_lens, q_lens, q_offset, device):
     return rows, kl, ql
 
 
-def varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q, max_seqlen_k, kv_lens):
-    """The rows table of packed rows, checked: (rows, cu_q, cu_k, max_q, max_k, kv_lens)."""
+def varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q, max_seqlen_k, kv_lens,
+                q_offset=None):
+    """The rows table of packed rows, checked: (rows, cu_q, cu_k, max_q, max_k, kv_lens).
+    ``q_offset`` (an int) aligns every row as :func:`batched_rows` does."""
     cq = va.check_cu("cu_seqlens_q", cu_seqlens_q, tq)
     ck = va.check_cu("cu_seqlens_k", cu_seqlens_k, tk)
     if len(cq) != len(ck):
@@ -135,7 +137,8 @@ def varlen_rows(cu_seqlens_q, cu_seqlens_k, tq, tk, max_seqlen_q, max_seqlen_k, 
     rows[:, 1] = lq
     rows[:, 2] = ck[:-1]
     rows[:, 3] = lk
-    rows[:, 4] = lk - lq
+    # chunked calls: in-row query i sits at key position i + q_offset, in every row
+    rows[:, 4] = lk - lq if q_offset is None else va.check_offset("q_offset", q_offset)
     kl = None
     if kv_lens is not None:
         kl = va.check_int_vector("kv_lens", kv_lens, bsz, 0, int(lk.max(initial=0)))
@@ -155,6 +158,28 @@ def pack(q, k, v, cdt, device):
         tokens = shape[0] * shape[1] if len(shape) == 4 else shape[0]  # (no np.prod: per call)
         res.append(va.host(name, x, cdt).reshape(tokens, shape[-2], shape[-1]))
     return tuple(res)
+
+
+def merge_operands(out_a, lse_a, out_b, lse_b, cdt, device):
+    """merge_states' arrays (checked by ``validate.check_merge``) as out (lead, S, H, Dv)
+    and lse (lead, H, S): host copies in the compute dtype, or device views (copies where
+    they must be; bfloat16 outputs as their bits)."""
+    if device != "cpu":
+        return device_op("merge_operands")(out_a, lse_a, out_b, lse_b, cdt)
+    s, h, dv = out_a.shape[-3:]
+    lead = int(np.prod(out_a.shape[:-3], dtype=np.int64))
+    return (va.host("out_a", out_a, cdt).reshape(lead, s, h, dv),
+            va.host("lse_a", lse_a, cdt).reshape(lead, h, s),
+            va.host("out_b", out_b, cdt).reshape(lead, s, h, dv),
+            va.host("lse_b", lse_b, cdt).reshape(lead, h, s))
+
+
+@dataclass(frozen=True)
+class Elementwise:
+    """What backend selection needs of an elementwise operation (``merge_states``): where
+    its data lives. It has no rows, so no :class:`Problem`."""
+
+    device: str = "cpu"
 
 
 # ---------------------------------------------------------------------------------------

@@ -189,11 +189,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                      max_seqlen_k=None, causal=False, window=(-1, -1), scale=None,
                      softcap=0.0, alibi_slopes=None, bias=None, mask=None, kv_lens=None,
                      sinks=None, return_lse=False, dropout_p=0.0, seed=None, score_mod=None,
-                     score_mod_args=(), mask_mod=None, mask_mod_args=()):
+                     score_mod_args=(), mask_mod=None, mask_mod_args=(), q_offset=None):
     """Reference of :func:`numba_attn.attention_varlen`; q (Tq, H, D), k/v (Tk, Hkv, D[v]).
 
     Row ``b`` owns queries ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and keys likewise; its
-    alignment offset is ``len_k - len_q``. bias/mask broadcast to
+    alignment offset is ``len_k - len_q``, or ``q_offset`` in every row when given. bias/mask broadcast to
     (batch, H, max_seqlen_q, max_seqlen_k) and are indexed by in-row positions.
     Returns out (Tq, H, Dv) and, with ``return_lse``, lse (H, Tq).
     """
@@ -214,7 +214,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
         mask_b = _batch_slice(mask, b, bsz)
         klen = lk if kv_lens is None else min(lk, int(kv_lens[b]))
         out[q0:q1], lse[:, q0:q1] = attention_rows(
-            q[q0:q1], k[k0:k1], v[k0:k1], off=lk - lq, klen=klen, scale=scale,
+            q[q0:q1], k[k0:k1], v[k0:k1], off=lk - lq if q_offset is None else int(q_offset),
+            klen=klen, scale=scale,
             causal=causal, window=tuple(window), softcap=float(softcap),
             slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else _crop(bias_b, h, lq, lk),
@@ -431,8 +432,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                               window=(-1, -1), scale=None, softcap=0.0, alibi_slopes=None,
                               bias=None, mask=None, kv_lens=None, sinks=None, dropout_p=0.0,
                               seed=None, score_mod=None, score_mod_args=(), mask_mod=None,
-                              mask_mod_args=(), score_mod_grad=None):
-    """Reference of :func:`numba_attn.attention_varlen_backward`; lse (H, Tq).
+                              mask_mod_args=(), score_mod_grad=None, q_offset=None):
+    """Reference of :func:`numba_attn.attention_varlen_backward`; lse (H, Tq); ``q_offset``
+    as :func:`attention_varlen`.
 
     Returns (dq, dk, dv, dbias, dsinks) as :func:`attention_backward`; dbias positions
     beyond a row's lengths get zero gradient.
@@ -462,8 +464,9 @@ def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
         klen = lk if kv_lens is None else min(lk, int(kv_lens[b]))
         r = attention_rows_backward(
             dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], lse[:, q0:q1],
-            off=lk - lq, klen=klen, scale=scale, causal=causal, window=tuple(window),
-            softcap=float(softcap), slopes=_slopes_row(alibi_slopes, b, h),
+            off=lk - lq if q_offset is None else int(q_offset), klen=klen, scale=scale,
+            causal=causal, window=tuple(window), softcap=float(softcap),
+            slopes=_slopes_row(alibi_slopes, b, h),
             bias=None if bias_b is None else _crop(bias_b, h, lq, lk),
             mask=None if mask_b is None else _crop(mask_b, h, lq, lk),
             sink=sinks, dropout=_dropout(dropout_p, seed, b, h, lq, lk), b=b,

@@ -205,7 +205,7 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
         from .cuda import rope as cuda_rope
 
         return cuda_rope.rotate(x, cos, sin, pos, interleaved, out)
-    from .cpu import cache_ops
+    from .cpu import rope as cpu_rope
 
     cdt = x.dtype
     cos_h, sin_h = (to_numpy(n, t) if dp.array_device(t) == "cpu" else dp.host(n, t)
@@ -221,8 +221,8 @@ def rotate(x, cos, sin, pos, interleaved, out=None):
         out = np.empty_like(x)
     if x.shape[0]:
         with parallel_guard(), serial_if(x.size < SERIAL_BELOW):
-            cache_ops.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
-                             bool(interleaved))
+            cpu_rope.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
+                            bool(interleaved))
     return out
 
 

@@ -163,7 +163,14 @@ def strided_operand(name, x, full_shape, dtype, device="cpu"):
     (cast or made contiguous there when needed).
     """
     if device == "cuda" and array_device(x) == "cuda":
-        got = device_op("strided_operand")(name, x, full_shape, dtype)
+        dt = as_np_dtype(x.dtype)
+        if np.dtype(dtype) == np.bool_:
+            if dt.kind != "b":
+                raise TypeError(f"{name}: expected {MASK_WHAT}, got dtype {dt}")
+        elif dt.kind not in "fiu" and not _is_bfloat16(dt):
+            raise TypeError(f"{name}: expected {BIAS_WHAT}, got dtype {dt}")
+        got = device_op("strided_operand")(name, x, broadcast_4d(name, x.shape, full_shape),
+                                           dtype)
         if got is not None:
             return got
     if dtype == np.bool_:
@@ -228,6 +235,38 @@ def check_offset(name, x):
 
 
 MAX_OFFSET = 1 << 40
+
+
+def check_merge(out_a, lse_a, out_b, lse_b):
+    """The four arrays of ``merge_states``: (dtype of out_a, device, lse shape (..., H, S)).
+
+    out_a / out_b (..., S, H, Dv) of one shape, lse_a / lse_b (..., H, S); device arrays all
+    on the device, out_b there of out_a's dtype (host arrays are cast to the compute dtype).
+    """
+    for name, x in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+    if out_a.ndim < 3:
+        raise AttentionError(f"out_a: expected (..., seqlen, num_heads, head_dim_v), got "
+                             f"shape {out_a.shape}")
+    dt = check_float("out_a", out_a)
+    if out_b.shape != out_a.shape:
+        raise AttentionError(f"out_b: shape {out_b.shape} differs from out_a's {out_a.shape}")
+    oshape = tuple(out_a.shape)  # (the CUDA simulator's shape refuses negative indices)
+    want = oshape[:-3] + (oshape[-2], oshape[-3])
+    for name, x in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if tuple(x.shape) != want:
+            raise AttentionError(f"{name}: expected shape (..., num_heads, seqlen) = {want}, "
+                                 f"got {tuple(x.shape)}")
+    device = array_device(out_a)
+    if device != "cpu":
+        for name, x in (("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
+            if array_device(x) != device:
+                raise AttentionError(f"{name}: a host array while out_a is on the device; "
+                                     "pass all four arrays on the same device")
+        if as_np_dtype(out_b.dtype) != dt:
+            raise TypeError(f"out_b: dtype {out_b.dtype} differs from out_a's {dt}")
+    return dt, device, want
 
 
 def check_cu(name, cu, total):
@@ -302,13 +341,22 @@ def check_like(named, shapes, device):
                                  f"{device}; pass all arrays on the same device")
 
 
-def check_out(out, shape, dtype):
-    """Validate a user ``out=`` array (host or device); returns the array to write (a numpy
-    view of a torch CPU tensor), or None."""
+def check_out(out, shape, dtype, device=None):
+    """Validate a user ``out=`` array (host or device; on ``device``, the inputs' device,
+    when given); returns the array to write (a numpy view of a torch CPU tensor), or None."""
     if out is None:
         return None
     if array_device(out) != "cpu":
-        return device_op("check_out")(out, shape, dtype)
+        if tuple(out.shape) != tuple(shape):
+            raise AttentionError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+        if as_np_dtype(out.dtype) != np.dtype(dtype):
+            raise TypeError(f"out: expected dtype {np.dtype(dtype)} (the dtype of q), got "
+                            f"{as_np_dtype(out.dtype)}")
+        if device is not None and device != array_device(out):
+            raise AttentionError("out: a device array while q, k, v are host arrays; pass all "
+                                 "arrays on the same device")
+        device_op("as_device")("out", out)  # a usable device array (or TypeError naming out)
+        return out
     if is_torch(out):
         out = to_numpy("out", out)  # a view: writing it writes the tensor
     if not isinstance(out, np.ndarray):

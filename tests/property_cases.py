@@ -242,7 +242,9 @@ def varlen_config(draw, *, backward=False):
     base["lens_q"] = [draw(_length()) for _ in range(n)]
     base["lens_k"] = [draw(_length()) for _ in range(n)]
     base["B"] = n
-    base["q_align"] = None  # varlen rows carry their own lengths
+    # varlen rows carry their own lengths; an explicit q_offset aligns every row alike
+    base["q_align"] = draw(st.sampled_from([None, None, "q_offset"]))
+    base["q_offset"] = draw(st.integers(-max(base["lens_q"]) - 2, max(base["lens_k"]) + 2))
     # varlen bias/mask take (batch|1, heads|1, max_q|1, max_k|1) forms
     base["bias"] = base["bias"] if base["bias"] and len(base["bias"]) == 4 else None
     base["mask"] = base["mask"] if base["mask"] and len(base["mask"]) == 4 else None
@@ -262,6 +264,8 @@ def build_varlen(cfg):
     mq, mk = max(lq), max(lk)
     kw = _options(cfg, rng, dt, b, h, mq, mk,
                   lambda: np.array([rng.integers(0, x + 1) for x in lk], np.int32))
+    if cfg.get("q_align") == "q_offset":
+        kw["q_offset"] = cfg["q_offset"]
     return q, k, v, cu_q, cu_k, kw, rng
 
 
@@ -650,7 +654,12 @@ def spawn(operation, *args, timeout=900):
     import subprocess
 
     cmd = [sys.executable, os.path.abspath(__file__), operation, *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # the child imports the numba_attn this process imported (a worktree's, not whichever
+    # one is installed: the script's own folder, tests/, comes first on its path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(na.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return r.returncode, r.stdout + r.stderr
 
 

@@ -132,7 +132,7 @@ def _readonly(x):
 
 def test_read_only_inputs_compile_no_second_variant(rng):
     """Read-only q/k/v, tables, weights and caches' inputs: no new kernel signature."""
-    from numba_attn.cpu import cache_ops, linear, norm
+    from numba_attn.cpu import cache_ops, linear, norm, rope
     from numba_attn.cpu import decode as dk
 
     q, k, v = _qkv(rng)
@@ -156,7 +156,7 @@ def test_read_only_inputs_compile_no_second_variant(rng):
         layer.load_state_dict({n: f(a) for n, a in layer.state_dict().items()})
         layer(f(x1))
 
-    kernels = (fk.flash_forward, dk.flash_decode, cache_ops.rotary, cache_ops.append_rows,
+    kernels = (fk.flash_forward, dk.flash_decode, rope.rotary, cache_ops.append_rows,
                norm.rms_norm_rows, norm.rms_norm_rows_serial, linear.gemv)
     calls(False)
     before = [len(kern.signatures) for kern in kernels]

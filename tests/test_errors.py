@@ -130,3 +130,20 @@ def test_empty_batch_and_queries_are_fine():
     qz, kz, vz = qkv(sq=0)
     out, lse = na.attention(qz, kz, vz, return_lse=True)
     assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
+
+
+def test_mod_error_is_exported_and_raised_before_anything_runs():
+    """ModError (a bad score_mod / mask_mod) is public: numba_attn.ModError, in __all__,
+    catchable as AttentionError and TypeError."""
+    from numba_attn.mods import ModError
+
+    assert na.ModError is ModError and "ModError" in na.__all__
+    assert issubclass(na.ModError, AttentionError) and issubclass(na.ModError, TypeError)
+
+    def two_args(score, b):
+        return score
+
+    out = np.full_like(q, 7.0)
+    with pytest.raises(na.ModError, match=r"score_mod: .*two_args.* cannot take 5 positional"):
+        na.attention(q, k, v, score_mod=two_args, out=out)
+    assert (out == 7.0).all()

@@ -91,3 +91,24 @@ def test_no_import_cycle():
 def test_the_checker_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_old_homes_of_the_layers_still_import():
+    """layers.py became the numba_attn.layers package (issue 18); mla.py, projections.py and
+    training.py moved into it and stay importable as thin re-exports of one object each."""
+    from numba_attn import layers, mla, projections, training
+    from numba_attn.layers import mha, mha_train, mla as layers_mla, mla_train
+    from numba_attn.layers import projections as layers_projections
+
+    assert mla.MultiHeadLatentAttention is layers_mla.MultiHeadLatentAttention
+    assert mla.MLACache is layers_mla.MLACache is numba_attn.MLACache
+    assert projections.linear is layers_projections.linear is layers.linear is mha.linear
+    assert training.linear_backward is layers_projections.linear_backward
+    assert training.mha_backward is mha_train.mha_backward
+    assert training.mla_forward_train is mla_train.mla_forward_train
+    assert layers.MultiHeadAttention is numba_attn.MultiHeadAttention
+    for name in ("ParameterMixin", "RotaryTable", "hf_dict", "hf_get", "hf_rope",
+                 "to_device_if", "require_cuda", "to_host", "check_hidden", "check_lora",
+                 "check_positions", "widen", "GEMV_MAX_TOKENS", "_LORA_TARGETS", "_weight",
+                 "_as_mapping", "_HF_LLAMA_LIKE", "_HF_OTHER"):
+        assert getattr(layers, name) is not None, name

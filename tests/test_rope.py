@@ -126,3 +126,33 @@ def test_rotary_errors(call, exc, word):
     cos, sin = numba_attn.rotary_cos_sin(8, 8)
     with pytest.raises(exc, match=word):
         call(x, cos, sin)
+
+
+def test_rotary_keyword_names_follow_one_rule():
+    """Where rotary is the function's subject (apply_rotary, its backward, rotary_cos_sin)
+    its tables and flag are plain ``cos`` / ``sin`` / ``interleaved``; where it is one
+    option among many (attention_with_kvcache, the layers) they are ``rotary_cos`` /
+    ``rotary_sin`` / ``rotary_interleaved``. compat keeps FlashAttention's own names."""
+    import inspect
+
+    import numba_attn
+    from numba_attn import compat
+
+    plain, prefixed = {"cos", "sin", "interleaved"}, {"rotary_cos", "rotary_sin",
+                                                       "rotary_interleaved"}
+    seen = set()
+    for name in numba_attn.__all__:
+        obj = getattr(numba_attn, name)
+        if not callable(obj) or (isinstance(obj, type) and issubclass(obj, Exception)):
+            continue
+        params = set(inspect.signature(obj).parameters)
+        if "rotary" in name:
+            assert not params & prefixed, (name, params & prefixed)
+        else:
+            assert not params & plain, (name, params & plain)
+        seen |= params & (plain | prefixed)
+    assert seen == plain | prefixed  # both forms are in use, each where the rule puts it
+    fa = inspect.signature(compat.flash_attn_with_kvcache).parameters
+    assert {"rotary_cos", "rotary_sin", "rotary_interleaved"} <= set(fa)
+    for cls in (numba_attn.MultiHeadAttention, numba_attn.MultiHeadLatentAttention):
+        assert "rotary_interleaved" in inspect.signature(cls).parameters

@@ -165,3 +165,34 @@ def test_mla_backward_matches_finite_differences(rng, q_lora_rank, bias):
     assert set(grads) == {n for n, _ in mla.named_parameters()}
     for key, g in grads.items():
         _assert_fd(g, loss, getattr(mla, MLA_ATTR[key]), key)
+
+
+@pytest.mark.parametrize("make", [
+    lambda b: na.MultiHeadAttention(16, 4, 2, rope_theta=1e4, seed=0, **b),
+    lambda b: na.MultiHeadLatentAttention(16, 2, kv_lora_rank=8, qk_nope_head_dim=4,
+                                          qk_rope_head_dim=2, v_head_dim=4, seed=0, **b),
+], ids=["mha", "mla"])
+def test_train_forward_runs_on_the_layers_backend(monkeypatch, make):
+    """forward(train=True) and backward use the backend the inference forward would:
+    the call's, else the layer's ("auto" by default), never a forced "cpu"."""
+    import numba_attn.backward as bwd
+    import numba_attn.functional as fn
+
+    seen = []
+
+    def spy(real):
+        def call(*a, **kw):
+            seen.append(kw.get("backend"))
+            return real(*a, **kw)
+        return call
+
+    monkeypatch.setattr(fn, "attention", spy(fn.attention))
+    monkeypatch.setattr(bwd, "attention_backward", spy(bwd.attention_backward))
+    x = np.random.default_rng(0).standard_normal((1, 3, 16))
+    for ctor, call, want in (({}, None, "auto"), ({"backend": "reference"}, None, "reference"),
+                             ({"backend": "reference"}, "cpu", "cpu")):
+        layer = make(dict(ctor, dtype=np.float64))
+        seen.clear()
+        y = layer.forward(x, train=True, backend=call)
+        layer.backward(np.ones_like(y))
+        assert seen == [want, want], (ctor, call, seen)

@@ -91,6 +91,38 @@ def test_merge_states_with_empty_parts_is_identity(rng):
     assert np.all(np.isneginf(got_lse))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_merge_states_goes_through_the_backend(rng, monkeypatch, dtype):
+    """validate -> backend -> kernel, as every operation: "auto" picks the cpu backend for
+    host arrays, "reference" runs the oracle, a backend that cannot serve says why."""
+    from numba_attn import dispatch
+    from numba_attn.config import BackendUnavailable
+
+    oa, ob = (rng.standard_normal((2, 5, 3, 8)).astype(dtype) for _ in range(2))
+    la, lb = (rng.standard_normal((2, 3, 5)).astype(dtype) for _ in range(2))
+    la[0, 1, 2] = -np.inf
+    cpu = dispatch.get_backend("cpu")
+    calls = []
+    real = type(cpu).merge
+    monkeypatch.setattr(type(cpu), "merge", lambda self, *a: calls.append(a) or real(self, *a))
+    got, got_lse = na.merge_states(oa, la, ob, lb)
+    assert len(calls) == 1 and calls[0][0].shape == (2, 5, 3, 8)  # (lead, S, H, Dv)
+    expected, expected_lse = ref.merge_states(oa, la, ob, lb)
+    assert got.dtype == dtype and got_lse.dtype == dtype
+    assert_close(got, expected, dtype)
+    assert_close(got_lse, expected_lse, dtype, "lse")
+    r, r_lse = na.merge_states(oa, la, ob, lb, backend="reference")
+    assert len(calls) == 1 and r.dtype == dtype and r_lse.dtype == dtype
+    assert_close(r, expected, dtype)
+    assert_close(r_lse, expected_lse, dtype, "lse")
+    if dispatch.available_backends()["cuda"] is None:  # a GPU or the simulator
+        with pytest.raises(BackendUnavailable, match="merges device arrays"):
+            na.merge_states(oa, la, ob, lb, backend="cuda")
+    else:
+        with pytest.raises(BackendUnavailable, match="backend 'cuda' cannot serve"):
+            na.merge_states(oa, la, ob, lb, backend="cuda")
+
+
 @st.composite
 def problems(draw):
     h_kv = draw(st.sampled_from([1, 2, 3]))

@@ -36,8 +36,7 @@ from .._modcache import ModKernel
 from .. import planning
 from .._jit import inline, jit
 from .atomics import fetch_add
-from .forward import strip_block_kind
-from .microkernels import pv6, pv8, qk6, qk8
+from .forward import pv_mr, qk_mr, strip_block_kind
 from .simd import block_rows, lanes, vexp, vload, vmul, vsplat, vstore, vsub, vtanh
 
 key_range = inline(masking.key_range)
@@ -538,12 +537,8 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                         continue  # every block the strip meets is empty: as the forward
                     nep = (ne + mr - 1) // mr * mr
                     for u in range(0, nep, mr):
-                        if mr == 8:
-                            qk8(k, kb, u, qt, nrp, s0, d, st)
-                            qk8(v, vb, u, ot, nrp, s0, dv, dpt)
-                        else:
-                            qk6(k, kb, u, qt, nrp, s0, d, st)
-                            qk6(v, vb, u, ot, nrp, s0, dv, dpt)
+                        qk_mr(k, kb, u, qt, nrp, s0, d, st)
+                        qk_mr(v, vb, u, ot, nrp, s0, dv, dpt)
                     if smod is not None:
                         tile_mods(st, gm, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b,
                                   rows[b, 1], klen, smod, sgrad, sargs)
@@ -576,10 +571,7 @@ def tiled_dq(q, k, v, dout, lse, delta, dq, rows, items, scale, causal, wl, wr, 
                                 ds = vmul(ds, vload(gm, x))
                             vstore(st, x, vmul(ds, scv))
                     for c0 in range(0, dpad, mr):
-                        if mr == 8:
-                            pv8(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
-                        else:
-                            pv6(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
+                        pv_mr(k, kb, ne, st, dqt, nrp, s0, c0, d, onev, onev)
             for r in range(nr):
                 t = q_start + qi[r]
                 for c in range(d):
@@ -688,12 +680,8 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                                                                     i1, sj0, sj1):
                             continue
                         for u in range(0, nip, mr):
-                            if mr == 8:
-                                qk8(q, qb, u, kt, nrp, s0, d, st)
-                                qk8(dout, ob, u, vt, nrp, s0, dv, dpt)
-                            else:
-                                qk6(q, qb, u, kt, nrp, s0, d, st)
-                                qk6(dout, ob, u, vt, nrp, s0, dv, dpt)
+                            qk_mr(q, qb, u, kt, nrp, s0, d, st)
+                            qk_mr(dout, ob, u, vt, nrp, s0, dv, dpt)
                         if smod is not None:
                             tile_mods(st, gm, ni, nrs, lj[s0:], lj, i0, h, False, b, lq,
                                       kj0 + nk, smod, sgrad, sargs)
@@ -727,15 +715,9 @@ def tiled_dkdv(q, k, v, dout, lse, delta, dk, dv_out, rows, kitems, scale, causa
                                     ds = vmul(ds, vload(gm, x))
                                 vstore(st, x, vmul(ds, scv))
                         for c0 in range(0, dvpad, mr):
-                            if mr == 8:
-                                pv8(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
-                            else:
-                                pv6(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
+                            pv_mr(dout, ob, ni, pb, dvt, nrp, s0, c0, dv, onev, onev)
                         for c0 in range(0, dpad, mr):
-                            if mr == 8:
-                                pv8(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
-                            else:
-                                pv6(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
+                            pv_mr(q, qb, ni, st, dkt, nrp, s0, c0, d, onev, onev)
             for r in range(nk):
                 row = r_first + r
                 for c in range(d):
@@ -840,10 +822,7 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                         continue  # every block the strip meets is empty: as the forward
                     nep = (ne + mr - 1) // mr * mr
                     for u in range(0, nep, mr):
-                        if mr == 8:
-                            qk8(k, kb, u, qt, nrp, s0, d, st)
-                        else:
-                            qk6(k, kb, u, qt, nrp, s0, d, st)
+                        qk_mr(k, kb, u, qt, nrp, s0, d, st)
                     if smod is not None:
                         tile_mods(st, mb, ne, nrs, qi[s0:], hh[s0:], j0, 0, True, b,
                                   rows[b, 1], klen, smod, None, sargs)
@@ -865,10 +844,7 @@ def tiled_dropout_out(q, k, v, lse, out, rows, items, scale, causal, wl, wr, sof
                         vstore(st, x + w, vmul(vexp(vsub(vload(st, x + w), l1)), vload(mb, x + w)))
                     onev = vsplat(one)
                     for c0 in range(0, dvpad, mr):
-                        if mr == 8:
-                            pv8(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
-                        else:
-                            pv6(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
+                        pv_mr(v, vb, ne, st, ot, nrp, s0, c0, dv, onev, onev)
             for r in range(nr):
                 t = q_start + qi[r]
                 for c in range(dv):

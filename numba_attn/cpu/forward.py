@@ -46,6 +46,7 @@ from .simd import (
     vsub,
     vtanh,
 )
+from .simd import VECTOR_BYTES
 
 key_range = inline(masking.key_range)
 tile_needs_mask = inline(masking.tile_needs_mask)
@@ -248,25 +249,36 @@ def strip_softmax(st, ne, m, l, s0):
     return a0, a1
 
 
-@inline
-def strip_scores(k, kb, nep, qt, ldq, s0, d, st, mr):
-    """Scores of keys [0, nep) (nep a multiple of mr) of a tile against a strip: 12-key
-    micro-kernels for the bulk on 32-register targets (mr = 8), then 8 / 4; mr = 6 else."""
+# The micro-kernels of this target, picked once at import (MR = 8 keys / channels with 32
+# vector registers, AVX-512; 6 with 16): a kernel names only its target's family, so a cold
+# compile types and optimises one family instead of both behind a branch on ``mr``
+WIDE = VECTOR_BYTES == 64
+qk_mr = qk8 if WIDE else qk6
+pv_mr = pv8 if WIDE else pv6
+
+
+def _strip_scores_wide(k, kb, nep, qt, ldq, s0, d, st, mr):
     u = 0
-    if mr == 8:
-        while u + 12 <= nep:
-            qk12(k, kb, u, qt, ldq, s0, d, st)
-            u += 12
-        while u + 8 <= nep:
-            qk8(k, kb, u, qt, ldq, s0, d, st)
-            u += 8
-        while u < nep:
-            qk4(k, kb, u, qt, ldq, s0, d, st)
-            u += 4
-    else:
-        while u < nep:
-            qk6(k, kb, u, qt, ldq, s0, d, st)
-            u += 6
+    while u + 12 <= nep:
+        qk12(k, kb, u, qt, ldq, s0, d, st)
+        u += 12
+    while u + 8 <= nep:
+        qk8(k, kb, u, qt, ldq, s0, d, st)
+        u += 8
+    while u < nep:
+        qk4(k, kb, u, qt, ldq, s0, d, st)
+        u += 4
+
+
+def _strip_scores_narrow(k, kb, nep, qt, ldq, s0, d, st, mr):
+    for u in range(0, nep, 6):
+        qk6(k, kb, u, qt, ldq, s0, d, st)
+
+
+strip_scores = inline(_strip_scores_wide if WIDE else _strip_scores_narrow)
+strip_scores.__doc__ = """Scores of keys [0, nep) (nep a multiple of mr) of a tile against a
+strip: 12-key micro-kernels for the bulk on 32-register targets (mr = 8), then 8 / 4; 6-key
+ones else."""
 
 
 @inline
@@ -274,10 +286,7 @@ def strip_values(v, vb, ne, st, ot, ldo, s0, dvp, dv, a0, a1, mr):
     """O^T channels [0, dvp) of a strip = alpha * O^T + V^T P over its ``ne`` keys, in
     blocks of mr channels (channels past ``dv`` of v read channel dv - 1 into padding)."""
     for c0 in range(0, dvp, mr):
-        if mr == 8:
-            pv8(v, vb, ne, st, ot, ldo, s0, c0, dv, a0, a1)
-        else:
-            pv6(v, vb, ne, st, ot, ldo, s0, c0, dv, a0, a1)
+        pv_mr(v, vb, ne, st, ot, ldo, s0, c0, dv, a0, a1)
 
 
 @inline

@@ -172,3 +172,13 @@ def forward(p):
         if nsplit > 1:
             fk.merge_splits(part_out, part_lse, out, lse)
     return out, lse
+
+
+def merge_states(out_a, lse_a, out_b, lse_b):
+    """``merge_states`` over host arrays out (lead, S, H, Dv), lse (lead, H, S) in the
+    compute dtype: (out, lse), new arrays."""
+    o = np.empty_like(out_a)
+    lse = np.empty_like(lse_a)
+    with parallel_guard():
+        fk.merge_states(out_a, lse_a, out_b, lse_b, o, lse)
+    return o, lse

@@ -81,12 +81,16 @@ class CUDABackend(_be.Backend):
 
     name = "cuda"
     device = "cuda"
-    operations = frozenset({"forward", "backward"})
+    operations = frozenset({"forward", "backward", "merge"})
 
     def unavailable_reason(self):
         return _probe()
 
     def not_supported_reasons(self, problem, op="forward") -> list:
+        if op == "merge":  # elementwise, on the arrays' own device
+            return ([] if problem.device == "cuda" else
+                    ["merge_states: the cuda backend merges device arrays (host arrays: "
+                     "backend 'cpu')"])
         reasons = []
         if problem.device not in ("cpu", "cuda"):
             reasons.append(f"data lives on {problem.device!r}; the cuda backend reads host "
@@ -124,7 +128,7 @@ class CUDABackend(_be.Backend):
 
     def run(self, problem):
         if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
-            from .backward import forward_dropout
+            from .launch import forward_dropout
 
             return forward_dropout(problem, *problem.extra["dropout"])
         from .launch import forward
@@ -132,9 +136,14 @@ class CUDABackend(_be.Backend):
         return forward(problem)
 
     def backward(self, problem, dout, out, lse, dropout_p, seed, bias_shape):
-        from .backward import backward
+        from .launch import backward
 
         return backward(problem, dout, out, lse, dropout_p, seed, bias_shape)
+
+    def merge(self, out_a, lse_a, out_b, lse_b):
+        from .launch import merge_states
+
+        return merge_states(out_a, lse_a, out_b, lse_b)
 
 
 _be.register_backend(CUDABackend())

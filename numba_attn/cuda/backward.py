@@ -21,7 +21,6 @@ from numba import cuda
 
 from .. import dropout as dr
 from .. import masking
-from .. import planning
 
 key_range = cuda.jit(device=True, inline=True)(masking.key_range)
 query_range = cuda.jit(device=True, inline=True)(masking.make_query_range(key_range))
@@ -274,100 +273,3 @@ def dropout_forward_kernel(q, k, v, out, lse, rows, tb, scale, causal, wl, wr, s
     for c in range(dvn):
         out[t, h, c] *= inv
     lse[t, h] = m + math.log(l)
-
-
-# ---------------------------------------------------------------------------------------
-# launch
-# ---------------------------------------------------------------------------------------
-def _grid(n, threads=64):
-    return max(1, -(-int(n) // threads)), threads
-
-
-def _dev(x):
-    from .launch import to_device
-
-    return to_device(x)
-
-
-def _common(p):
-    args = list(planning.options(p))
-    for n in (5, 7, 8, 10, 11):  # slopes, bias, bias strides, mask, mask strides
-        args[n] = _dev(args[n])
-    return tuple(args)
-
-
-def _drop(p, drop_p, seed):
-    return planning.dropout_args(p, drop_p, seed)
-
-
-def _host(x):
-    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
-
-
-def forward_dropout(p, drop_p, seed):
-    """Forward with dropout of a contiguous Problem; device arrays for a device problem,
-    host arrays (copied back) otherwise."""
-    cfg = p.config
-    dt = np.dtype(p.compute_dtype)
-    tq = p.q.shape[0]
-    out = cuda.device_array((tq, cfg.num_heads, cfg.head_dim_v), dt)
-    lse = cuda.device_array((tq, cfg.num_heads), dt)
-    if tq:
-        q, k, v = (_dev(_host(x).astype(dt)) if p.device != "cuda" or np.dtype(x.dtype) != dt
-                   else _dev(x) for x in (p.q, p.k, p.v))
-        sinks = _dev(p.sinks if p.sinks is not None else np.zeros(1, dt))
-        dropout_forward_kernel[_grid(tq * cfg.num_heads)](
-            q, k, v, out, lse, _dev(p.rows), _dev(planning.token_rows(p.rows, tq, 0, 1)),
-            *_common(p), sinks, p.sinks is not None, *_drop(p, drop_p, seed))
-    if p.device == "cuda":
-        if np.dtype(p.out_dtype) != dt:
-            return _dev(out.copy_to_host().astype(p.out_dtype)), lse
-        return out, lse
-    buf = p.extra.get("out_buffer")
-    if buf is not None:
-        out.copy_to_host(buf)
-        return buf, lse.copy_to_host()
-    return out.copy_to_host(), lse.copy_to_host()
-
-
-def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
-    """The CUDA twin of cpu.backward.backward (host arrays in and out)."""
-    dt = np.dtype(p.compute_dtype)
-    q, k, v = (_dev(_host(x).astype(dt)) for x in (p.q, p.k, p.v))
-    tq, n_heads = q.shape[0], q.shape[1]
-    dq = cuda.device_array(q.shape, dt)
-    dk = cuda.device_array(k.shape, dt)
-    dv = cuda.device_array(v.shape, dt)
-    dout_d, out_d, lse_d = (_dev(np.ascontiguousarray(x, dtype=dt)) for x in (dout, out, lse))
-    delta = cuda.device_array((tq, n_heads), dt)
-    common = _common(p)
-    drop = (drop_p > 0.0,) + _drop(p, drop_p, seed)
-    rows = _dev(p.rows)
-    if tq:
-        delta_kernel[_grid(tq * n_heads)](dout_d, out_d, delta)
-        dq_kernel[_grid(tq * n_heads)](q, k, v, dout_d, lse_d, delta, dq, rows,
-                                       _dev(planning.token_rows(p.rows, tq, 0, 1)), *common,
-                                       *drop)
-    if k.shape[0]:
-        dkdv_kernel[_grid(k.shape[0] * k.shape[1])](
-            q, k, v, dout_d, lse_d, delta, dk, dv, rows,
-            _dev(planning.token_rows(p.rows, k.shape[0], 2, 3)), *common, *drop)
-    dbias = None
-    if bias_shape is not None:
-        n_rows = int(np.prod(bias_shape[:3]))
-        dbias_d = cuda.device_array(int(np.prod(bias_shape)), dt)
-        if tq and k.shape[0]:
-            dbias_kernel[_grid(n_rows)](q, k, v, dout_d, lse_d, delta, dbias_d,
-                                        _dev(np.asarray(bias_shape, np.int64)), rows, *common,
-                                        *drop)
-            dbias = dbias_d.copy_to_host().reshape(bias_shape)
-        else:
-            dbias = np.zeros(bias_shape, dt)
-    dsinks = None
-    if p.sinks is not None:
-        lse_h, delta_h = np.asarray(lse, dtype=dt), delta.copy_to_host() if tq else \
-            np.zeros((0, n_heads), dt)
-        fin = np.isfinite(lse_h)
-        wgt = np.where(fin, np.exp(np.where(fin, p.sinks[None, :] - lse_h, 0.0)), 0.0)
-        dsinks = -(wgt * delta_h).sum(axis=0).astype(dt)
-    return dq.copy_to_host(), dk.copy_to_host(), dv.copy_to_host(), dbias, dsinks

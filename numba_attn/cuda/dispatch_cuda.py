@@ -17,10 +17,10 @@ from .. import validate as dp
 from ..config import AttentionError
 from . import bf16 as bfm
 from . import forward as fk
-from .launch import STORAGE_DTYPES, elementwise_grid
+from .launch import elementwise_grid
 
-__all__ = ["as_device", "like", "pack", "check_out", "run_into", "lse_bhs", "lse_transpose",
-           "merge_states", "strided_operand", "to_device_like"]
+__all__ = ["as_device", "like", "pack", "run_into", "lse_bhs", "lse_transpose",
+           "merge_operands", "merge_result", "strided_operand", "to_device_like"]
 
 
 def as_device(name, x):
@@ -77,12 +77,9 @@ def pack(q, k, v, cdt):
     float16/32/64 and bfloat16 keep their storage dtype (the kernels accumulate in
     ``cdt``; bfloat16 is copied, when it must be, through its uint16 bits).
     """
-    res = []
+    res = []  # dtypes checked by validate.check_qkv (float16/32/64, bfloat16)
     for name, x in (("q", q), ("k", k), ("v", v)):
         dt = dp.as_np_dtype(x.dtype)
-        if dt not in STORAGE_DTYPES and not bfm.is_bf16(dt):
-            raise TypeError(f"{name}: {dt} device arrays are not supported by the cuda kernels "
-                            "(float16, bfloat16, float32, float64); cast on the device first")
         a = as_device(name, x)
         shape = (int(np.prod(a.shape[:-2], dtype=np.int64)),) + tuple(a.shape[-2:])
         if bfm.is_bf16(dt):
@@ -92,22 +89,17 @@ def pack(q, k, v, cdt):
     return tuple(res)
 
 
-def strided_operand(name, x, full_shape, dtype):
-    """A device bias/mask checked from its shape and dtype alone (no copy to the host).
+def strided_operand(name, x, shape4, dtype):
+    """A device bias/mask (dtype and ``shape4``, its 4-D broadcast shape, checked by
+    ``validate.strided_operand``) read in place: no copy to the host.
 
     Returns (flat C-contiguous device array of ``dtype``, int64 element strides with 0 on
-    broadcast axes), as :func:`numba_attn.dispatch.strided_operand`; the same errors.
-    A C-contiguous array of ``dtype`` is used in place; another dtype or layout is cast /
-    copied on the device. None (the host path decides) for what this cannot copy on the
-    device: bfloat16 bias, 1-D non-contiguous arrays.
+    broadcast axes), as :func:`numba_attn.validate.strided_operand`. A C-contiguous array
+    of ``dtype`` is used in place; another dtype or layout is cast / copied on the device.
+    None (the host path decides) for what this cannot copy on the device: bfloat16 bias,
+    1-D non-contiguous arrays.
     """
     dt = dp.as_np_dtype(x.dtype)
-    if np.dtype(dtype) == np.bool_:
-        if dt.kind != "b":
-            raise TypeError(f"{name}: expected {dp.MASK_WHAT}, got dtype {dt}")
-    elif dt.kind not in "fiu" and not bfm.is_bf16(dt):
-        raise TypeError(f"{name}: expected {dp.BIAS_WHAT}, got dtype {dt}")
-    shape4 = dp.broadcast_4d(name, x.shape, full_shape)
     if bfm.is_bf16(dt):
         return None
     a = as_device(name, x)
@@ -124,27 +116,13 @@ def strided_operand(name, x, full_shape, dtype):
     return a.reshape(a.size), np.array(strides[::-1], dtype=np.int64)
 
 
-def check_out(out, shape, dtype):
-    """Validate a device ``out=`` array (shape and dtype as on the host); returns it."""
-    if tuple(out.shape) != tuple(shape):
-        raise AttentionError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
-    if dp.as_np_dtype(out.dtype) != np.dtype(dtype):
-        raise TypeError(f"out: expected dtype {np.dtype(dtype)} (the dtype of q), got "
-                        f"{dp.as_np_dtype(out.dtype)}")
-    as_device("out", out)
-    return out
-
-
 def run_into(p, backend, out, out_shape):
     """Run ``p`` and write the result into the device array ``out``; returns (out, lse).
 
     A C-contiguous ``out`` of the kernel's output dtype is written by the kernel itself;
     otherwise the result is copied (and cast) into it on the device.
     """
-    if p.device != "cuda":
-        raise AttentionError("out: a device array while q, k, v are host arrays; pass all "
-                             "arrays on the same device")
-    dev = as_device("out", out)
+    dev = as_device("out", out)  # on the problem's device: validate.check_out
     tq, h, dv = p.q.shape[0], p.config.num_heads, p.config.head_dim_v
     if dev.is_c_contiguous() and backend != "reference":
         p.extra["out_buffer"] = dev.reshape(tq, h, dv)
@@ -187,37 +165,24 @@ def lse_transpose(lse):
     return _swap(lse, 1, t, h).reshape(h, t)
 
 
-def merge_states(out_a, lse_a, out_b, lse_b):
-    """Device twin of :func:`numba_attn.merge_states` (shapes already checked there)."""
-    arrs = {}
-    for name, x in (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b)):
-        if dp.array_device(x) != "cuda":
-            raise AttentionError(f"{name}: a host array while out_a is on the device; pass "
-                                 "all four arrays on the same device")
-        arrs[name] = as_device(name, x)
+def merge_operands(out_a, lse_a, out_b, lse_b, cdt):
+    """Device twin of ``problem.merge_operands`` (checked by ``validate.check_merge``):
+    out (lead, S, H, Dv) (bfloat16 as its bits), lse (lead, H, S) in ``cdt``."""
+    arrs = {name: as_device(name, x) for name, x in
+            (("out_a", out_a), ("lse_a", lse_a), ("out_b", out_b), ("lse_b", lse_b))}
     dt = dp.as_np_dtype(arrs["out_a"].dtype)
-    bf16 = bfm.is_bf16(dt)
-    if dt not in STORAGE_DTYPES and not bf16:
-        raise TypeError(f"out_a: dtype {dt} is not supported on the device (float16, "
-                        "bfloat16, float32, float64)")
-    for name in ("out_b",):
-        if dp.as_np_dtype(arrs[name].dtype) != dt:
-            raise TypeError(f"{name}: dtype {arrs[name].dtype} differs from out_a's {dt}")
-    cdt = dp.compute_dtype(dt)
+    sdt = bfm.BITS if bfm.is_bf16(dt) else dt  # bfloat16 outputs travel as their bits
     shape_o = tuple(out_a.shape)
-    shape_l = tuple(lse_a.shape)
     s, h, dv = shape_o[-3:]
     lead = int(np.prod(shape_o[:-3], dtype=np.int64))
-    sdt = bfm.BITS if bf16 else dt  # bfloat16 outputs travel as their bits
-    oa = _contiguous(bfm.bits(arrs["out_a"]), sdt, (lead, s, h, dv))
-    ob = _contiguous(bfm.bits(arrs["out_b"]), sdt, (lead, s, h, dv))
-    la = _contiguous(arrs["lse_a"], cdt, (lead, h, s))
-    lb = _contiguous(arrs["lse_b"], cdt, (lead, h, s))
-    o = cuda.device_array((lead, s, h, dv), sdt)
-    lse = cuda.device_array((lead, h, s), cdt)
-    if o.size:
-        grid, threads = elementwise_grid(o.size)
-        kern = fk.merge_states_bf16 if bf16 else fk.merge_states
-        kern[grid, threads](oa, la, ob, lb, o, lse)
-    o = bfm.from_bits(o) if bf16 else o
-    return like(out_a, o.reshape(shape_o)), like(out_a, lse.reshape(shape_l))
+    return (_contiguous(bfm.bits(arrs["out_a"]), sdt, (lead, s, h, dv)),
+            _contiguous(arrs["lse_a"], cdt, (lead, h, s)),
+            _contiguous(bfm.bits(arrs["out_b"]), sdt, (lead, s, h, dv)),
+            _contiguous(arrs["lse_b"], cdt, (lead, h, s)))
+
+
+def merge_result(ref, out, lse, dtype, out_shape, lse_shape):
+    """Device twin of ``interop.merge_result``: out in ``dtype`` (bfloat16 from its bits)
+    and ``out_shape``, lse in ``lse_shape``, as ``ref``'s kind of array."""
+    out = bfm.from_bits(out) if bfm.is_bf16(dtype) else out
+    return like(ref, out.reshape(out_shape)), like(ref, lse.reshape(lse_shape))

@@ -1,4 +1,6 @@
-"""Launch helpers for the CUDA kernels: tile plan, split-KV choice, cached launch configs.
+"""Every launcher of the CUDA kernels: the forward (tile plan, split-KV choice, cached
+launch configs), the dropout forward and the backward (kernels in backward.py) and
+merge_states (twin of cpu/launch.py).
 
 A plan (kernel specialisation + tile sizes) is cached per shape class, so a repeated call
 of one pattern (e.g. decode: one query, a growing cache) only builds its small ``items``
@@ -13,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
+from .. import planning
 from ..config import AttentionError, BackendUnavailable
 from ..planning import make_items as _make_items
 from ..problem import CONTIGUOUS_BLOCK
 from ..masking import CAUSAL_CODES
+from . import backward as bwk
 from . import bf16 as bfm
 from . import forward as fk
 from . import quant as cq
@@ -363,3 +367,112 @@ def _launch(p, acc, out, lse, bf16=False):
         grid, threads = elementwise_grid(tq * h * dv)
         merge = fk.merge_splits_bf16 if bf16 else fk.merge_splits
         merge[grid, threads](part_out, part_lse, out, lse)
+
+
+def merge_states(out_a, lse_a, out_b, lse_b):
+    """``merge_states`` over device arrays out (lead, S, H, Dv) (bfloat16 as its bits),
+    lse (lead, H, S) in the compute dtype: (out, lse), new device arrays."""
+    o = cuda.device_array(out_a.shape, out_a.dtype)
+    lse = cuda.device_array(lse_a.shape, lse_a.dtype)
+    if o.size:
+        grid, threads = elementwise_grid(o.size)
+        bf16 = np.dtype(out_a.dtype) == np.dtype(bfm.BITS)
+        kern = fk.merge_states_bf16 if bf16 else fk.merge_states
+        kern[grid, threads](out_a, lse_a, out_b, lse_b, o, lse)
+    return o, lse
+
+
+# ---------------------------------------------------------------------------------------
+# the dropout forward and the backward (kernels in backward.py)
+# ---------------------------------------------------------------------------------------
+def _bgrid(n, threads=64):
+    """Grid of the backward's per-thread kernels."""
+    return max(1, -(-int(n) // threads)), threads
+
+
+def _dev(x):
+    return to_device(x)
+
+
+def _bwd_common(p):
+    args = list(planning.options(p))
+    for n in (5, 7, 8, 10, 11):  # slopes, bias, bias strides, mask, mask strides
+        args[n] = _dev(args[n])
+    return tuple(args)
+
+
+def _drop(p, drop_p, seed):
+    return planning.dropout_args(p, drop_p, seed)
+
+
+def _host(x):
+    return x.copy_to_host() if hasattr(x, "copy_to_host") else np.asarray(x)
+
+
+def forward_dropout(p, drop_p, seed):
+    """Forward with dropout of a contiguous Problem; device arrays for a device problem,
+    host arrays (copied back) otherwise."""
+    cfg = p.config
+    dt = np.dtype(p.compute_dtype)
+    tq = p.q.shape[0]
+    out = cuda.device_array((tq, cfg.num_heads, cfg.head_dim_v), dt)
+    lse = cuda.device_array((tq, cfg.num_heads), dt)
+    if tq:
+        q, k, v = (_dev(_host(x).astype(dt)) if p.device != "cuda" or np.dtype(x.dtype) != dt
+                   else _dev(x) for x in (p.q, p.k, p.v))
+        sinks = _dev(p.sinks if p.sinks is not None else np.zeros(1, dt))
+        bwk.dropout_forward_kernel[_bgrid(tq * cfg.num_heads)](
+            q, k, v, out, lse, _dev(p.rows), _dev(planning.token_rows(p.rows, tq, 0, 1)),
+            *_bwd_common(p), sinks, p.sinks is not None, *_drop(p, drop_p, seed))
+    if p.device == "cuda":
+        if np.dtype(p.out_dtype) != dt:
+            return _dev(out.copy_to_host().astype(p.out_dtype)), lse
+        return out, lse
+    buf = p.extra.get("out_buffer")
+    if buf is not None:
+        out.copy_to_host(buf)
+        return buf, lse.copy_to_host()
+    return out.copy_to_host(), lse.copy_to_host()
+
+
+def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
+    """The CUDA twin of cpu.backward.backward (host arrays in and out)."""
+    dt = np.dtype(p.compute_dtype)
+    q, k, v = (_dev(_host(x).astype(dt)) for x in (p.q, p.k, p.v))
+    tq, n_heads = q.shape[0], q.shape[1]
+    dq = cuda.device_array(q.shape, dt)
+    dk = cuda.device_array(k.shape, dt)
+    dv = cuda.device_array(v.shape, dt)
+    dout_d, out_d, lse_d = (_dev(np.ascontiguousarray(x, dtype=dt)) for x in (dout, out, lse))
+    delta = cuda.device_array((tq, n_heads), dt)
+    common = _bwd_common(p)
+    drop = (drop_p > 0.0,) + _drop(p, drop_p, seed)
+    rows = _dev(p.rows)
+    if tq:
+        bwk.delta_kernel[_bgrid(tq * n_heads)](dout_d, out_d, delta)
+        bwk.dq_kernel[_bgrid(tq * n_heads)](q, k, v, dout_d, lse_d, delta, dq, rows,
+                                       _dev(planning.token_rows(p.rows, tq, 0, 1)), *common,
+                                       *drop)
+    if k.shape[0]:
+        bwk.dkdv_kernel[_bgrid(k.shape[0] * k.shape[1])](
+            q, k, v, dout_d, lse_d, delta, dk, dv, rows,
+            _dev(planning.token_rows(p.rows, k.shape[0], 2, 3)), *common, *drop)
+    dbias = None
+    if bias_shape is not None:
+        n_rows = int(np.prod(bias_shape[:3]))
+        dbias_d = cuda.device_array(int(np.prod(bias_shape)), dt)
+        if tq and k.shape[0]:
+            bwk.dbias_kernel[_bgrid(n_rows)](q, k, v, dout_d, lse_d, delta, dbias_d,
+                                        _dev(np.asarray(bias_shape, np.int64)), rows, *common,
+                                        *drop)
+            dbias = dbias_d.copy_to_host().reshape(bias_shape)
+        else:
+            dbias = np.zeros(bias_shape, dt)
+    dsinks = None
+    if p.sinks is not None:
+        lse_h, delta_h = np.asarray(lse, dtype=dt), delta.copy_to_host() if tq else \
+            np.zeros((0, n_heads), dt)
+        fin = np.isfinite(lse_h)
+        wgt = np.where(fin, np.exp(np.where(fin, p.sinks[None, :] - lse_h, 0.0)), 0.0)
+        dsinks = -(wgt * delta_h).sum(axis=0).astype(dt)
+    return dq.copy_to_host(), dk.copy_to_host(), dv.copy_to_host(), dbias, dsinks

@@ -1,4 +1,4 @@
-"""Rotary embeddings on the GPU (twin of the rotary kernel in :mod:`numba_attn.cpu.cache_ops`).
+"""Rotary embeddings on the GPU (twin of :mod:`numba_attn.cpu.rope`).
 
 One thread per channel pair (or passed-through channel) of each token and head, so the
 kernel may run in place.

@@ -251,10 +251,11 @@ def test_device_bias_and_mask_stay_on_the_device(rng, tuned, no_host_copy_of):
 
 
 def test_device_bias_of_the_compute_dtype_is_not_copied(rng):
-    from numba_attn.cuda import dispatch_cuda
+    from numba_attn import validate
 
     dbias = cuda.to_device(rng.standard_normal((2, 1, 5)).astype(np.float32))
-    flat, strides = dispatch_cuda.strided_operand("bias", dbias, (3, 2, 4, 5), np.float32)
+    flat, strides = validate.strided_operand("bias", dbias, (3, 2, 4, 5), np.float32,
+                                             device="cuda")
     from numba import config
 
     def ptr(a):
@@ -295,3 +296,20 @@ def test_device_bias_mask_errors_match_the_host(rng, name, value, exc):
     with pytest.raises(exc) as on_gpu:
         numba_attn.attention(*map(cuda.to_device, (q, k, v)), **{name: cuda.to_device(value)})
     assert str(on_gpu.value) == str(on_cpu.value) and name in str(on_gpu.value)
+
+
+def test_device_out_with_host_inputs_is_refused_before_anything_runs(rng):
+    """validate.check_out: a device out= of host inputs (batched, packed, a host cache)."""
+    from numba_attn import KVCache
+
+    q = rng.standard_normal((1, 3, 2, 8)).astype(np.float32)
+    out = cuda.to_device(np.zeros_like(q))
+    with pytest.raises(AttentionError, match="out: a device array while q, k, v are host"):
+        numba_attn.attention(q, q, q, out=out)
+    cu = np.array([0, 3], np.int32)
+    with pytest.raises(AttentionError, match="out: a device array while q, k, v are host"):
+        numba_attn.attention_varlen(q[0], q[0], q[0], cu, cu, out=cuda.to_device(q[0] * 0))
+    cache = KVCache(1, 8, 2, 8)
+    with pytest.raises(AttentionError, match="out: a device array while q, k, v are host"):
+        numba_attn.attention_with_kvcache(q, cache, q, q, out=out)
+    assert not out.copy_to_host().any() and int(cache.seqlens[0]) == 0

@@ -4,7 +4,8 @@ Weights use Hugging Face's Linear layout ``(out_features, in_features)`` and nam
 (``q_proj.weight`` ...), so a layer loads straight from a model's safetensors file.
 Projections run through numpy's BLAS; attention runs through :func:`numba_attn.attention`
 or, with a cache, :func:`numba_attn.attention_with_kvcache`, on the CPU or CUDA backend.
-The multi-head latent attention of DeepSeek-V2/V3 lives in :mod:`numba_attn.mla`.
+The training forward and the backward are in mha_train.py; the multi-head latent
+attention of DeepSeek-V2/V3 is in mla.py.
 """
 from __future__ import annotations
 
@@ -14,328 +15,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike
 
-from . import dispatch as dp
-from .config import (AttentionConfig, AttentionError, BackendUnavailable, check_flag,
-                     check_int, check_real)
-from .interop import Array, like, to_numpy
+from ..config import AttentionConfig, AttentionError, check_flag, check_int, check_real
+from ..interop import Array, like, to_numpy
+from . import hf_config
+from .device import require_cuda, to_device_if, to_host
+from .params import ParameterMixin
+from .projections import check_hidden, check_lora, check_positions, linear
+from .rotary import RotaryTable
 
 __all__ = ["MultiHeadAttention"]
-
-# projections, LoRA and the input checks live in projections.py (training.py uses them
-# too); re-exported here for mla.py and earlier imports
-from .projections import (_LORA_TARGETS, GEMV_MAX_TOKENS, check_hidden,  # noqa: E402,F401
-                          check_lora, check_positions, linear, widen)
-
-
-class ParameterMixin:
-    """Hugging Face named parameters: subclasses define ``_param_specs()`` as a list of
-    ``(hf_name, attribute, shape)`` and ``_aliases`` mapping extra names onto them."""
-
-    _aliases: dict = {}
-
-    def _param_specs(self):
-        raise NotImplementedError
-
-    def named_parameters(self, prefix=""):
-        """``(name, array)`` pairs under Hugging Face names, e.g. ``q_proj.weight``.
-
-        The arrays are the layer's own (edits change the layer)."""
-        for name, attr, _ in self._param_specs():
-            yield prefix + name, getattr(self, attr)
-
-    def state_dict(self, prefix=""):
-        """A dict ``{prefix + hf_name: array copy}``; :meth:`load_state_dict` reads it back."""
-        return {name: np.array(a) for name, a in self.named_parameters(prefix)}
-
-    def _expand(self, name, value):
-        """One incoming entry -> list of (hf_name, array); merged entries are split here."""
-        return [(self._aliases.get(name, name), value)]
-
-    def load_state_dict(self, params, prefix=""):
-        """Load Hugging Face-named arrays, strictly.
-
-        Parameters
-        ----------
-        params : mapping of str to array
-            Keys outside ``prefix`` are ignored (so a whole model's state dict, or a
-            :class:`numba_attn.Checkpoint`, can be given with
-            ``prefix="model.layers.0.self_attn."``); only values under ``prefix`` are read.
-        prefix : str, default ""
-
-        Raises
-        ------
-        AttentionError (ValueError)
-            Listing every missing, unexpected, duplicated, mis-shaped and non-floating entry
-            at once; the layer is left unchanged when any entry is wrong.
-        """
-        specs = {name: (attr, shape) for name, attr, shape in self._param_specs()}
-        staged, unexpected, misshaped, duplicate, seen = {}, [], [], [], set()
-        misdtyped = []
-        params = _as_mapping(params)
-        for key in params:  # values read only under prefix (a lazy checkpoint stays lazy)
-            if not isinstance(key, str):
-                raise TypeError(f"params: keys must be str names like 'q_proj.weight', got "
-                                f"{key!r}")
-            if not key.startswith(prefix):
-                continue
-            value = params[key]
-            local = key[len(prefix):]
-            try:
-                parts = self._expand(local, value)
-            except AttentionError as e:
-                misshaped.append(f"{key}: {e}")
-                continue
-            for name, arr in parts:
-                if name not in specs:
-                    unexpected.append(key)
-                    continue
-                seen.add(name)
-                src = getattr(arr, "dtype", None)
-                if src is not None and not isinstance(arr, np.ndarray):
-                    src = dp.as_np_dtype(src)
-                if src is not None and np.dtype(src).kind != "f" and str(src) != "bfloat16":
-                    misdtyped.append(f"{prefix}{name}: expected a floating dtype, got {src}")
-                    continue
-                try:  # every conversion happens here, before the first assignment
-                    arr = _weight(f"{prefix}{name}", arr,
-                                  self._dtype_of(np.ndim(arr)))
-                except (TypeError, AttentionError) as e:
-                    misshaped.append(str(e))
-                    continue
-                want = specs[name][1]
-                if arr.shape != want:
-                    misshaped.append(f"{prefix}{name}: expected {want}, got {arr.shape}")
-                elif name in staged:
-                    duplicate.append(f"{prefix}{name} (given twice, e.g. by an alias)")
-                else:
-                    staged[name] = arr
-        missing = [prefix + n for n in specs if n not in seen]
-        problems = []
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("mis-shaped", misshaped), ("wrong dtype", misdtyped),
-                             ("duplicated", duplicate)):
-            if items:
-                problems.append(f"{title}: " + ", ".join(items))
-        if problems:
-            raise AttentionError(f"load_state_dict({type(self).__name__}): nothing loaded; "
-                                 + "; ".join(problems))
-        for name, arr in staged.items():
-            setattr(self, specs[name][0], arr)
-
-    def _dtype_of(self, ndim):
-        """Matrices are kept in ``weight_dtype`` (where a layer has one), the rest in
-        ``dtype``."""
-        return getattr(self, "weight_dtype", self.dtype) if ndim == 2 else self.dtype
-
-
-def _as_mapping(params):
-    """A mapping as it is (its values are read lazily), or a dict of (name, value) pairs."""
-    if hasattr(params, "keys") and hasattr(params, "__getitem__"):
-        return params
-    try:
-        return dict(params)
-    except (TypeError, ValueError):
-        raise TypeError(f"params: expected a mapping of names to arrays (or (name, array) "
-                        f"pairs), got {type(params).__name__}") from None
-
-
-def _weight(name, value, dtype):
-    """A C-contiguous copy of ``value`` in ``dtype``: real and finite, else an error."""
-    a = dp.host_operand(name, value, "fiu", "a real (float or int) array")
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = np.array(a, dtype=dtype)
-    if out.size and not np.isfinite(out).all():
-        raise AttentionError(f"{name}: non-finite values (after the cast to {dtype})")
-    return out
-
-
-class RotaryTable:
-    """cos/sin tables grown geometrically on demand (no per-call work once large enough).
-
-    Length-dependent rope types follow Hugging Face's per-call rule, with ``n`` the
-    call's largest position + 1: ``longrope`` serves ``n`` with the long factors when
-    ``n > original_max_position_embeddings``, else the short ones; ``dynamic`` rebuilds
-    for ``n`` whenever ``n`` exceeds the longest length served so far, and returns to the
-    original frequencies when ``n`` falls below ``max_position_embeddings``
-    (``dynamic_rope_update``). Positions past :attr:`ROWS_MAX` are rotated with angles
-    computed at those positions only (no table of that many rows).
-    """
-
-    ROWS_MAX = 1 << 20
-
-    def __init__(self, rotary_dim, base, scaling, dtype):
-        from .rope import scaling_kind
-
-        self.rotary_dim, self.base, self.scaling, self.dtype = rotary_dim, base, scaling, dtype
-        self.cos = self.sin = None
-        self.kind = scaling_kind(scaling)
-        self._served = None
-        if self.kind == "dynamic":
-            self._dyn_max = int(scaling.get("max_position_embeddings")
-                                or scaling["original_max_position_embeddings"])
-            self._dyn_len = self._dyn_max
-
-    def _seq_len(self, n):
-        """(seq_len to build tables for, key of the tables' content) for largest pos n - 1."""
-        if self.kind == "longrope":
-            return n, n > float(self.scaling["original_max_position_embeddings"])
-        if self.kind == "dynamic":
-            prev = self._dyn_len
-            if n > prev:  # growth
-                self._dyn_len = n
-            if n < self._dyn_max and prev > self._dyn_max:  # reset
-                self._dyn_len = self._dyn_max
-            return self._dyn_len, self._dyn_len
-        return None, None
-
-    def freq_att(self, seq_len):
-        """(inv_freq float64, attention factor) for tables serving ``seq_len``."""
-        from .reference_rope import rope_parameters
-
-        return rope_parameters(self.rotary_dim, self.base, self.scaling, seq_len)
-
-    def _tables(self, positions, seq_len):
-        freq, att = self.freq_att(seq_len)
-        ang = np.outer(np.asarray(positions, dtype=np.float64), freq)
-        return (np.ascontiguousarray(np.cos(ang) * att, dtype=self.dtype),
-                np.ascontiguousarray(np.sin(ang) * att, dtype=self.dtype))
-
-    def get(self, n):
-        """(cos, sin), each (>= n, rotary_dim // 2)."""
-        seq_len, key = self._seq_len(int(n))
-        if self.cos is None or self.cos.shape[0] < n or key != self._served:
-            old = 0 if self.cos is None else self.cos.shape[0]
-            size = max(int(n), 256, 2 * old if old < n else old)
-            self.cos, self.sin = self._tables(np.arange(size), seq_len)
-            self._served = key
-        return self.cos, self.sin
-
-    def get_device(self):
-        """The current tables as CUDA device arrays (copied once per growth)."""
-        if getattr(self, "_dev_src", None) is not self.cos:
-            from numba import cuda
-
-            self._dev = (cuda.to_device(self.cos), cuda.to_device(self.sin))
-            self._dev_src = self.cos
-        return self._dev
-
-    def rotate(self, x, positions, interleaved):
-        """x (batch, seq, heads, dim) rotated at positions (batch, seq) int64."""
-        from .rope import apply_rotary
-
-        n = int(positions.max(initial=0)) + 1
-        if n <= self.ROWS_MAX:
-            cos, sin = self.get(n)
-            return apply_rotary(x, cos, sin, interleaved=interleaved, positions=positions)
-        cos, sin = self._tables(positions.reshape(-1), self._seq_len(n)[0])
-        idx = np.arange(positions.size, dtype=np.int64).reshape(positions.shape)
-        return apply_rotary(x, cos, sin, interleaved=interleaved, positions=idx)
-
-
-def to_device_if(backend, *arrays):
-    """Host arrays -> CUDA device arrays when ``backend == "cuda"`` (else unchanged)."""
-    if backend != "cuda":
-        return arrays
-    require_cuda()
-    from numba import cuda
-
-    return tuple(None if a is None else cuda.to_device(np.ascontiguousarray(a))
-                 for a in arrays)
-
-
-def require_cuda():
-    """Raise BackendUnavailable (with the reason) when the CUDA backend cannot serve."""
-    reason = dp.available_backends().get("cuda", "the CUDA backend is not registered")
-    if reason:
-        raise BackendUnavailable(f"backend 'cuda' cannot serve this call: {reason}")
-
-
-def to_host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else np.asarray(a)
-
-
-def hf_dict(config):
-    """A plain dict of a Hugging Face config: a ``config.json`` dict, or any object with
-    ``to_dict()`` (``transformers.PretrainedConfig``)."""
-    if hasattr(config, "to_dict") and callable(config.to_dict):
-        config = config.to_dict()
-    if not hasattr(config, "keys") or isinstance(config, (str, bytes)):
-        raise TypeError(f"config: expected a config.json dict or an object with to_dict() "
-                        f"(transformers.PretrainedConfig), got {type(config).__name__}")
-    return dict(config)
-
-
-_REQUIRED = object()
-
-
-def hf_get(c, key, kind, default=_REQUIRED, lo=None):
-    """``c[key]`` checked as ``kind`` ("int", "real", "flag"); errors name the key."""
-    val = c.get(key)
-    if val is None:
-        if default is _REQUIRED:
-            raise AttentionError(f"config: missing key {key!r} (model_type "
-                                 f"{c.get('model_type')!r})")
-        return default
-    name = f"config[{key!r}]"
-    if kind == "int":
-        return check_int(name, val, lo=lo)
-    if kind == "flag":
-        return check_flag(name, val)
-    v = check_real(name, val)
-    if lo is not None and v < lo:
-        raise AttentionError(f"{name}: must be >= {lo}, got {val!r}")
-    return v
-
-
-def hf_rope(config):
-    """(rope_theta, rope_scaling) from a Hugging Face config (old or new key layout).
-
-    The lengths Hugging Face reads from the config itself are copied into the scaling
-    dict: ``original_max_position_embeddings`` (llama3, yarn, longrope; a top-level value
-    wins, as for Phi-3) and ``max_position_embeddings`` (dynamic, yarn, longrope).
-    """
-    params = config.get("rope_parameters") or {}
-    if not isinstance(params, dict):
-        raise TypeError(f"config['rope_parameters']: expected a dict, got {params!r}")
-    theta = config.get("rope_theta")
-    if theta is None:
-        theta = params.get("rope_theta", 10000.0)
-    theta = check_real("config['rope_theta']", theta)
-    scaling = config.get("rope_scaling") or (params if params.get("rope_type", params.get(
-        "type")) not in (None, "default") else None)
-    if scaling is not None and not isinstance(scaling, dict):
-        raise TypeError(f"config['rope_scaling']: expected a dict, got {scaling!r}")
-    if not scaling or scaling.get("rope_type", scaling.get("type")) in ("default", None):
-        return theta, None
-    scaling = {k: v for k, v in scaling.items() if k not in ("rope_theta",
-                                                             "partial_rotary_factor")}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    top_orig = config.get("original_max_position_embeddings")
-    mpe = config.get("max_position_embeddings")
-    if kind in ("llama3", "yarn", "longrope"):
-        if top_orig is not None:
-            scaling["original_max_position_embeddings"] = top_orig
-        elif mpe is not None:
-            scaling.setdefault("original_max_position_embeddings", mpe)
-    if kind in ("dynamic", "yarn", "longrope") and mpe is not None:
-        scaling.setdefault("max_position_embeddings", mpe)
-    return theta, scaling
-
-
-# model types whose attention MultiHeadAttention computes exactly (rope, biases, norms)
-_HF_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
-                  "gemma", "gemma2", "phi", "phi3", "bert", "roberta", "xlm-roberta")
-_HF_OTHER = {
-    "deepseek_v2": "multi-head latent attention: use "
-                   "MultiHeadLatentAttention.from_hf_config",
-    "deepseek_v3": "multi-head latent attention: use "
-                   "MultiHeadLatentAttention.from_hf_config",
-    "gpt2": "Conv1D weights stored (in, out) under c_attn/c_proj and n_embd/n_head keys: "
-            "build MultiHeadAttention(n_embd, n_head, qkv_bias=True, out_bias=True) and "
-            "load c_attn.weight.T as qkv_proj.weight, c_proj.weight.T as o_proj.weight",
-    "gemma3_text": "(1 + w) RMSNorm on q/k and per-layer local rope bases: not represented",
-    "gemma3": "(1 + w) RMSNorm on q/k and per-layer local rope bases: not represented",
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,7 +170,7 @@ class MultiHeadAttention(ParameterMixin):
                 raise AttentionError(
                     f"partial_rotary_factor: head_dim * factor = {self.rotary_dim} must be an "
                     f"even number in [2, head_dim={self.head_dim}]")
-            from .rope import check_scaling
+            from ..rope import check_scaling
 
             try:
                 self.rope_scaling = check_scaling(rope_scaling, self.rotary_dim)
@@ -555,60 +243,7 @@ class MultiHeadAttention(ParameterMixin):
         >>> layer.num_kv_heads, layer.head_dim
         (8, 128)
         """
-        c = hf_dict(config)
-        mt = str(c.get("model_type") or "")
-        if mt in _HF_OTHER or (c.get("kv_lora_rank") is not None and not mt):
-            why = _HF_OTHER.get(mt, _HF_OTHER["deepseek_v3"])
-            raise AttentionError(f"config: model_type {mt!r} is not a MultiHeadAttention "
-                                 f"model ({why})")
-        if mt and mt not in _HF_LLAMA_LIKE:
-            raise AttentionError(
-                f"config: model_type {mt!r} is not one MultiHeadAttention is known to "
-                f"represent faithfully (known: {', '.join(_HF_LLAMA_LIKE)}); build "
-                f"MultiHeadAttention(...) with its arguments directly")
-        bert = mt in ("bert", "roberta", "xlm-roberta")
-        if bert and c.get("position_embedding_type", "absolute") != "absolute":
-            raise AttentionError(f"config: model_type {mt!r} with position_embedding_type "
-                                 f"{c['position_embedding_type']!r} (relative position "
-                                 f"scores) is not represented")
-        if mt == "phi" and c.get("qk_layernorm"):
-            raise AttentionError("config: model_type 'phi' with qk_layernorm (LayerNorm, "
-                                 "not RMSNorm, on q and k) is not represented")
-        h = hf_get(c, "num_attention_heads", "int", lo=1)
-        hidden = hf_get(c, "hidden_size", "int", lo=1)
-        bias = hf_get(c, "attention_bias", "flag", False)
-        qkv_bias = bias or mt == "qwen2" or mt.startswith("qwen2_") or mt == "phi" or bert
-        out_bias = bias or mt == "phi" or bert
-        if bert:
-            theta, scaling = None, None  # absolute positions: added before the layer
-        else:
-            theta, scaling = hf_rope(c)
-        window = hf_get(c, "sliding_window", "int", None, lo=1)
-        if c.get("use_sliding_window") is False:
-            window = None
-        layer_idx = check_int("layer_idx", layer_idx, lo=0)
-        layer_types = c.get("layer_types")
-        if layer_types is not None and layer_idx < len(layer_types):
-            if layer_types[layer_idx] != "sliding_attention":
-                window = None
-        elif mt == "gemma2" and layer_idx % 2:
-            window = None
-        scale = None
-        if c.get("query_pre_attn_scalar") is not None:
-            scale = hf_get(c, "query_pre_attn_scalar", "real") ** -0.5
-        prf = c.get("partial_rotary_factor")
-        if prf is None:
-            prf = (c.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0)
-        eps_key = "layer_norm_eps" if bert else "rms_norm_eps"
-        args = dict(
-            num_kv_heads=hf_get(c, "num_key_value_heads", "int", h, lo=1),
-            head_dim=hf_get(c, "head_dim", "int", None, lo=1), qkv_bias=qkv_bias,
-            out_bias=out_bias, qk_norm=mt.startswith("qwen3"),
-            norm_eps=hf_get(c, eps_key, "real", 1e-6), rope_theta=theta,
-            rope_scaling=scaling,
-            partial_rotary_factor=check_real("config['partial_rotary_factor']", prf),
-            sliding_window=window, causal=not bert,
-            softcap=hf_get(c, "attn_logit_softcapping", "real", 0.0), scale=scale)
+        hidden, h, args = hf_config.mha_args(config, layer_idx)
         args.update(kw)
         return cls(hidden, h, **args)
 
@@ -708,8 +343,9 @@ class MultiHeadAttention(ParameterMixin):
             B ``(out_features, rank)``; adds ``lora_scale * x @ A.T @ B.T`` to that
             projection.
         lora_scale : float, default 1.0
-        backend : str, optional
-            Overrides the layer's ``backend`` for this call.
+        backend : {"auto", "cpu", "cuda", "reference"}, default None
+            None means the layer's own ``backend`` (the constructor's, "auto" by default);
+            a name overrides it for this call. ``train=True`` runs on it as well.
         train : bool, default False
             Keep what :meth:`backward` needs (no cache); host arrays.
         dropout_p, seed : float, int, optional
@@ -741,7 +377,7 @@ class MultiHeadAttention(ParameterMixin):
         True
         """
         if check_flag("train", train):
-            from .training import mha_forward_train
+            from .mha_train import mha_forward_train
 
             return mha_forward_train(self, x, context=context, positions=positions,
                                      cache=cache, kv_lens=kv_lens, mask=mask, lora=lora,
@@ -775,7 +411,7 @@ class MultiHeadAttention(ParameterMixin):
         k = k.reshape(bsz, sk, hkv, hd)
         v = v.reshape(bsz, sk, hkv, hd)
         if self.qk_norm:
-            from .norm import rms_norm
+            from ..norm import rms_norm
 
             q = rms_norm(q, self.q_norm, eps=self.norm_eps)
             k = rms_norm(k, self.k_norm, eps=self.norm_eps)
@@ -788,7 +424,7 @@ class MultiHeadAttention(ParameterMixin):
                     positions = np.broadcast_to(np.arange(sq, dtype=np.int64), (bsz, sq))
                 q = self._rope.rotate(q, positions, self.rotary_interleaved)
                 k = self._rope.rotate(k, positions, self.rotary_interleaved)
-            from .functional import attention
+            from ..functional import attention
 
             cfg = self.config
             qd, kd, vd = to_device_if(backend, q, k, v)
@@ -823,14 +459,14 @@ class MultiHeadAttention(ParameterMixin):
         >>> dx.shape, sorted(grads)[:2]
         ((1, 5, 16), ['k_proj.weight', 'o_proj.weight'])
         """
-        from .training import mha_backward
+        from .mha_train import mha_backward
 
         return mha_backward(self, dy)
 
     def _attend_cache(self, q, k, v, cache, positions, rot, mask, backend):
         """Append k/v to ``cache`` and attend; rotary inside the kernel call when the
         positions are the cache's own (the decode fast path: nothing grows with the cache)."""
-        from .kvcache import attention_with_kvcache
+        from ..kvcache import attention_with_kvcache
 
         cfg = self.config
         kw = dict(causal=cfg.causal, window=cfg.window, scale=cfg.scale,
