@@ -54,31 +54,33 @@ def from_int8(u):
 
 
 @cuda.jit(device=True, inline=True)
-def from_e4m3(u):
-    """float8_e4m3fn bits (uint8) -> float32, exactly (0x7F / 0xFF, NaN, never stored)."""
+def from_fp8(u, mbits, sub_scale, exp_shift):
+    """fp8 bits (uint8) with ``mbits`` mantissa bits -> float32, exactly: a subnormal is
+    ``m * sub_scale``, a normal number's exponent and mantissa move up into float32's
+    (``mag << (23 - mbits)``) and its exponent is rebiased by ``exp_shift``."""
     b = numba.int32(u)
     mag = b & 0x7F
-    if mag < 8:  # subnormal: m * 2**-9
-        x = numba.float32(mag) * numba.float32(0.001953125)
+    if mag < (1 << mbits):
+        x = numba.float32(mag) * numba.float32(sub_scale)
     else:
-        x = libdevice.int_as_float(numba.int32((mag << 20) + (120 << 23)))
+        x = libdevice.int_as_float(numba.int32((mag << (23 - mbits)) + (exp_shift << 23)))
     if b & 0x80:
         x = -x
     return x
 
 
 @cuda.jit(device=True, inline=True)
+def from_e4m3(u):
+    """float8_e4m3fn bits (uint8) -> float32, exactly (0x7F / 0xFF, NaN, never stored):
+    subnormals m * 2**-9, bias 7 -> 127."""
+    return from_fp8(u, 3, 0.001953125, 120)
+
+
+@cuda.jit(device=True, inline=True)
 def from_e5m2(u):
-    """float8_e5m2 bits (uint8) -> float32, exactly (inf / NaN never stored)."""
-    b = numba.int32(u)
-    mag = b & 0x7F
-    if mag < 4:  # subnormal: m * 2**-16
-        x = numba.float32(mag) * numba.float32(1.52587890625e-05)
-    else:
-        x = libdevice.int_as_float(numba.int32((mag << 21) + (112 << 23)))
-    if b & 0x80:
-        x = -x
-    return x
+    """float8_e5m2 bits (uint8) -> float32, exactly (inf / NaN never stored): subnormals
+    m * 2**-16, bias 15 -> 127."""
+    return from_fp8(u, 2, 1.52587890625e-05, 112)
 
 
 @cuda.jit(device=True, inline=True)
@@ -98,31 +100,34 @@ def to_int8(y):
 
 
 @cuda.jit(device=True, inline=True)
-def to_e4m3(y):
-    """float32 in [-448, 448] -> float8_e4m3fn bits, round to nearest even."""
+def to_fp8(y, mbits, min_normal, sub_inv, exp_shift):
+    """float32 within the format's range -> fp8 bits with ``mbits`` mantissa bits, round to
+    nearest even: below ``min_normal`` a multiple of 1 / ``sub_inv``; else float32's
+    exponent and top mantissa bits, rounded, rebiased by ``exp_shift``."""
     sign = (numba.uint32(libdevice.float_as_int(numba.float32(y))) >> 24) & 0x80
     a = abs(numba.float32(y))
-    if a < numba.float32(0.015625):  # below 2**-6: multiples of 2**-9 (8 -> 2**-6)
-        mag = numba.uint32(rint_even(a * numba.float32(512.0)))
+    sh = 23 - mbits
+    if a < numba.float32(min_normal):
+        mag = numba.uint32(rint_even(a * numba.float32(sub_inv)))
     else:
         fb = numba.uint32(libdevice.float_as_int(a))
-        fb = fb + numba.uint32(0x7FFFF) + ((fb >> 20) & numba.uint32(1))
-        mag = (fb >> 20) - numba.uint32(120 << 3)
+        fb = fb + numba.uint32((1 << (sh - 1)) - 1) + ((fb >> sh) & numba.uint32(1))
+        mag = (fb >> sh) - numba.uint32(exp_shift << mbits)
     return numba.uint8(sign | mag)
 
 
 @cuda.jit(device=True, inline=True)
+def to_e4m3(y):
+    """float32 in [-448, 448] -> float8_e4m3fn bits (normals from 2**-6, subnormals in
+    steps of 2**-9)."""
+    return to_fp8(y, 3, 0.015625, 512.0, 120)
+
+
+@cuda.jit(device=True, inline=True)
 def to_e5m2(y):
-    """float32 in [-57344, 57344] -> float8_e5m2 bits, round to nearest even."""
-    sign = (numba.uint32(libdevice.float_as_int(numba.float32(y))) >> 24) & 0x80
-    a = abs(numba.float32(y))
-    if a < numba.float32(6.103515625e-05):  # below 2**-14: multiples of 2**-16
-        mag = numba.uint32(rint_even(a * numba.float32(65536.0)))
-    else:
-        fb = numba.uint32(libdevice.float_as_int(a))
-        fb = fb + numba.uint32(0xFFFFF) + ((fb >> 21) & numba.uint32(1))
-        mag = (fb >> 21) - numba.uint32(112 << 2)
-    return numba.uint8(sign | mag)
+    """float32 in [-57344, 57344] -> float8_e5m2 bits (normals from 2**-14, subnormals in
+    steps of 2**-16)."""
+    return to_fp8(y, 2, 6.103515625e-05, 65536.0, 112)
 
 
 def dequantizer(code):

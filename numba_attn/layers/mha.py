@@ -420,10 +420,7 @@ class MultiHeadAttention(ParameterMixin):
             o = self._attend_cache(q, k, v, cache, positions, rot, mask, backend)
         else:
             if rot:
-                if positions is None:
-                    positions = np.broadcast_to(np.arange(sq, dtype=np.int64), (bsz, sq))
-                q = self._rope.rotate(q, positions, self.rotary_interleaved)
-                k = self._rope.rotate(k, positions, self.rotary_interleaved)
+                q, k, positions = self._rotate_qk(q, k, positions, bsz, sq)
             from ..functional import attention
 
             cfg = self.config
@@ -462,6 +459,14 @@ class MultiHeadAttention(ParameterMixin):
         from .mha_train import mha_backward
 
         return mha_backward(self, dy)
+
+    def _rotate_qk(self, q, k, positions, bsz, sq):
+        """q and k rotated by the layer's table at ``positions`` (0 .. sq - 1 in every row
+        when None): (q, k, positions), for the inference and the training forward."""
+        if positions is None:
+            positions = np.broadcast_to(np.arange(sq, dtype=np.int64), (bsz, sq))
+        return (self._rope.rotate(q, positions, self.rotary_interleaved),
+                self._rope.rotate(k, positions, self.rotary_interleaved), positions)
 
     def _attend_cache(self, q, k, v, cache, positions, rot, mask, backend):
         """Append k/v to ``cache`` and attend; rotary inside the kernel call when the

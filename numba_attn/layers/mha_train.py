@@ -52,10 +52,7 @@ def mha_forward_train(layer, x, *, context=None, positions=None, cache=None, kv_
     rot = layer._rope is not None and context is None
     q2, k2 = qn, kn
     if rot:
-        if positions is None:
-            positions = np.broadcast_to(np.arange(sq, dtype=np.int64), (bsz, sq))
-        q2 = layer._rope.rotate(qn, positions, layer.rotary_interleaved)
-        k2 = layer._rope.rotate(kn, positions, layer.rotary_interleaved)
+        q2, k2, positions = layer._rotate_qk(qn, kn, positions, bsz, sq)
     cfg = layer.config
     opts = {"causal": cfg.causal if context is None else False,
                 "window": cfg.window if context is None else (-1, -1), "scale": cfg.scale,
