@@ -6,26 +6,24 @@ from .. import backends as _be
 
 
 class CPUBackend(_be.Backend):
-    """The fused CPU kernels: ``launch.forward`` (the dropout forward and the backward of
-    ``backward``), ``launch.merge_states``."""
+    """The fused CPU kernels through their launchers in ``launch``: ``forward``,
+    ``forward_dropout`` and ``backward`` (kernels of ``backward.py``), ``merge_states``."""
 
     name = "cpu"
     device = "cpu"
     operations = frozenset({"forward", "backward", "merge"})
 
     def run(self, problem):
-        if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
-            from . import backward
-
-            return backward.forward_dropout(problem, *problem.extra["dropout"])
         from . import launch
 
+        if "dropout" in problem.extra:  # its own kernel: dropout_p = 0 runs the unchanged one
+            return launch.forward_dropout(problem, *problem.extra["dropout"])
         return launch.forward(problem)
 
     def backward(self, problem, dout, out, lse, dropout_p, seed, bias_shape):
-        from . import backward
+        from . import launch
 
-        return backward.backward(problem, dout, out, lse, dropout_p, seed, bias_shape)
+        return launch.backward(problem, dout, out, lse, dropout_p, seed, bias_shape)
 
     def merge(self, out_a, lse_a, out_b, lse_b):
         from . import launch

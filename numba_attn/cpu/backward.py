@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import prange
 
 from .. import dropout as dr
 from .. import masking
 from .._modcache import ModKernel
-from .. import planning
 from .._jit import inline, jit
 from .atomics import fetch_add
 from .forward import pv_mr, qk_mr, strip_block_kind
@@ -141,46 +139,6 @@ def bwd_dbias(q, k, v, dout, lse, delta, dbias, bshape, rows, scale, causal, wl,
                         dbias[base + (j if nj > 1 else 0)] += p * (dpd - delta[t, h])
 
 
-# ---------------------------------------------------------------------------------------
-# launch
-# ---------------------------------------------------------------------------------------
-# the shared planning (numba_attn.planning), under the names the launchers below use
-_dummy = planning.dummy
-_token_rows = planning.token_rows
-
-
-BLOCK_ROWS = 64  # lanes of a work item: query rows (dq) or keys (dk, dv)
-BLOCK_K = 64  # keys (dq) or queries (dk, dv) of a tile
-
-
-_blocks = planning.blocks
-
-
-def _common(p, drop_p, seed):
-    """Option arguments shared by the kernels (after scale .. mask strides)."""
-    return planning.options(p)
-
-
-_drop_args = planning.dropout_args
-_codes = planning.codes
-
-
-def _dq_schedule(p, items):
-    """Query items x kv heads by decreasing key tiles visited (the forward's costs)."""
-    from . import launch
-
-    cost = launch.item_costs(items, p.rows, *_codes(p), np.int64(BLOCK_K))
-    return launch.order_by_cost(cost, p.config.num_kv_heads)
-
-
-def _dkdv_schedule(p, kitems):
-    """Key items x kv heads by decreasing query tiles visited."""
-    from . import launch
-
-    cost = kitem_costs(kitems, p.rows, *_codes(p), np.int64(BLOCK_K))
-    return launch.order_by_cost(cost, p.config.num_kv_heads)
-
-
 @jit
 def kitem_costs(kitems, rows, causal, wl, wr, block_q):
     """Query tiles each key item (batch row, first key, end key) visits."""
@@ -194,92 +152,6 @@ def kitem_costs(kitems, rows, causal, wl, wr, block_q):
         ihi = query_range(j1 - 1, lq, off, klen, causal, wl, wr)[1]
         cost[it] = 1 + max(ihi - ilo, 0) // block_q
     return cost
-
-
-def _mods(p):
-    """(smod, sgrad, sargs, mmod, margs, bflags, bq, bk) of the Problem's mods (Nones
-    without; ``bflags`` None without a block mask, whose empty tiles the kernels skip as
-    the forward does)."""
-    spec = p.extra.get("mods")
-    if spec is None:
-        return None, None, (), None, (), None, np.int64(1), np.int64(1)
-    return (spec.smod, getattr(spec, "sgrad", None), spec.sargs, spec.mmod, spec.margs,
-            spec.bflags, np.int64(spec.bq), np.int64(spec.bk))
-
-
-def forward_dropout(p, drop_p, seed):
-    """Forward with dropout of a contiguous dispatch.Problem: out (Tq, H, Dv), lse (Tq, H).
-
-    The fused forward (unchanged) gives ``lse``; ``tiled_dropout_out`` then recomputes the
-    probabilities from it and sums the kept ones (``out`` of the fused forward is
-    overwritten).
-    """
-    from .._jit import parallel_guard
-    from . import launch
-
-    out, lse = launch.forward(p)  # writes p.extra["out_buffer"] when given
-    tq = p.q.shape[0]
-    if tq == 0:
-        return out, lse
-    items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // p.config.group_size))
-    out[...] = 0
-    if len(items):
-        with parallel_guard():
-            smod, _sgrad, sargs, mmod, margs, bflags, bq, bk = _mods(p)
-            kern = tiled_dropout_out if smod is None and mmod is None else _MODDED["dropout"]
-            kern(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
-                 *_drop_args(p, drop_p, seed), np.int64(BLOCK_K), _dq_schedule(p, items),
-                 np.int64(numba.get_num_threads()), smod, sargs, mmod, margs, bflags, bq, bk)
-    return out, lse
-
-
-def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
-    """Gradients of a contiguous dispatch.Problem.
-
-    dout / out (Tq, H, Dv) and lse (Tq, H) in the compute dtype. Returns dq, dk, dv (the
-    packed shapes of q, k, v), dbias (``bias_shape``, canonical 4-D) when ``bias_shape`` is
-    given, else None, and dsinks (H,) or None.
-    """
-    from .._jit import parallel_guard
-
-    dt = p.compute_dtype
-    q, k, v = p.q, p.k, p.v
-    dq = np.zeros(q.shape, dt)
-    dk = np.zeros(k.shape, dt)
-    dv = np.zeros(v.shape, dt)
-    delta = np.einsum("thc,thc->th", dout, out).astype(dt)
-    common = _common(p, drop_p, seed)
-    drop = (drop_p > 0.0,) + _drop_args(p, drop_p, seed)
-    dbias = None
-    lanes_n = np.int64(numba.get_num_threads())
-    mods = _mods(p)
-    modded = mods[0] is not None or mods[3] is not None
-    fmods = mods[:5]  # the dbias kernel does not skip blocks
-    with parallel_guard():
-        group = p.config.group_size
-        items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
-        if len(items):
-            (_MODDED["dq"] if modded else tiled_dq)(
-                q, k, v, dout, lse, delta, dq, p.rows, items, *common, *drop,
-                np.int64(BLOCK_K), _dq_schedule(p, items), lanes_n, *mods)
-        kitems = _blocks(p.rows, 2, 3, BLOCK_ROWS)
-        if len(kitems):
-            (_MODDED["dkdv"] if modded else tiled_dkdv)(
-                q, k, v, dout, lse, delta, dk, dv, p.rows, kitems, *common, *drop,
-                np.int64(BLOCK_K), _dkdv_schedule(p, kitems), lanes_n, *mods)
-        if bias_shape is not None:
-            dbias = np.zeros(int(np.prod(bias_shape)), dt)
-            if q.shape[0] and k.shape[0]:
-                (_MODDED["dbias"] if modded else bwd_dbias)(
-                    q, k, v, dout, lse, delta, dbias, np.asarray(bias_shape, np.int64),
-                    p.rows, *common, *drop, fmods[0], fmods[2], fmods[3], fmods[4])
-            dbias = dbias.reshape(bias_shape)
-    dsinks = None
-    if p.sinks is not None:
-        fin = np.isfinite(lse)
-        w = np.where(fin, np.exp(np.where(fin, p.sinks[None, :] - lse, 0.0)), 0.0)
-        dsinks = -(w * delta).sum(axis=0).astype(dt)
-    return dq, dk, dv, dbias, dsinks
 
 
 # ---------------------------------------------------------------------------------------

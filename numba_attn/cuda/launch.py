@@ -436,7 +436,7 @@ def forward_dropout(p, drop_p, seed):
 
 
 def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
-    """The CUDA twin of cpu.backward.backward (host arrays in and out)."""
+    """The CUDA twin of cpu.launch.backward (host arrays in and out)."""
     dt = np.dtype(p.compute_dtype)
     q, k, v = (_dev(_host(x).astype(dt)) for x in (p.q, p.k, p.v))
     tq, n_heads = q.shape[0], q.shape[1]
