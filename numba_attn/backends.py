@@ -29,7 +29,11 @@ class Backend:
     dbias or None, dsinks or None) in the packed shapes of q, k, v;
     ``merge(out_a, lse_a, out_b, lse_b)`` -> (out, lse) of ``merge_states`` over out
     (lead, S, H, Dv) and lse (lead, H, S) in the compute dtype (its "problem" for
-    ``not_supported_reasons`` is a ``problem.Elementwise``: only a device).
+    ``not_supported_reasons`` is a ``problem.Elementwise``: only a device);
+    ``rotary(x, cos, sin, pos, interleaved, out)`` -> x (T, H, D) rotated at int64 ``pos``
+    (T,), on x's device (operation ``"rotary"``, an Elementwise problem too);
+    ``rms_norm(x, weight, eps, out)`` -> ``numba_attn.rms_norm``'s result, on x's device
+    (operation ``"norm"``; ``out`` already checked by ``validate.check_norm_out``).
     """
 
     name = "?"
@@ -38,6 +42,9 @@ class Backend:
     # the backward of a score_mod needs d score_mod / d score compiled beside it
     # (numba_attn.mod_grad), attached to the Problem's mods before it runs
     needs_score_mod_grad = True
+    # reads 8-bit KV-cache storage with the cache's scales (``problem.extra["kv_scales"]``);
+    # a backend that does not is given dequantized float32 copies
+    reads_quantized_kv = False
 
     def unavailable_reason(self):
         return None
@@ -57,6 +64,12 @@ class Backend:
         raise NotImplementedError
 
     def merge(self, out_a, lse_a, out_b, lse_b):
+        raise NotImplementedError
+
+    def rotary(self, x, cos, sin, pos, interleaved, out):
+        raise NotImplementedError
+
+    def rms_norm(self, x, weight, eps, out):
         raise NotImplementedError
 
 

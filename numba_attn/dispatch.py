@@ -26,7 +26,7 @@ from .validate import (BIAS_WHAT, MASK_WHAT, as_np_dtype, broadcast_4d,  # noqa:
                        compute_dtype, host, host_operand, same, strided_operand)
 from .interop import _bfloat16, _is_bfloat16  # noqa: F401
 
-__all__ = ["select", "run", "run_into", "select_backward", "backward", "merge",
+__all__ = ["select", "run", "run_into", "select_backward", "backward", "merge", "elementwise",
            "available_backends", "get_backend", "register_backend", "BACKENDS"]
 
 _load_optional_backends = _be.load_all  # old name (tests, cache.py)
@@ -113,6 +113,12 @@ def backward(p, be, dout, out, lse, dropout_p, seed, bias_shape):
     cdt = p.compute_dtype
     return be.backward(p, dout.astype(cdt, copy=False), out.astype(cdt, copy=False),
                        np.ascontiguousarray(lse, dtype=cdt), dropout_p, seed, bias_shape)
+
+
+def elementwise(op, x):
+    """The backend that runs elementwise ``op`` (``"rotary"``, ``"norm"``) where ``x``
+    lives (``"auto"``: host arrays the CPU kernels, device arrays the CUDA ones)."""
+    return select(Elementwise(array_device(x)), "auto", op=op)
 
 
 def merge(out_a, lse_a, out_b, lse_b, device, backend="auto"):

@@ -207,7 +207,7 @@ def attention_with_kvcache(q: Array, cache: KVCache | PagedKVCache,
     slots = cache.commit(plan)
     if n_new:
         cache._write(slots, k_new, v_new)
-    if cache.quantized and be.name not in ("cpu", "cuda"):  # others read float32 copies
+    if cache.quantized and not be.reads_quantized_kv:  # it reads float32 copies
         p = quant.dequantized(p)
     o, lse = run_and_finish(p, backend, out, (bsz, sq, h, dv))
     if out_ref is not None:

@@ -6,7 +6,8 @@ import numpy as np
 
 from . import dispatch as dp
 from .config import AttentionError, check_real
-from .interop import Array, is_torch, like, to_numpy
+from .interop import Array, to_numpy
+from .validate import check_norm_out
 
 __all__ = ["rms_norm", "rms_norm_backward"]
 
@@ -67,32 +68,8 @@ def rms_norm(x: Array, weight: Array, *args: float, eps: float = 1e-6,
     eps = check_real("eps", eps)
     if eps < 0.0:
         raise AttentionError(f"eps: must be finite and >= 0, got {eps!r}")
-    cdt = dp.compute_dtype(dt)
-    if dp.array_device(x) != "cpu" or getattr(x, "__cuda_ndarray__", False):  # simulator
-        return _rms_norm_cuda(x, weight, eps, cdt)
-    out_ref = out
-    if out is not None:
-        if is_torch(out):
-            out = to_numpy("out", out)  # a view: writing it writes the tensor
-        if not isinstance(out, np.ndarray) or out.shape != tuple(x.shape) or out.dtype != dt:
-            raise TypeError(f"out: expected a numpy array of shape {tuple(x.shape)} and dtype "
-                            f"{dt}")
-        if not out.flags.writeable:
-            raise AttentionError("out: array is read-only; pass a writeable array or no out")
-    from .cpu.norm import launch
-
-    x2 = dp.host("x", x, cdt).reshape(-1, dim)
-    w = dp.host("weight", weight, cdt)
-    direct = out is not None and out.dtype == cdt and out.flags.c_contiguous
-    y = out.reshape(-1, dim) if direct else np.empty_like(x2)
-    launch(x2, w, cdt.type(eps), y)
-    if direct:
-        return out_ref
-    y = y.reshape(x.shape)
-    if out is not None:
-        out[...] = y
-        return out_ref
-    return like(x, y if y.dtype == dt else y.astype(dt))
+    check_norm_out(x, out, dt)
+    return dp.elementwise("norm", x).rms_norm(x, weight, eps, out)
 
 
 def rms_norm_backward(dout: Array = None, x: Array = None, weight: Array = None,
@@ -171,32 +148,3 @@ def _renamed(fname, old, old_value, new, value):
     warnings.warn(f"{fname}: {old}= is renamed {new}=; {old}= will be removed in the next "
                   "release", DeprecationWarning, stacklevel=3)
     return old_value
-
-
-def _rms_norm_cuda(x, weight, eps, cdt):
-    from numba import cuda
-
-    from .cuda.norm import launch
-
-    xd = _device_view(x)
-    if not xd.is_c_contiguous():
-        raise AttentionError("x: a device array must be C-contiguous")
-    wd = _device_view(weight)
-    if str(wd.dtype) != str(cdt):
-        wd = cuda.to_device(wd.copy_to_host().astype(cdt))
-    shape = tuple(xd.shape)
-    dim = shape[-1]
-    n = int(np.prod(shape[:-1], dtype=np.int64))
-    x2 = xd.reshape(n, dim)
-    out = cuda.device_array(shape, dtype=xd.dtype)
-    launch(x2, wd, eps, out.reshape(n, dim))
-    return out
-
-
-def _device_view(a):
-    """A numba device array over ``a`` (numba/CuPy/CAI arrays; simulator arrays as is)."""
-    from numba import cuda
-
-    if getattr(a, "__cuda_ndarray__", False) or cuda.is_cuda_array(a) is False:
-        return a if hasattr(a, "copy_to_host") else cuda.to_device(np.asarray(a))
-    return cuda.as_cuda_array(a)

@@ -13,11 +13,10 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from . import dispatch as dp
-from ._jit import parallel_guard, serial_if
-from .interop import Array, like, to_numpy
+from .interop import Array, to_numpy
 from .config import AttentionError, _is_int, check_flag, check_int, check_real
+from .validate import kernel_input, kernel_output
 
-SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
 
 __all__ = ["apply_rotary", "apply_rotary_backward", "rotary_cos_sin"]
 
@@ -197,33 +196,12 @@ def check_tables(cos, sin, head_dim):
 def rotate(x, cos, sin, pos, interleaved, out=None):
     """Rotate canonical x (T, H, D) (compute dtype, C-contiguous) at int64 ``pos`` (T,).
 
-    Positions must already be checked against the table. Host arrays run the numba CPU
-    kernel, device arrays the CUDA one. Returns ``out`` (a new array by default; ``x``
-    itself may be passed to rotate in place).
+    Positions must already be checked against the table. The backend where x lives runs
+    it (``dispatch.elementwise``: host arrays the numba CPU kernel, device arrays the CUDA
+    one). Returns ``out`` (a new array by default; ``x`` itself may be passed to rotate in
+    place).
     """
-    if dp.array_device(x) == "cuda":
-        from .cuda import rope as cuda_rope
-
-        return cuda_rope.rotate(x, cos, sin, pos, interleaved, out)
-    from .cpu import rope as cpu_rope
-
-    cdt = x.dtype
-    cos_h, sin_h = (to_numpy(n, t) if dp.array_device(t) == "cpu" else dp.host(n, t)
-                    for n, t in (("rotary_cos", cos), ("rotary_sin", sin)))
-    if (cos_h.dtype != cdt or not (cos_h.flags.writeable and sin_h.flags.writeable)
-            or not (cos_h.flags.c_contiguous and sin_h.flags.c_contiguous)):
-        # gather the rows needed: O(T), not O(table) (read-only tables included)
-        cos_h = np.ascontiguousarray(cos_h[pos], dtype=cdt)
-        sin_h = np.ascontiguousarray(sin_h[pos], dtype=cdt)
-        pos = np.arange(len(pos), dtype=np.int64)
-    cos_h, sin_h = np.ascontiguousarray(cos_h), np.ascontiguousarray(sin_h)
-    if out is None:
-        out = np.empty_like(x)
-    if x.shape[0]:
-        with parallel_guard(), serial_if(x.size < SERIAL_BELOW):
-            cpu_rope.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
-                            bool(interleaved))
-    return out
+    return dp.elementwise("rotary", x).rotary(x, cos, sin, pos, interleaved, out)
 
 
 def apply_rotary(x: Array, cos: Array, sin: Array, *, interleaved: bool = False,
@@ -287,15 +265,9 @@ def apply_rotary(x: Array, cos: Array, sin: Array, *, interleaved: bool = False,
     pos = token_positions(positions, tokens, cos.shape[0])
     n_t = int(np.prod(tokens, dtype=np.int64))
     h, d = shape[-2], shape[-1]
-    if dp.array_device(x) == "cuda":
-        from .cuda import rope as cuda_rope
-
-        x3 = cuda_rope.canonical(x, cdt).reshape(n_t, h, d)
-        y = rotate(x3, cos, sin, pos, interleaved)
-        return cuda_rope.finish(y, dt).reshape(shape)
-    x3 = dp.host("x", x, cdt).reshape(n_t, h, d)
+    x3 = kernel_input("x", x, cdt).reshape(n_t, h, d)
     y = rotate(x3, cos, sin, pos, interleaved)
-    return like(x, y.reshape(shape).astype(dt, copy=False))
+    return kernel_output(x, y.reshape(shape), dt)
 
 
 def apply_rotary_backward(dout: Array = None, cos: Array = None, sin: Array = None, *,

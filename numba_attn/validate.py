@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import AttentionError, check_int
-from .interop import _bfloat16, _is_bfloat16, device_op, is_torch, to_numpy
+from .interop import _bfloat16, _is_bfloat16, device_op, is_torch, like, to_numpy
 
 __all__ = ["array_device", "as_np_dtype", "check_float", "check_rank", "same",
            "compute_dtype", "host", "host_operand", "broadcast_4d", "strided_operand",
@@ -368,3 +368,39 @@ def check_out(out, shape, dtype, device=None):
     if not out.flags.writeable:
         raise AttentionError("out: array is read-only")
     return out
+
+
+def check_norm_out(x, out, dt):
+    """``out=`` of :func:`numba_attn.rms_norm`: None, or for host ``x`` a writeable numpy
+    array (or a CPU torch tensor) of x's shape and dtype ``dt``; a device ``x`` takes none
+    (its result is a new device array)."""
+    if out is None:
+        return
+    if array_device(x) == "cuda":
+        raise TypeError("out: rms_norm of a device array returns a new device array; out= "
+                        "takes host arrays only")
+    if is_torch(out):
+        out = to_numpy("out", out)
+    if not isinstance(out, np.ndarray) or out.shape != tuple(x.shape) or out.dtype != dt:
+        raise TypeError(f"out: expected a numpy array of shape {tuple(x.shape)} and dtype "
+                        f"{dt}")
+    if not out.flags.writeable:
+        raise AttentionError("out: array is read-only; pass a writeable array or no out")
+
+
+def kernel_input(name, x, cdt):
+    """``x`` as an elementwise kernel reads it, on its own device: a host array in the
+    compute dtype ``cdt`` (copied only when needed), or a C-contiguous numba device array
+    viewing a device ``x`` (the CUDA kernels convert half types in registers)."""
+    if array_device(x) == "cuda":
+        return device_op("kernel_input")(name, x, cdt)
+    return host(name, x, cdt)
+
+
+def kernel_output(ref, y, dt):
+    """An elementwise kernel's result ``y`` returned for input ``ref``: a host result in
+    ``dt`` as ``ref``'s kind (numpy, or a torch tensor), a device result as it is (the
+    device kernels already wrote ``dt``)."""
+    if array_device(ref) == "cuda":
+        return y
+    return like(ref, y.astype(dt, copy=False))

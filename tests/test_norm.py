@@ -109,3 +109,29 @@ def test_positional_eps_and_dy_still_work_with_a_deprecation_warning():
     from numba_attn import training
 
     assert training.rms_norm_backward is na.rms_norm_backward  # the old home re-exports
+
+
+def test_rms_norm_and_rotary_run_on_the_backend_dispatch_picks(rng, monkeypatch):
+    """The public functions hold no backend branch: the CPU backend's rms_norm / rotary run
+    host arrays (counted here), and what they return is what the caller gets."""
+    import numba_attn
+    from numba_attn import dispatch, reference_rope
+
+    cpu = dispatch.get_backend("cpu")
+    calls = []
+    for op in ("rms_norm", "rotary"):
+        orig = getattr(cpu, op)
+        monkeypatch.setattr(cpu, op, lambda *a, _o=orig, _n=op: calls.append(_n) or _o(*a))
+    x = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+    w = rng.standard_normal(8).astype(np.float32)
+    y = rms_norm(x, w, eps=1e-6)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    cos, sin = numba_attn.rotary_cos_sin(16, 8)
+    r = numba_attn.apply_rotary(x, cos, sin)
+    np.testing.assert_allclose(r, reference_rope.apply_rotary(x64, cos, sin, np.arange(5)),
+                               rtol=1e-5,
+                               atol=1e-5)
+    assert calls == ["rms_norm", "rotary"]
+    assert dispatch.elementwise("norm", x) is cpu

@@ -7,11 +7,13 @@ from .. import backends as _be
 
 class CPUBackend(_be.Backend):
     """The fused CPU kernels through their launchers in ``launch``: ``forward``,
-    ``forward_dropout`` and ``backward`` (kernels of ``backward.py``), ``merge_states``."""
+    ``forward_dropout`` and ``backward`` (kernels of ``backward.py``), ``merge_states``,
+    ``rotary``, ``rms_norm``."""
 
     name = "cpu"
     device = "cpu"
-    operations = frozenset({"forward", "backward", "merge"})
+    operations = frozenset({"forward", "backward", "merge", "rotary", "norm"})
+    reads_quantized_kv = True
 
     def run(self, problem):
         from . import launch
@@ -29,6 +31,16 @@ class CPUBackend(_be.Backend):
         from . import launch
 
         return launch.merge_states(out_a, lse_a, out_b, lse_b)
+
+    def rotary(self, x, cos, sin, pos, interleaved, out):
+        from . import launch
+
+        return launch.rotary(x, cos, sin, pos, interleaved, out)
+
+    def rms_norm(self, x, weight, eps, out):
+        from . import launch
+
+        return launch.rms_norm(x, weight, eps, out)
 
 
 _be.register_backend(CPUBackend())

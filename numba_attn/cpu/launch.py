@@ -296,3 +296,66 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
         w = np.where(fin, np.exp(np.where(fin, p.sinks[None, :] - lse, 0.0)), 0.0)
         dsinks = -(w * delta).sum(axis=0).astype(dt)
     return dq, dk, dv, dbias, dsinks
+
+
+# ---------------------------------------------------------------------------------------
+# elementwise: rotary, rms_norm (host arrays)
+# ---------------------------------------------------------------------------------------
+ROTARY_SERIAL_BELOW = 1 << 16  # elements: below this a decode step's rotary runs on one thread
+
+
+def rotary(x, cos, sin, pos, interleaved, out=None):
+    """Rotate canonical host x (T, H, D) at int64 ``pos`` (T,) by cpu/rope.py's kernel
+    (tables on any device: gathered to the host in x's dtype when they are not already)."""
+    from ..interop import to_numpy
+    from ..validate import array_device, host
+    from . import rope as cpu_rope
+
+    cdt = x.dtype
+    cos_h, sin_h = (to_numpy(n, t) if array_device(t) == "cpu" else host(n, t)
+                    for n, t in (("rotary_cos", cos), ("rotary_sin", sin)))
+    if (cos_h.dtype != cdt or not (cos_h.flags.writeable and sin_h.flags.writeable)
+            or not (cos_h.flags.c_contiguous and sin_h.flags.c_contiguous)):
+        # gather the rows needed: O(T), not O(table) (read-only tables included)
+        cos_h = np.ascontiguousarray(cos_h[pos], dtype=cdt)
+        sin_h = np.ascontiguousarray(sin_h[pos], dtype=cdt)
+        pos = np.arange(len(pos), dtype=np.int64)
+    cos_h, sin_h = np.ascontiguousarray(cos_h), np.ascontiguousarray(sin_h)
+    if out is None:
+        out = np.empty_like(x)
+    if x.shape[0]:
+        with parallel_guard(), serial_if(x.size < ROTARY_SERIAL_BELOW):
+            cpu_rope.rotary(x, cos_h, sin_h, np.ascontiguousarray(pos, dtype=np.int64), out,
+                            bool(interleaved))
+    return out
+
+
+def rms_norm(x, weight, eps, out):
+    """``numba_attn.rms_norm`` of host arrays (``out`` checked by validate.check_norm_out:
+    None or a writeable numpy array of x's shape and dtype, possibly a torch tensor's
+    view)."""
+    from ..interop import like
+    from ..validate import check_float, compute_dtype, host
+    from .norm import launch
+
+    dt = check_float("x", x)
+    cdt = compute_dtype(dt)
+    dim = x.shape[-1]
+    out_ref = out
+    if out is not None and not isinstance(out, np.ndarray):
+        from ..interop import to_numpy
+
+        out = to_numpy("out", out)  # a view: writing it writes the tensor
+    x2 = host("x", x, cdt).reshape(-1, dim)
+    w = host("weight", weight, cdt)
+    direct = out is not None and out.dtype == cdt and out.flags.c_contiguous
+    y = out.reshape(-1, dim) if direct else np.empty_like(x2)
+    launch(x2, w, cdt.type(eps), y)
+    if direct:
+        return out_ref
+    y = y.reshape(x.shape)
+    if out is not None:
+        out[...] = y
+        return out_ref
+    return like(x, y if y.dtype == dt else y.astype(dt))
+

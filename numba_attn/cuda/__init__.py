@@ -81,16 +81,17 @@ class CUDABackend(_be.Backend):
 
     name = "cuda"
     device = "cuda"
-    operations = frozenset({"forward", "backward", "merge"})
+    operations = frozenset({"forward", "backward", "merge", "rotary", "norm"})
+    reads_quantized_kv = True
 
     def unavailable_reason(self):
         return _probe()
 
     def not_supported_reasons(self, problem, op="forward") -> list:
-        if op == "merge":  # elementwise, on the arrays' own device
+        if op in ("merge", "rotary", "norm"):  # elementwise, on the arrays' own device
             return ([] if problem.device == "cuda" else
-                    ["merge_states: the cuda backend merges device arrays (host arrays: "
-                     "backend 'cpu')"])
+                    [f"{op}: the cuda backend serves device arrays (host arrays: backend "
+                     "'cpu')"])
         reasons = []
         if problem.device not in ("cpu", "cuda"):
             reasons.append(f"data lives on {problem.device!r}; the cuda backend reads host "
@@ -144,6 +145,16 @@ class CUDABackend(_be.Backend):
         from .launch import merge_states
 
         return merge_states(out_a, lse_a, out_b, lse_b)
+
+    def rotary(self, x, cos, sin, pos, interleaved, out):
+        from .rope import rotate
+
+        return rotate(x, cos, sin, pos, interleaved, out)
+
+    def rms_norm(self, x, weight, eps, out):
+        from .launch import rms_norm
+
+        return rms_norm(x, weight, eps)
 
 
 _be.register_backend(CUDABackend())

@@ -186,3 +186,12 @@ def merge_result(ref, out, lse, dtype, out_shape, lse_shape):
     and ``out_shape``, lse in ``lse_shape``, as ``ref``'s kind of array."""
     out = bfm.from_bits(out) if bfm.is_bf16(dtype) else out
     return like(ref, out.reshape(out_shape)), like(ref, lse.reshape(lse_shape))
+
+
+def kernel_input(name, x, cdt):
+    """interop.kernel_input for device arrays: a C-contiguous numba device array viewing
+    ``x`` (torch bfloat16 tensors through their bits)."""
+    from .rope import canonical
+
+    return canonical(x, cdt)
+

@@ -476,3 +476,32 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
         wgt = np.where(fin, np.exp(np.where(fin, p.sinks[None, :] - lse_h, 0.0)), 0.0)
         dsinks = -(wgt * delta_h).sum(axis=0).astype(dt)
     return dq.copy_to_host(), dk.copy_to_host(), dv.copy_to_host(), dbias, dsinks
+
+
+def rms_norm(x, weight, eps):
+    """``numba_attn.rms_norm`` of a device x (numba, CuPy or CAI arrays; the simulator's as
+    they are): a new device array of x's shape and dtype."""
+    from ..validate import check_float, compute_dtype
+    from .norm import launch
+
+    cdt = compute_dtype(check_float("x", x))
+    xd = _device_view(x)
+    if not xd.is_c_contiguous():
+        raise AttentionError("x: a device array must be C-contiguous")
+    wd = _device_view(weight)
+    if str(wd.dtype) != str(cdt):
+        wd = cuda.to_device(wd.copy_to_host().astype(cdt))
+    shape = tuple(xd.shape)
+    dim = shape[-1]
+    n = int(np.prod(shape[:-1], dtype=np.int64))
+    out = cuda.device_array(shape, dtype=xd.dtype)
+    launch(xd.reshape(n, dim), wd, eps, out.reshape(n, dim))
+    return out
+
+
+def _device_view(a):
+    """A numba device array over ``a`` (numba/CuPy/CAI arrays; simulator arrays as is)."""
+    if getattr(a, "__cuda_ndarray__", False) or cuda.is_cuda_array(a) is False:
+        return a if hasattr(a, "copy_to_host") else cuda.to_device(np.asarray(a))
+    return cuda.as_cuda_array(a)
+

@@ -114,6 +114,16 @@ def test_bf16_device_rms_norm(rng):
     np.testing.assert_allclose(f64(got.copy_to_host()), want, rtol=8e-3, atol=1e-2)
 
 
+def test_device_rms_norm_refuses_out(rng):
+    """A device x's result is a new device array: out= is refused naming it (it used to be
+    ignored), before anything runs."""
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    w = np.ones(8, np.float32)
+    with pytest.raises(TypeError, match="out: rms_norm of a device array"):
+        numba_attn.rms_norm(cuda.to_device(x), cuda.to_device(w), eps=1e-6,
+                            out=np.empty_like(x))
+
+
 @pytest.mark.parametrize("kind", ["contiguous", "paged-bs3"])
 def test_bf16_device_cache_decodes_like_the_cpu_cache(rng, tuned, kind):
     """The same prefill + decode steps over a bfloat16 cache on the device and on the host
