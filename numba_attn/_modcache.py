@@ -16,7 +16,7 @@ Never a stale hit: the file's name is a SHA-256 of everything the compiled code 
 (:func:`variant_key`): the source of every numba_attn module (the kernels inline helpers
 from several), the kernel's name and options, the Numba / llvmlite / NumPy / Python
 versions and Numba's CPU target (name and features), and a fingerprint of each mod
-(:func:`fingerprint`): its bytecode, constants, names, defaults and closure cell values,
+(:func:`fingerprint`): its module, bytecode, constants, names, defaults and closure cell values,
 and the value of each global it names, recursively for the functions and njit
 dispatchers it calls (their code, their globals). Edit the mod, a helper it calls, a
 constant it reads or closes over, and the name changes: a new file, a new compile. A
@@ -171,7 +171,9 @@ def _function(fn, where, seen):
     defaults = _value(fn.__defaults__ or (), f"{fn.__qualname__}: defaults", seen, names)
     kwd = tuple(sorted((k, _value(x, f"{fn.__qualname__}: default {k}", seen, names))
                        for k, x in (fn.__kwdefaults__ or {}).items()))
-    return ("function", _code(code), tuple(refs), cells, defaults, kwd)
+    # the module too: a compiled mod's environment is pickled by its module's name, so
+    # equal code from two modules must not share an entry (one may not import elsewhere)
+    return ("function", fn.__module__, _code(code), tuple(refs), cells, defaults, kwd)
 
 
 _FPS = weakref.WeakKeyDictionary()  # function / dispatcher -> fingerprint (or Uncacheable)
@@ -393,7 +395,12 @@ class ModKernel:
         if var is self.fallback:
             return var(*args)
         skip = {i for i, f in zip(self.mod_pos, fns) if f is not None}
-        return var(*(a for i, a in enumerate(args) if i not in skip))
+        try:
+            return var(*(a for i, a in enumerate(args) if i not in skip))
+        except ImportError as e:  # an entry whose pickled environment cannot load here
+            self._variants[fps] = self.fallback
+            self.last = (f"per process (the cached variant did not load: {e})", None)
+            return self.fallback(*args)
 
     def _variant(self, fns, fps):
         py = self.kernel.py_func

@@ -173,3 +173,51 @@ def test_closures_over_different_constants_give_different_answers(tmp_path, monk
         want = np.where(keep.all(axis=(2, 3)), 2, np.where(keep.any(axis=(2, 3)), 1, 0))
         np.testing.assert_array_equal(bm.flags[0, 0], want)
     assert len([n for n in os.listdir(tmp_path) if n.endswith(".py")]) == 2
+
+
+SAME_CODE_CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import numba_attn
+    from numba_attn import reference
+    sys.path.insert(0, sys.argv[1])
+    mods = __import__(sys.argv[2])
+    doc = np.repeat(np.arange(3), 11)[None]
+    q, k, v = (np.random.default_rng(5).standard_normal((1, 33, 2, 16), dtype=np.float32)
+               for _ in range(3))
+    bm = numba_attn.create_block_mask(mods.same_doc, 1, 1, 33, 33, mask_mod_args=(doc,),
+                                      block_size=8)
+    o = numba_attn.attention(q, k, v, mask_mod=mods.same_doc, mask_mod_args=(doc,),
+                             block_mask=bm)
+    ref = reference.attention(q, k, v, mask_mod=mods.same_doc, mask_mod_args=(doc,))
+    print(json.dumps(dict(err=float(np.max(np.abs(o - ref))))))
+""")
+
+
+def test_equal_mods_of_two_modules_do_not_share_an_entry(tmp_path):
+    """The same mod code in module a (importable only in the first process) and module b
+    (the second): the second must not load the first's entry, whose pickled environment
+    names module a (it raised ModuleNotFoundError from create_block_mask and attention)."""
+    src = "def same_doc(b, h, i, j, doc):\n    return doc[b, i] == doc[b, j] and j <= i\n"
+    env = dict(os.environ, NUMBA_ATTN_CACHE_DIR=str(tmp_path / "mods"),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONDONTWRITEBYTECODE="1")
+    for name in ("user_mods_a", "user_mods_b"):
+        d = tmp_path / name
+        d.mkdir()
+        (d / f"{name}.py").write_text(src)
+        r = subprocess.run([sys.executable, "-c", SAME_CODE_CHILD, str(d), name],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout.strip().splitlines()[-1])["err"] < 1e-5
+
+
+def test_fingerprint_includes_the_module():
+    ns_a, ns_b = {"__name__": "mods_a"}, {"__name__": "mods_b"}
+    src = "def f(b, h, i, j):\n    return j <= i\n"
+    exec(src, ns_a)
+    exec(src, ns_b)
+    ns_c = {"__name__": "mods_a"}
+    exec(src, ns_c)
+    assert mc.fingerprint(ns_a["f"]) != mc.fingerprint(ns_b["f"])
+    assert mc.fingerprint(ns_a["f"]) == mc.fingerprint(ns_c["f"])
