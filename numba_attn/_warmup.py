@@ -213,8 +213,15 @@ def _index_sigs(d):
     return sigs
 
 
+def _has_ml_dtypes():
+    import importlib.util
+
+    return importlib.util.find_spec("ml_dtypes") is not None
+
+
 def cached_status():
-    """{variant: "cached" | "stale" | "not warmed"} for this CPU target."""
+    """{variant: "cached" | "stale" | "not warmed" | "needs ml_dtypes"} for this CPU
+    target (bfloat16 variants need ml_dtypes, which warmup skips without it)."""
     try:
         with open(_manifest_path()) as f:
             entry = json.load(f).get(_target_key(), {})
@@ -227,7 +234,8 @@ def cached_status():
     for n in variants():
         used = entry.get(n)
         if used is None:
-            res[n] = "not warmed"
+            res[n] = "needs ml_dtypes" if n.startswith("bfloat16") and not _has_ml_dtypes() \
+                else "not warmed"
             continue
         ok = True
         for m, q, sig in used:

@@ -203,3 +203,15 @@ def test_warmup_compiles_a_variant_and_info_lists_it_as_cached(tmp_path, monkeyp
     (tmp_path / "warmup.json").write_text(json.dumps(used))
     monkeypatch.setenv("NUMBA_ATTN_CACHE_DIR", str(tmp_path))
     assert _warmup.cached_status()["float32 forward"].startswith("stale")
+
+
+def test_cached_status_says_bfloat16_needs_ml_dtypes(monkeypatch):
+    from numba_attn import _warmup
+
+    monkeypatch.setattr(_warmup, "_manifest_path", lambda: "/nonexistent/warmup.json")
+    monkeypatch.setattr(_warmup, "_has_ml_dtypes", lambda: False)
+    st = _warmup.cached_status()
+    assert st["bfloat16 forward"] == "needs ml_dtypes"
+    assert st["float32 forward"] == "not warmed"
+    monkeypatch.setattr(_warmup, "_has_ml_dtypes", lambda: True)
+    assert _warmup.cached_status()["bfloat16 forward"] == "not warmed"
