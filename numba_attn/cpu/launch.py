@@ -192,27 +192,15 @@ BLOCK_ROWS = 64  # lanes of a work item: query rows (dq) or keys (dk, dv)
 BLOCK_K = 64  # keys (dq) or queries (dk, dv) of a tile
 
 
-_blocks = planning.blocks
-
-
-def _common(p, drop_p, seed):
-    """Option arguments shared by the kernels (after scale .. mask strides)."""
-    return planning.options(p)
-
-
-_drop_args = planning.dropout_args
-_codes = planning.codes
-
-
 def _dq_schedule(p, items):
     """Query items x kv heads by decreasing key tiles visited (the forward's costs)."""
-    cost = item_costs(items, p.rows, *_codes(p), np.int64(BLOCK_K))
+    cost = item_costs(items, p.rows, *planning.codes(p), np.int64(BLOCK_K))
     return order_by_cost(cost, p.config.num_kv_heads)
 
 
 def _dkdv_schedule(p, kitems):
     """Key items x kv heads by decreasing query tiles visited."""
-    cost = bwd.kitem_costs(kitems, p.rows, *_codes(p), np.int64(BLOCK_K))
+    cost = bwd.kitem_costs(kitems, p.rows, *planning.codes(p), np.int64(BLOCK_K))
     return order_by_cost(cost, p.config.num_kv_heads)
 
 
@@ -238,15 +226,15 @@ def forward_dropout(p, drop_p, seed):
     tq = p.q.shape[0]
     if tq == 0:
         return out, lse
-    items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // p.config.group_size))
+    items = planning.blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // p.config.group_size))
     out[...] = 0
     if len(items):
         with parallel_guard():
             smod, _sgrad, sargs, mmod, margs, bflags, bq, bk = _mods(p)
             kern = (bwd.tiled_dropout_out if smod is None and mmod is None
                     else bwd._MODDED["dropout"])
-            kern(p.q, p.k, p.v, lse, out, p.rows, items, *_common(p, drop_p, seed),
-                 *_drop_args(p, drop_p, seed), np.int64(BLOCK_K), _dq_schedule(p, items),
+            kern(p.q, p.k, p.v, lse, out, p.rows, items, *planning.options(p),
+                 *planning.dropout_args(p, drop_p, seed), np.int64(BLOCK_K), _dq_schedule(p, items),
                  np.int64(numba.get_num_threads()), smod, sargs, mmod, margs, bflags, bq, bk)
     return out, lse
 
@@ -264,8 +252,8 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     dk = np.zeros(k.shape, dt)
     dv = np.zeros(v.shape, dt)
     delta = np.einsum("thc,thc->th", dout, out).astype(dt)
-    common = _common(p, drop_p, seed)
-    drop = (drop_p > 0.0,) + _drop_args(p, drop_p, seed)
+    common = planning.options(p)
+    drop = (drop_p > 0.0,) + planning.dropout_args(p, drop_p, seed)
     dbias = None
     lanes_n = np.int64(numba.get_num_threads())
     mods = _mods(p)
@@ -273,12 +261,12 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
     fmods = mods[:5]  # the dbias kernel does not skip blocks
     with parallel_guard():
         group = p.config.group_size
-        items = _blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
+        items = planning.blocks(p.rows, 0, 1, max(1, BLOCK_ROWS // group))
         if len(items):
             (bwd._MODDED["dq"] if modded else bwd.tiled_dq)(
                 q, k, v, dout, lse, delta, dq, p.rows, items, *common, *drop,
                 np.int64(BLOCK_K), _dq_schedule(p, items), lanes_n, *mods)
-        kitems = _blocks(p.rows, 2, 3, BLOCK_ROWS)
+        kitems = planning.blocks(p.rows, 2, 3, BLOCK_ROWS)
         if len(kitems):
             (bwd._MODDED["dkdv"] if modded else bwd.tiled_dkdv)(
                 q, k, v, dout, lse, delta, dk, dv, p.rows, kitems, *common, *drop,
@@ -335,10 +323,10 @@ def rms_norm(x, weight, eps, out):
     None or a writeable numpy array of x's shape and dtype, possibly a torch tensor's
     view)."""
     from ..interop import like
-    from ..validate import check_float, compute_dtype, host
+    from ..validate import as_np_dtype, compute_dtype, host
     from .norm import launch
 
-    dt = check_float("x", x)
+    dt = as_np_dtype(x.dtype)  # checked by numba_attn.rms_norm
     cdt = compute_dtype(dt)
     dim = x.shape[-1]
     out_ref = out

@@ -481,10 +481,10 @@ def backward(p, dout, out, lse, drop_p=0.0, seed=0, bias_shape=None):
 def rms_norm(x, weight, eps):
     """``numba_attn.rms_norm`` of a device x (numba, CuPy or CAI arrays; the simulator's as
     they are): a new device array of x's shape and dtype."""
-    from ..validate import check_float, compute_dtype
+    from ..validate import as_np_dtype, compute_dtype
     from .norm import launch
 
-    cdt = compute_dtype(check_float("x", x))
+    cdt = compute_dtype(as_np_dtype(x.dtype))  # checked by numba_attn.rms_norm
     xd = _device_view(x)
     if not xd.is_c_contiguous():
         raise AttentionError("x: a device array must be C-contiguous")
